@@ -1,0 +1,160 @@
+//! Decisions per second, in process, one thread: each algorithm on one hot key and on one
+//! million distinct keys, through the memory store and through the whole engine (match +
+//! key digest + store). Fixed seed, fixed scenario table.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use ratethrottle::config::parse_str;
+use ratethrottle::limiter::{Algorithm, Limit, ManualClock, NANOS_PER_SECOND, RejectedHits, Unit};
+use ratethrottle::rules::{RuleSet, StatsRegistry};
+use ratethrottle::service::RateLimitEngine;
+use ratethrottle::storage::{MemoryStore, Storage};
+use ratethrottle::telemetry::ServiceMetrics;
+use std::hint::black_box;
+use std::sync::Arc;
+
+const ALGORITHMS: [Algorithm; 6] = [
+    Algorithm::FixedWindow,
+    Algorithm::SlidingWindowLog,
+    Algorithm::SlidingWindowCounter,
+    Algorithm::TokenBucket,
+    Algorithm::LeakyBucket,
+    Algorithm::Gcra,
+];
+const DISTINCT: u64 = 1_000_000;
+const NOW: u64 = 1_800_000_000 * NANOS_PER_SECOND;
+
+/// Keys as the engine makes them: xxh3-128 digests, here of a counter (fixed seed).
+fn key(i: u64) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(&i.to_le_bytes())
+}
+
+fn store(c: &mut Criterion) {
+    let mut g = c.benchmark_group("store");
+    g.throughput(Throughput::Elements(1));
+    for algorithm in ALGORITHMS {
+        // A limit high enough that the hot key keeps being admitted (the common case).
+        let limit = Limit {
+            algorithm,
+            requests_per_unit: u32::MAX / 2,
+            unit: Unit::Hour,
+            burst: u32::MAX / 2,
+            block_duration: 0,
+        };
+        let s = MemoryStore::new(2 * DISTINCT as usize);
+        let mut t = NOW;
+        g.bench_with_input(
+            BenchmarkId::new("hot_key", algorithm.as_str()),
+            &limit,
+            |b, l| {
+                b.iter(|| {
+                    t += 1_000;
+                    black_box(s.apply(7, l, t, 1, RejectedHits::Free))
+                })
+            },
+        );
+        let s = MemoryStore::new(2 * DISTINCT as usize);
+        let keys: Vec<u128> = (0..DISTINCT).map(key).collect();
+        let mut i = 0usize;
+        g.bench_with_input(
+            BenchmarkId::new("1M_keys", algorithm.as_str()),
+            &limit,
+            |b, l| {
+                b.iter(|| {
+                    i = (i + 1) % keys.len();
+                    black_box(s.apply(keys[i], l, NOW, 1, RejectedHits::Free))
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+fn engine(c: &mut Criterion) {
+    let yaml = r#"
+domain: bench
+descriptors:
+  - key: api_key
+    rate_limit: {unit: hour, requests_per_unit: 1000000000}
+  - key: path
+    value: "/api/*"
+    descriptors:
+      - key: method
+        rate_limit: {unit: hour, requests_per_unit: 1000000000}
+"#;
+    let config = parse_str("bench.yaml", yaml).expect("bench config");
+    let stats = Arc::new(StatsRegistry::default());
+    let rules = Arc::new(arc_swap::ArcSwap::from_pointee(RuleSet::compile(
+        &config, &stats,
+    )));
+    let engine = RateLimitEngine::new(
+        rules,
+        Arc::new(Storage::Memory(MemoryStore::new(2 * DISTINCT as usize))),
+        Arc::new(ManualClock::new(NOW)),
+        stats,
+        Arc::new(ServiceMetrics::default()),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("rt");
+    let requests: Vec<RateLimitRequest> = (0..10_000u64)
+        .map(|i| RateLimitRequest {
+            domain: "bench".into(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: vec![Entry {
+                    key: "api_key".into(),
+                    value: format!("key-{i}"),
+                }],
+                ..Default::default()
+            }],
+            hits_addend: 0,
+        })
+        .collect();
+    let mut g = c.benchmark_group("engine");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0usize;
+    g.bench_function("should_rate_limit_one_descriptor_10k_keys", |b| {
+        b.iter(|| {
+            i = (i + 1) % requests.len();
+            black_box(
+                rt.block_on(engine.should_rate_limit(&requests[i]))
+                    .expect("ok"),
+            )
+        })
+    });
+    let nested = RateLimitRequest {
+        domain: "bench".into(),
+        descriptors: vec![
+            RateLimitDescriptor {
+                entries: vec![
+                    Entry {
+                        key: "path".into(),
+                        value: "/api/users".into(),
+                    },
+                    Entry {
+                        key: "method".into(),
+                        value: "GET".into(),
+                    },
+                ],
+                ..Default::default()
+            },
+            RateLimitDescriptor {
+                entries: vec![Entry {
+                    key: "api_key".into(),
+                    value: "k".into(),
+                }],
+                ..Default::default()
+            },
+        ],
+        hits_addend: 0,
+    };
+    g.bench_function("should_rate_limit_two_descriptors_wildcard", |b| {
+        b.iter(|| black_box(rt.block_on(engine.should_rate_limit(&nested)).expect("ok")))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, store, engine);
+criterion_main!(benches);

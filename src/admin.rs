@@ -1,0 +1,106 @@
+//! The admin HTTP server: health, readiness, metrics, the reference's `/json` check endpoint
+//! and the effective configuration.
+//!
+//! Owns: HTTP routing and JSON shapes of the admin API. Must not touch: decisions (it calls
+//! the same engine as gRPC) or config loading (it reads the reloader's status).
+
+mod json;
+
+use crate::config::reload::ReloadStatus;
+use crate::rules::StatsRegistry;
+use crate::service::RateLimitEngine;
+use crate::telemetry::{self, Gauges, ServiceMetrics};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use parking_lot::RwLock;
+use std::sync::Arc;
+
+/// Everything the admin endpoints read.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    pub engine: RateLimitEngine,
+    pub metrics: Arc<ServiceMetrics>,
+    pub stats: Arc<StatsRegistry>,
+    pub reload: Arc<RwLock<ReloadStatus>>,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "OK\n" }))
+        .route("/healthcheck", get(|| async { "OK\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/json", post(json_check))
+        .route("/v1/config", get(config))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<AdminState>) -> Response {
+    let status = s.reload.read();
+    if status.loaded {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no configuration loaded yet\n",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    let rules = s.engine.rules().load();
+    let memory = s.engine.storage().memory();
+    let gauges = Gauges {
+        config_version: rules.version.clone(),
+        domains: rules.domain_count(),
+        memory_keys: memory.map(|m| m.len()),
+        memory_capacity: memory.map(|m| m.capacity()),
+        memory_evictions: memory.map(|m| m.evictions()),
+    };
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        telemetry::render(&s.metrics, &s.stats, &gauges),
+    )
+        .into_response()
+}
+
+async fn json_check(State(s): State<AdminState>, body: Bytes) -> Response {
+    let req = match json::parse_request(&body) {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("bad request: {e}\n")).into_response(),
+    };
+    match s.engine.should_rate_limit(&req).await {
+        Ok(resp) => {
+            let code = json::http_status(&resp);
+            (
+                code,
+                [(header::CONTENT_TYPE, "application/json")],
+                json::render_response(&resp),
+            )
+                .into_response()
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    }
+}
+
+async fn config(State(s): State<AdminState>) -> Response {
+    let status = s.reload.read();
+    let body = serde_json::json!({
+        "version": status.version,
+        "loaded_at_unix": status.loaded_at_unix,
+        "source": status.source,
+        "last_error": status.last_error,
+        "storage": s.engine.storage().kind(),
+        "config": status.config,
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}

@@ -1,0 +1,85 @@
+//! The `ratethrottle` command line: `serve`, `config validate`, `check`.
+//!
+//! Owns: argument parsing (every flag also from a `RATETHROTTLE_*` env var), exit codes, and
+//! reporting errors with context. Must not touch: decisions or config semantics.
+
+mod check;
+mod serve;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit code for unusable configuration or arguments (sysexits' EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ratethrottle",
+    version,
+    about = "Envoy rate limit and ext_authz sidecar"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC services and the admin HTTP server.
+    Serve(serve::ServeArgs),
+    /// Work with configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Send one ShouldRateLimit to a running server and print the answer.
+    Check(check::CheckArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Exit 0 when the file or directory is valid; otherwise print every error.
+    Validate {
+        /// A settings file, a domain file, or a directory of them.
+        path: PathBuf,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Config {
+            command: ConfigCommand::Validate { path },
+        } => validate(&path),
+        Command::Check(args) => check::run(args),
+    }
+}
+
+fn validate(path: &std::path::Path) -> ExitCode {
+    match crate::config::load(path) {
+        Ok(config) => {
+            let rules: usize = config.domains.iter().map(|d| count(&d.descriptors)).sum();
+            println!(
+                "{}: valid ({} domains, {} descriptors, version {})",
+                path.display(),
+                config.domains.len(),
+                rules,
+                config.version
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in errors.iter() {
+                eprintln!("{e}");
+            }
+            eprintln!("{}: {} error(s)", path.display(), errors.len());
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn count(ds: &[crate::config::DescriptorConfig]) -> usize {
+    ds.iter().map(|d| 1 + count(&d.descriptors)).sum()
+}

@@ -1,0 +1,144 @@
+//! `ratethrottle serve`.
+
+use crate::server::{BoundServer, ServerOptions};
+use clap::Args;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// A settings file (`ratethrottle.yaml`), an envoyproxy/ratelimit domain file, or a
+    /// directory of them. Watched and hot-reloaded. Without it every request is allowed.
+    #[arg(long, env = "RATETHROTTLE_CONFIG")]
+    config: Option<PathBuf>,
+    /// gRPC listen address (rate limit service, health, reflection).
+    #[arg(long, env = "RATETHROTTLE_GRPC_ADDR")]
+    grpc_addr: Option<SocketAddr>,
+    /// Admin HTTP listen address (/healthz, /readyz, /metrics, /json, /v1/config).
+    #[arg(long, env = "RATETHROTTLE_ADMIN_ADDR")]
+    admin_addr: Option<SocketAddr>,
+    /// Counter storage. `memory` (default).
+    #[arg(long, env = "RATETHROTTLE_STORAGE")]
+    storage: Option<String>,
+    /// How often the config is re-read even without a file event.
+    #[arg(long, env = "RATETHROTTLE_RELOAD_INTERVAL_MS", default_value_t = 2000)]
+    reload_interval_ms: u64,
+    /// Log as JSON lines.
+    #[arg(long, env = "RATETHROTTLE_LOG_JSON")]
+    log_json: bool,
+}
+
+pub fn run(args: ServeArgs) -> ExitCode {
+    crate::telemetry::init_tracing(args.log_json);
+    // Config is parsed and validated before any port is bound.
+    let config = match &args.config {
+        Some(path) => match crate::config::load(path) {
+            Ok(c) => Some(c),
+            Err(errors) => {
+                for e in errors.iter() {
+                    eprintln!("{e}");
+                }
+                eprintln!("error: {} is not a valid configuration", path.display());
+                return ExitCode::from(super::EXIT_CONFIG);
+            }
+        },
+        None => None,
+    };
+    let settings = config
+        .as_ref()
+        .map(|c| c.settings.clone())
+        .unwrap_or_default();
+    let storage = args
+        .storage
+        .clone()
+        .or(settings.storage.clone())
+        .unwrap_or_else(|| "memory".into());
+    if storage != "memory" {
+        eprintln!("error: storage {storage:?} is not supported by this build (supported: memory)");
+        return ExitCode::from(super::EXIT_CONFIG);
+    }
+    let addr = |flag: Option<SocketAddr>, setting: &Option<String>, default: &str, what: &str| {
+        match flag {
+            Some(a) => Ok(a),
+            None => setting
+                .as_deref()
+                .unwrap_or(default)
+                .parse::<SocketAddr>()
+                .map_err(|e| format!("settings.{what}: {e}")),
+        }
+    };
+    let (grpc_addr, admin_addr) = match (
+        addr(
+            args.grpc_addr,
+            &settings.grpc_addr,
+            "127.0.0.1:8081",
+            "grpc_addr",
+        ),
+        addr(
+            args.admin_addr,
+            &settings.admin_addr,
+            "127.0.0.1:8080",
+            "admin_addr",
+        ),
+    ) {
+        (Ok(g), Ok(a)) => (g, a),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(super::EXIT_CONFIG);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let opts = ServerOptions {
+        config_path: args.config,
+        config,
+        grpc_addr,
+        admin_addr,
+        reload_interval: Duration::from_millis(args.reload_interval_ms.max(100)),
+    };
+    let result = rt.block_on(async move {
+        let server = BoundServer::bind(opts).await?;
+        server.run(shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

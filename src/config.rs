@@ -1,0 +1,21 @@
+//! Configuration: the model the server runs from, loading it from YAML with positions,
+//! and validating it.
+//!
+//! Owns: the config model (`Config`, `Settings`, `DomainConfig`, `DescriptorConfig`,
+//! `RateLimitConfig`), reading envoyproxy/ratelimit domain files unchanged plus our
+//! extensions and settings, and reporting every problem with file, line, column and key
+//! path (`ConfigErrors`).
+//!
+//! Must not touch: descriptor matching, the limiter algorithms, storage, or any I/O beyond
+//! reading the config files. Watching for changes is `reload`'s alone: it calls `load`
+//! again and swaps the result in only when loading succeeded.
+
+mod decode;
+mod error;
+mod load;
+mod model;
+pub mod reload;
+
+pub use error::{ConfigError, ConfigErrors};
+pub use load::{load, parse_str};
+pub use model::{Config, DescriptorConfig, DomainConfig, RateLimitConfig, Settings};

@@ -1,0 +1,159 @@
+//! Hot reload: watches the config file or directory and swaps in a new `RuleSet` when its
+//! content changes.
+//!
+//! Survives Kubernetes ConfigMap updates (the `..data` symlink swap is a rename in the
+//! watched directory), editors that write a temp file and rename it, and bursts of events
+//! (debounced). File events are a hint only: a periodic poll compares content versions, so a
+//! missed event delays a reload, never loses it. A bad config keeps the last good one.
+
+use super::{Config, ConfigErrors, load};
+use crate::rules::{RuleSet, StatsRegistry};
+use crate::telemetry::ServiceMetrics;
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher};
+use parking_lot::RwLock;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// What `/readyz` and `/v1/config` report about the configuration.
+#[derive(Debug, Default, Clone)]
+pub struct ReloadStatus {
+    pub loaded: bool,
+    pub version: String,
+    pub loaded_at_unix: u64,
+    pub source: Option<String>,
+    /// The newest load failure, kept until a load succeeds.
+    pub last_error: Option<String>,
+    /// The effective configuration, as JSON.
+    pub config: serde_json::Value,
+}
+
+/// Loads a path into the shared rule set, now and whenever it changes.
+#[derive(Debug)]
+pub struct Reloader {
+    path: PathBuf,
+    rules: Arc<ArcSwap<RuleSet>>,
+    stats: Arc<StatsRegistry>,
+    metrics: Arc<ServiceMetrics>,
+    status: Arc<RwLock<ReloadStatus>>,
+}
+
+impl Reloader {
+    pub fn new(
+        path: PathBuf,
+        rules: Arc<ArcSwap<RuleSet>>,
+        stats: Arc<StatsRegistry>,
+        metrics: Arc<ServiceMetrics>,
+        status: Arc<RwLock<ReloadStatus>>,
+    ) -> Self {
+        Reloader {
+            path,
+            rules,
+            stats,
+            metrics,
+            status,
+        }
+    }
+
+    /// Publishes an already loaded config (the one `serve` validated before binding).
+    pub fn install(&self, config: &Config) {
+        let compiled = RuleSet::compile(config, &self.stats);
+        self.rules.store(Arc::new(compiled));
+        self.metrics.config_load_success.fetch_add(1, Relaxed);
+        let mut st = self.status.write();
+        st.loaded = true;
+        st.version = config.version.clone();
+        st.loaded_at_unix = unix_now();
+        st.source = Some(self.path.display().to_string());
+        st.last_error = None;
+        st.config = serde_json::to_value(config).unwrap_or_default();
+    }
+
+    /// Loads the path once. `Ok(true)` when a new version went into force, `Ok(false)` when
+    /// nothing changed; on error the rules in force stay.
+    pub fn reload(&self) -> Result<bool, ConfigErrors> {
+        match load(&self.path) {
+            Ok(config) => {
+                if config.version == self.rules.load().version && self.status.read().loaded {
+                    return Ok(false);
+                }
+                self.install(&config);
+                tracing::info!(
+                    version = %config.version,
+                    domains = config.domains.len(),
+                    "configuration loaded"
+                );
+                Ok(true)
+            }
+            Err(errors) => {
+                let text = errors.to_string();
+                let mut st = self.status.write();
+                // The poll retries every interval: count and log a bad config once per
+                // distinct error, not once per poll.
+                if st.last_error.as_deref() != Some(text.as_str()) {
+                    self.metrics.config_load_error.fetch_add(1, Relaxed);
+                    for e in errors.iter() {
+                        tracing::error!("config error, keeping version {:?}: {e}", st.version);
+                    }
+                    st.last_error = Some(text);
+                }
+                Err(errors)
+            }
+        }
+    }
+
+    /// Watches and reloads until the task is dropped.
+    pub async fn run(self, poll: Duration) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        let watcher = notify::recommended_watcher(move |_event| {
+            // Full channel = a reload is already pending; dropping the hint is fine.
+            let _ = tx.try_send(());
+        });
+        let _watcher = match watcher {
+            Ok(mut w) => match w.watch(watch_root(&self.path), RecursiveMode::NonRecursive) {
+                Ok(()) => Some(w),
+                Err(e) => {
+                    tracing::warn!("cannot watch {}: {e}; polling only", self.path.display());
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!("file watcher unavailable: {e}; polling only");
+                None
+            }
+        };
+        let mut tick = tokio::time::interval(poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                Some(()) = rx.recv() => {
+                    // Debounce: let a burst of events (an editor's save, a ConfigMap swap) settle.
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    while rx.try_recv().is_ok() {}
+                }
+                _ = tick.tick() => {}
+            }
+            let _ = self.reload();
+        }
+    }
+}
+
+/// A file is watched through its directory: renames replace the file's inode.
+fn watch_root(path: &Path) -> &Path {
+    if path.is_dir() {
+        path
+    } else {
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,269 @@
+//! Descriptor matching: turns a loaded `Config` into a `RuleSet`, compiled once per config
+//! version, and answers "which limits apply to this request descriptor?".
+//!
+//! Owns: the match tree (exact value, then wildcard in config order, then key-only, at the
+//! request descriptor's own depth — envoyproxy/ratelimit's rules, on (key, value) pairs rather
+//! than its joined `key_value` strings), rule identities (which decide whether counters
+//! survive a reload) and the per-rule statistics.
+//!
+//! Must not touch: counting (limiter, storage), YAML (config) or gRPC types.
+
+mod matcher;
+mod stats;
+mod wildcard;
+
+#[cfg(test)]
+mod tests;
+
+pub use matcher::{DescriptorMatcher, Entry};
+pub use stats::{RuleStats, StatsRegistry};
+pub use wildcard::Wildcard;
+
+use crate::config::{Config, DescriptorConfig, RateLimitConfig, Settings};
+use crate::limiter::{Limit, Unit};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Identifies a counter: a 128-bit digest of the limit's fingerprint and the request's
+/// (key, value) pairs. Fixed-size so the hot path never allocates a key string.
+pub type CounterKey = u128;
+
+/// One limit of a rule, ready to be asked.
+#[derive(Debug)]
+pub struct RuleLimit {
+    pub limit: Limit,
+    /// The `name` from config, reported in `current_limit.name` and used by `replaces`.
+    pub name: Option<Arc<str>>,
+    pub replaces: Vec<Arc<str>>,
+    /// Digest of everything that makes two limits count the same thing: domain, the
+    /// descriptor path and the limit's parameters. Unchanged rules keep their fingerprint
+    /// across reloads, so their counters carry over.
+    pub fingerprint: u64,
+}
+
+/// What a matched descriptor node says.
+#[derive(Debug)]
+pub struct Rule {
+    /// `domain.key_value.key` as envoyproxy/ratelimit names its stats.
+    pub stat_key: Arc<str>,
+    pub limits: Vec<RuleLimit>,
+    pub unlimited: bool,
+    pub shadow_mode: bool,
+    pub detailed_metric: bool,
+    pub value_to_metric: bool,
+    pub stats: Arc<RuleStats>,
+}
+
+/// The compiled rules of one config version. Immutable; swapped whole on reload.
+#[derive(Debug)]
+pub struct RuleSet {
+    pub version: String,
+    pub settings: Settings,
+    domains: HashMap<Box<str>, DescriptorMatcher, foldhash::fast::RandomState>,
+    /// Limits created on the fly for descriptors carrying Envoy's `limit` override, keyed
+    /// by domain so their stats land under it.
+    override_stats: Arc<RuleStats>,
+}
+
+impl RuleSet {
+    /// An empty rule set: every request is answered OK without a limit.
+    pub fn empty(stats: &StatsRegistry) -> RuleSet {
+        RuleSet {
+            version: String::new(),
+            settings: Settings::default(),
+            domains: HashMap::default(),
+            override_stats: stats.get("override"),
+        }
+    }
+
+    pub fn compile(config: &Config, stats: &StatsRegistry) -> RuleSet {
+        let settings = config.settings.clone();
+        let mut domains = HashMap::default();
+        for domain in &config.domains {
+            let mut matcher = DescriptorMatcher::default();
+            for d in &domain.descriptors {
+                compile_descriptor(
+                    &mut matcher,
+                    &settings,
+                    stats,
+                    &domain.domain,
+                    &mut Vec::new(),
+                    d,
+                );
+            }
+            domains.insert(domain.domain.as_str().into(), matcher);
+        }
+        RuleSet {
+            version: config.version.clone(),
+            settings,
+            domains,
+            override_stats: stats.get("override"),
+        }
+    }
+
+    pub fn domain(&self, domain: &str) -> Option<&DescriptorMatcher> {
+        self.domains.get(domain)
+    }
+
+    pub fn domain_count(&self) -> usize {
+        self.domains.len()
+    }
+
+    pub fn override_stats(&self) -> &Arc<RuleStats> {
+        &self.override_stats
+    }
+}
+
+/// The fingerprint of a limit carried in a request (`descriptor.limit`, from Envoy's
+/// dynamic metadata). Built from the domain and the override itself, like the reference.
+pub fn override_fingerprint(domain: &str, limit: &Limit) -> u64 {
+    let mut h = Fnv64::new();
+    h.write(b"override\0");
+    h.write(domain.as_bytes());
+    h.write_u64(limit.requests_per_unit as u64);
+    h.write_u64(limit.unit.seconds());
+    h.finish()
+}
+
+/// Digest of a limit and the request's entries: the storage key of one counter.
+#[inline]
+pub fn counter_key<'a>(
+    fingerprint: u64,
+    entries: impl Iterator<Item = (&'a str, &'a str)>,
+) -> CounterKey {
+    let mut h = xxhash_rust::xxh3::Xxh3Default::new();
+    h.update(&fingerprint.to_le_bytes());
+    for (k, v) in entries {
+        // Length prefixes make ("ab","c") and ("a","bc") different keys.
+        h.update(&(k.len() as u64).to_le_bytes());
+        h.update(k.as_bytes());
+        h.update(&(v.len() as u64).to_le_bytes());
+        h.update(v.as_bytes());
+    }
+    h.digest128()
+}
+
+fn compile_descriptor(
+    parent: &mut DescriptorMatcher,
+    settings: &Settings,
+    stats: &StatsRegistry,
+    domain: &str,
+    path: &mut Vec<(String, Option<String>)>,
+    d: &DescriptorConfig,
+) {
+    // The reference reads `value: ""` as no value at all (Go's zero value): key-only.
+    let value = d.value.clone().filter(|v| !v.is_empty());
+    path.push((d.key.clone(), value.clone()));
+    let stat_key = stat_key(domain, path);
+    let rule =
+        (!d.limits.is_empty()).then(|| compile_rule(settings, stats, domain, path, &stat_key, d));
+    let mut node = DescriptorMatcher::with_rule(rule);
+    for child in &d.descriptors {
+        compile_descriptor(&mut node, settings, stats, domain, path, child);
+    }
+    parent.insert(&d.key, value.as_deref(), node);
+    path.pop();
+}
+
+fn compile_rule(
+    settings: &Settings,
+    stats: &StatsRegistry,
+    domain: &str,
+    path: &[(String, Option<String>)],
+    stat_key: &str,
+    d: &DescriptorConfig,
+) -> Arc<Rule> {
+    let unlimited = d.limits.iter().any(|l| l.unlimited);
+    let limits = d
+        .limits
+        .iter()
+        .filter(|l| !l.unlimited)
+        .map(|l| compile_limit(settings, domain, path, l))
+        .collect();
+    Arc::new(Rule {
+        stat_key: stat_key.into(),
+        limits,
+        unlimited,
+        shadow_mode: d.shadow_mode,
+        detailed_metric: d.detailed_metric,
+        value_to_metric: d.value_to_metric,
+        stats: stats.get(stat_key),
+    })
+}
+
+fn compile_limit(
+    settings: &Settings,
+    domain: &str,
+    path: &[(String, Option<String>)],
+    l: &RateLimitConfig,
+) -> RuleLimit {
+    let algorithm = l.algorithm.unwrap_or(settings.default_algorithm);
+    let unit = l.unit.unwrap_or(Unit::Second);
+    let limit = Limit {
+        algorithm,
+        requests_per_unit: l.requests_per_unit,
+        unit,
+        burst: l
+            .burst
+            .unwrap_or_else(|| algorithm.default_burst(l.requests_per_unit))
+            .max(1),
+        block_duration: l.block_duration.unwrap_or(0),
+    };
+    let mut h = Fnv64::new();
+    h.write(domain.as_bytes());
+    for (k, v) in path {
+        h.write(&[0xff]);
+        h.write(k.as_bytes());
+        h.write(&[0xfe]);
+        if let Some(v) = v {
+            h.write(v.as_bytes());
+        }
+    }
+    h.write(&[0xfd]);
+    h.write(limit.algorithm.as_str().as_bytes());
+    h.write_u64(limit.requests_per_unit as u64);
+    h.write_u64(limit.unit.seconds());
+    h.write_u64(limit.burst as u64);
+    RuleLimit {
+        limit,
+        name: l.name.as_deref().map(Arc::from),
+        replaces: l.replaces.iter().map(|s| Arc::from(s.as_str())).collect(),
+        fingerprint: h.finish(),
+    }
+}
+
+/// `domain.key1_value1.key2`: the reference's stat key for a config node.
+fn stat_key(domain: &str, path: &[(String, Option<String>)]) -> String {
+    let mut s = String::from(domain);
+    for (k, v) in path {
+        s.push('.');
+        s.push_str(k);
+        if let Some(v) = v {
+            s.push('_');
+            s.push_str(v);
+        }
+    }
+    s
+}
+
+/// FNV-1a: stable across processes and versions (unlike `DefaultHasher`), which matters
+/// because fingerprints name counters that outlive a process in Redis.
+struct Fnv64(u64);
+
+impl Fnv64 {
+    fn new() -> Self {
+        Fnv64(0xcbf2_9ce4_8422_2325)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= *b as u64;
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.write(&v.to_le_bytes());
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}

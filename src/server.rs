@@ -1,0 +1,244 @@
+//! Assembles a running ratethrottle: config → rules → storage → engine → gRPC + admin.
+//!
+//! Owns: binding (before anything runs, so a taken port fails fast and loud), and running
+//! every server task together — if one ends, the process ends. Must not touch: decisions.
+
+use crate::admin::{self, AdminState};
+use crate::config::reload::{ReloadStatus, Reloader};
+use crate::config::{Config, Settings};
+use crate::limiter::{Clock, SystemClock};
+use crate::rules::{RuleSet, StatsRegistry};
+use crate::service::RateLimitEngine;
+use crate::service::grpc::RateLimitGrpc;
+use crate::storage::{MemoryStore, Storage};
+use crate::telemetry::ServiceMetrics;
+use arc_swap::ArcSwap;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
+use parking_lot::RwLock;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The reflection descriptors of our services (built by build.rs from envoy-types).
+const REFLECTION: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/reflection.bin"));
+
+/// Everything `serve` needs, already validated.
+#[derive(Debug)]
+pub struct ServerOptions {
+    pub config_path: Option<PathBuf>,
+    /// The config loaded from `config_path` before binding.
+    pub config: Option<Config>,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub reload_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("admin server: {0}")]
+    Admin(std::io::Error),
+    #[error("reflection service: {0}")]
+    Reflection(String),
+}
+
+/// A server whose ports are bound; `run` serves until `shutdown` resolves or a task fails.
+#[derive(Debug)]
+pub struct BoundServer {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    grpc: tokio::net::TcpListener,
+    admin: tokio::net::TcpListener,
+    engine: RateLimitEngine,
+    admin_state: AdminState,
+    reloader: Option<Reloader>,
+    reload_interval: Duration,
+}
+
+impl BoundServer {
+    pub async fn bind(opts: ServerOptions) -> Result<BoundServer, ServerError> {
+        let settings = opts
+            .config
+            .as_ref()
+            .map(|c| c.settings.clone())
+            .unwrap_or_default();
+        let stats = Arc::new(StatsRegistry::default());
+        let metrics = Arc::new(ServiceMetrics::default());
+        let rules = Arc::new(ArcSwap::from_pointee(RuleSet::empty(&stats)));
+        let status = Arc::new(RwLock::new(ReloadStatus::default()));
+        let storage = Arc::new(storage_for(&settings));
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+
+        let reloader = match (&opts.config_path, &opts.config) {
+            (Some(path), Some(config)) => {
+                let r = Reloader::new(
+                    path.clone(),
+                    rules.clone(),
+                    stats.clone(),
+                    metrics.clone(),
+                    status.clone(),
+                );
+                r.install(config);
+                Some(r)
+            }
+            _ => {
+                // No config: serve OK-without-limit for everything, and say we are ready.
+                let mut st = status.write();
+                st.loaded = true;
+                None
+            }
+        };
+
+        let engine = RateLimitEngine::new(rules, storage, clock, stats.clone(), metrics.clone());
+        let bind = |what, addr| async move {
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { what, addr, source })
+        };
+        let grpc = bind("gRPC", opts.grpc_addr).await?;
+        let admin = bind("admin HTTP", opts.admin_addr).await?;
+        let local = |l: &tokio::net::TcpListener, what, addr| {
+            l.local_addr()
+                .map_err(|source| ServerError::Bind { what, addr, source })
+        };
+        Ok(BoundServer {
+            grpc_addr: local(&grpc, "gRPC", opts.grpc_addr)?,
+            admin_addr: local(&admin, "admin HTTP", opts.admin_addr)?,
+            grpc,
+            admin,
+            admin_state: AdminState {
+                engine: engine.clone(),
+                metrics,
+                stats,
+                reload: status,
+            },
+            engine,
+            reloader,
+            reload_interval: opts.reload_interval,
+        })
+    }
+
+    pub fn engine(&self) -> &RateLimitEngine {
+        &self.engine
+    }
+
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<RateLimitServiceServer<RateLimitGrpc>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(REFLECTION)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ServerError::Reflection(e.to_string()))?;
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(self.grpc).with_nodelay(Some(true));
+        let grpc = tonic::transport::Server::builder()
+            .add_service(RateLimitServiceServer::new(RateLimitGrpc::new(
+                self.engine.clone(),
+            )))
+            .add_service(health_service)
+            .add_service(reflection)
+            .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
+        let admin = axum::serve(self.admin, admin::router(self.admin_state))
+            .with_graceful_shutdown(stopped(stop_rx.clone()));
+
+        let mut grpc = tokio::spawn(grpc);
+        let mut admin = tokio::spawn(async move { admin.await });
+        let reload_task = self
+            .reloader
+            .map(|r| tokio::spawn(r.run(self.reload_interval)));
+        let sweeper = self
+            .engine
+            .storage()
+            .memory()
+            .is_some()
+            .then(|| tokio::spawn(sweep(self.engine.storage().clone())));
+
+        tracing::info!(grpc = %self.grpc_addr, admin = %self.admin_addr, "serving");
+        // One plain line on stdout: scripts and tests learn the ports bound for `:0`.
+        println!(
+            "ratethrottle listening grpc={} admin={}",
+            self.grpc_addr, self.admin_addr
+        );
+        let result = tokio::select! {
+            _ = shutdown => {
+                tracing::info!("shutting down");
+                let _ = stop_tx.send(true);
+                let g = (&mut grpc).await;
+                let a = (&mut admin).await;
+                flatten_grpc(g).and(flatten_admin(a))
+            }
+            g = &mut grpc => {
+                let _ = stop_tx.send(true);
+                Err(flatten_grpc(g).err().unwrap_or_else(|| ServerError::Admin(std::io::Error::other("gRPC server stopped"))))
+            }
+            a = &mut admin => {
+                let _ = stop_tx.send(true);
+                Err(flatten_admin(a).err().unwrap_or_else(|| ServerError::Admin(std::io::Error::other("admin server stopped"))))
+            }
+        };
+        if let Some(t) = reload_task {
+            t.abort();
+        }
+        if let Some(t) = sweeper {
+            t.abort();
+        }
+        result
+    }
+}
+
+fn flatten_grpc(
+    r: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+) -> Result<(), ServerError> {
+    match r {
+        Ok(r) => r.map_err(ServerError::Grpc),
+        Err(e) => Err(ServerError::Admin(std::io::Error::other(e.to_string()))),
+    }
+}
+
+fn flatten_admin(
+    r: Result<Result<(), std::io::Error>, tokio::task::JoinError>,
+) -> Result<(), ServerError> {
+    match r {
+        Ok(r) => r.map_err(ServerError::Admin),
+        Err(e) => Err(ServerError::Admin(std::io::Error::other(e.to_string()))),
+    }
+}
+
+fn storage_for(settings: &Settings) -> Storage {
+    Storage::Memory(MemoryStore::new(settings.max_keys))
+}
+
+/// Drops expired counter states so idle keys give their memory back.
+async fn sweep(storage: Arc<Storage>) {
+    let clock = SystemClock;
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        if let Some(m) = storage.memory() {
+            let m_now = clock.now();
+            let removed = m.sweep(m_now);
+            tracing::debug!(removed, "swept expired counters");
+        }
+    }
+}

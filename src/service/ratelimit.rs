@@ -1,0 +1,461 @@
+//! `ShouldRateLimit`: envoyproxy/ratelimit's answers, plus our algorithms and semantics.
+
+use crate::limiter::{Clock, Limit, Outcome, Unit};
+use crate::rules::{self, Rule, RuleSet, RuleStats, StatsRegistry};
+use crate::storage::{CounterOp, Storage, StorageError};
+use crate::telemetry::ServiceMetrics;
+use arc_swap::ArcSwap;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry as PbEntry;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
+    Code, DescriptorStatus, RateLimit, rate_limit::Unit as PbUnit,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use envoy_types::pb::google::protobuf::Duration as PbDuration;
+use smallvec::SmallVec;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// Why a request was refused before any counting. Each maps to INVALID_ARGUMENT, except
+/// storage failures (UNAVAILABLE).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("rate limit domain must not be empty")]
+    EmptyDomain,
+    #[error("rate limit descriptor list must not be empty")]
+    NoDescriptors,
+    #[error("descriptor {0} has no entries")]
+    EmptyDescriptor(usize),
+    #[error("descriptor {descriptor} entry {entry} has an empty key")]
+    EmptyKey { descriptor: usize, entry: usize },
+    #[error("descriptor {0} limit override has an unknown unit")]
+    BadOverrideUnit(usize),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl rules::Entry for PbEntry {
+    fn key(&self) -> &str {
+        &self.key
+    }
+    fn value(&self) -> &str {
+        &self.value
+    }
+}
+
+/// Decides `ShouldRateLimit` requests against the rules in force.
+#[derive(Clone)]
+pub struct RateLimitEngine {
+    rules: Arc<ArcSwap<RuleSet>>,
+    storage: Arc<Storage>,
+    clock: Arc<dyn Clock>,
+    stats: Arc<StatsRegistry>,
+    metrics: Arc<ServiceMetrics>,
+}
+
+impl std::fmt::Debug for RateLimitEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimitEngine")
+            .field("version", &self.rules.load().version)
+            .field("storage", &self.storage.kind())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one request descriptor resolved to before counting.
+enum Plan<'a> {
+    /// Unknown domain, no rule, a whitelist node, or every limit replaced.
+    NoLimit,
+    Unlimited,
+    Limits {
+        rule: Option<&'a Arc<Rule>>,
+        ops: std::ops::Range<usize>,
+        hits: u32,
+    },
+}
+
+/// Most requests carry a handful of descriptors, each with one or two limits.
+type Ops = SmallVec<[CounterOp; 8]>;
+
+impl RateLimitEngine {
+    pub fn new(
+        rules: Arc<ArcSwap<RuleSet>>,
+        storage: Arc<Storage>,
+        clock: Arc<dyn Clock>,
+        stats: Arc<StatsRegistry>,
+        metrics: Arc<ServiceMetrics>,
+    ) -> Self {
+        RateLimitEngine {
+            rules,
+            storage,
+            clock,
+            stats,
+            metrics,
+        }
+    }
+
+    pub fn rules(&self) -> &Arc<ArcSwap<RuleSet>> {
+        &self.rules
+    }
+
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.storage
+    }
+
+    pub async fn should_rate_limit(
+        &self,
+        req: &RateLimitRequest,
+    ) -> Result<RateLimitResponse, RequestError> {
+        self.metrics.requests.fetch_add(1, Relaxed);
+        let result = self.decide(req).await;
+        match &result {
+            Ok(r) if r.overall_code == Code::OverLimit as i32 => {
+                self.metrics.over_limit.fetch_add(1, Relaxed);
+            }
+            Ok(_) => {}
+            Err(RequestError::Storage(_)) => {
+                self.metrics.storage_errors.fetch_add(1, Relaxed);
+            }
+            Err(_) => {
+                self.metrics.invalid_requests.fetch_add(1, Relaxed);
+            }
+        }
+        result
+    }
+
+    async fn decide(&self, req: &RateLimitRequest) -> Result<RateLimitResponse, RequestError> {
+        validate(req)?;
+        let rules = self.rules.load();
+        let settings = &rules.settings;
+        let matcher = rules.domain(&req.domain);
+        // The reference reads an unset (zero) request-level hits_addend as one hit.
+        let request_hits = if req.hits_addend == 0 {
+            1
+        } else {
+            req.hits_addend
+        };
+
+        let found: SmallVec<[Option<&Arc<Rule>>; 8]> = req
+            .descriptors
+            .iter()
+            .map(|d| matcher.and_then(|m| m.find(&d.entries)))
+            .collect();
+        let replaced = replaced_names(&found);
+
+        let mut ops = Ops::new();
+        let mut plans: SmallVec<[Plan<'_>; 8]> = SmallVec::new();
+        for (i, d) in req.descriptors.iter().enumerate() {
+            let hits = d
+                .hits_addend
+                .as_ref()
+                .map_or(request_hits, |h| u32::try_from(h.value).unwrap_or(u32::MAX));
+            let start = ops.len();
+            // Envoy's per-descriptor override (from dynamic metadata) wins over config, as
+            // in the reference, but only inside a configured domain.
+            if let (Some(o), Some(_)) = (&d.limit, matcher) {
+                let unit = unit_from_pb(o.unit).ok_or(RequestError::BadOverrideUnit(i))?;
+                let limit = Limit {
+                    algorithm: settings.default_algorithm,
+                    requests_per_unit: o.requests_per_unit,
+                    unit,
+                    burst: settings
+                        .default_algorithm
+                        .default_burst(o.requests_per_unit)
+                        .max(1),
+                    block_duration: 0,
+                };
+                let fp = rules::override_fingerprint(&req.domain, &limit);
+                let mut op = CounterOp::new(entry_key(fp, d), limit, hits, false);
+                op.negative = d.is_negative_hits;
+                ops.push(op);
+                plans.push(Plan::Limits {
+                    rule: None,
+                    ops: start..ops.len(),
+                    hits,
+                });
+                continue;
+            }
+            let plan = match found[i] {
+                None => Plan::NoLimit,
+                Some(rule) if rule.unlimited => Plan::Unlimited,
+                Some(rule) => {
+                    for l in &rule.limits {
+                        if is_replaced(&replaced, l.name.as_deref()) {
+                            continue;
+                        }
+                        let key = entry_key(l.fingerprint, d);
+                        let mut op = CounterOp::new(key, l.limit, hits, rule.shadow_mode);
+                        op.negative = d.is_negative_hits;
+                        ops.push(op);
+                    }
+                    if ops.len() == start {
+                        Plan::NoLimit
+                    } else {
+                        Plan::Limits {
+                            rule: Some(rule),
+                            ops: start..ops.len(),
+                            hits,
+                        }
+                    }
+                }
+            };
+            plans.push(plan);
+        }
+
+        let now = self.clock.now();
+        if !ops.is_empty() {
+            self.storage
+                .check_and_update(&mut ops, now, settings.rejected_hits)
+                .await?;
+        }
+
+        let mut overall = Code::Ok;
+        let mut statuses = Vec::with_capacity(plans.len());
+        for (plan, d) in plans.iter().zip(&req.descriptors) {
+            let status = match plan {
+                Plan::NoLimit => ok_status(0),
+                Plan::Unlimited => ok_status(u32::MAX),
+                Plan::Limits {
+                    rule,
+                    ops: range,
+                    hits,
+                } => {
+                    let ops = &ops[range.clone()];
+                    let (j, outcome) = reported(ops);
+                    let op = &ops[j];
+                    let shadow = rule.is_some_and(|r| r.shadow_mode);
+                    let rejected = ops.iter().any(|o| o.outcome.is_some_and(|x| !x.allowed));
+                    let stats = rule.map_or(rules.override_stats(), |r| &r.stats);
+                    self.record(
+                        stats,
+                        rule,
+                        d,
+                        *hits,
+                        rejected,
+                        shadow,
+                        &outcome,
+                        &op.limit,
+                        settings.near_limit_ratio,
+                    );
+                    let code = if rejected && !shadow {
+                        overall = Code::OverLimit;
+                        Code::OverLimit
+                    } else {
+                        Code::Ok
+                    };
+                    // Ops were pushed for the rule's non-replaced limits, in order.
+                    let name = rule
+                        .and_then(|r| {
+                            r.limits
+                                .iter()
+                                .filter(|l| !is_replaced(&replaced, l.name.as_deref()))
+                                .nth(j)
+                        })
+                        .and_then(|l| l.name.as_deref())
+                        .unwrap_or_default();
+                    DescriptorStatus {
+                        code: code as i32,
+                        current_limit: Some(RateLimit {
+                            name: name.to_string(),
+                            requests_per_unit: op.limit.requests_per_unit,
+                            unit: unit_to_pb(op.limit.unit) as i32,
+                        }),
+                        limit_remaining: outcome.remaining,
+                        duration_until_reset: Some(duration(outcome.reset_after)),
+                        quota: None,
+                    }
+                }
+            };
+            statuses.push(status);
+        }
+        Ok(RateLimitResponse {
+            overall_code: overall as i32,
+            statuses,
+            ..Default::default()
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        stats: &RuleStats,
+        rule: &Option<&Arc<Rule>>,
+        d: &RateLimitDescriptor,
+        hits: u32,
+        rejected: bool,
+        shadow: bool,
+        outcome: &Outcome,
+        limit: &Limit,
+        near_ratio: f64,
+    ) {
+        let apply = |s: &RuleStats| {
+            let hits = hits as u64;
+            RuleStats::add(&s.total_hits, hits);
+            if rejected {
+                RuleStats::add(&s.over_limit, hits);
+                if shadow {
+                    RuleStats::add(&s.shadow_mode, hits);
+                }
+            } else {
+                RuleStats::add(&s.within_limit, hits);
+                let used = limit.requests_per_unit.saturating_sub(outcome.remaining) as f64;
+                if used > (limit.requests_per_unit as f64 * near_ratio).floor() {
+                    RuleStats::add(&s.near_limit, hits);
+                }
+            }
+        };
+        apply(stats);
+        // Per-value series only when the rule asks: their cardinality is the request's.
+        if let Some(r) = rule
+            && (r.detailed_metric || r.value_to_metric)
+        {
+            let mut key = String::from(&*r.stat_key);
+            key.push('|');
+            for (i, e) in d.entries.iter().enumerate() {
+                if i > 0 {
+                    key.push('.');
+                }
+                key.push_str(&e.key);
+                key.push('_');
+                // Bound label size: values can be megabytes long.
+                key.push_str(truncate(&e.value, 128));
+            }
+            if let Some(s) = self.stats.get_detailed(&key) {
+                apply(&s);
+            }
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn validate(req: &RateLimitRequest) -> Result<(), RequestError> {
+    if req.domain.is_empty() {
+        return Err(RequestError::EmptyDomain);
+    }
+    if req.descriptors.is_empty() {
+        return Err(RequestError::NoDescriptors);
+    }
+    for (i, d) in req.descriptors.iter().enumerate() {
+        if d.entries.is_empty() {
+            return Err(RequestError::EmptyDescriptor(i));
+        }
+        if let Some(j) = d.entries.iter().position(|e| e.key.is_empty()) {
+            return Err(RequestError::EmptyKey {
+                descriptor: i,
+                entry: j,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Limit names replaced by other matched limits of the same request (the reference's
+/// `replaces`). Allocates only when some matched limit replaces another.
+fn replaced_names<'a>(found: &[Option<&'a Arc<Rule>>]) -> SmallVec<[&'a str; 4]> {
+    let mut names = SmallVec::new();
+    for rule in found.iter().flatten() {
+        for l in &rule.limits {
+            names.extend(l.replaces.iter().map(|n| &**n));
+        }
+    }
+    names
+}
+
+fn is_replaced(replaced: &[&str], name: Option<&str>) -> bool {
+    name.is_some_and(|n| replaced.contains(&n))
+}
+
+fn entry_key(fingerprint: u64, d: &RateLimitDescriptor) -> rules::CounterKey {
+    rules::counter_key(
+        fingerprint,
+        d.entries.iter().map(|e| (e.key.as_str(), e.value.as_str())),
+    )
+}
+
+/// Among several limits of one descriptor, the one to report: a rejecting limit with the
+/// longest wait if any rejects, otherwise the one with the least remaining.
+fn reported(ops: &[CounterOp]) -> (usize, Outcome) {
+    let mut best: Option<(usize, Outcome)> = None;
+    for (j, op) in ops.iter().enumerate() {
+        let Some(o) = op.outcome else { continue };
+        let better = match &best {
+            None => true,
+            Some((_, b)) => match (o.allowed, b.allowed) {
+                (false, true) => true,
+                (true, false) => false,
+                (false, false) => o.reset_after > b.reset_after,
+                (true, true) => {
+                    o.remaining < b.remaining
+                        || (o.remaining == b.remaining && o.reset_after > b.reset_after)
+                }
+            },
+        };
+        if better {
+            best = Some((j, o));
+        }
+    }
+    // Storage fills every outcome; an op without one would be a storage bug, reported as
+    // an admitted look so the request is still answered.
+    best.unwrap_or((
+        0,
+        Outcome {
+            allowed: true,
+            remaining: 0,
+            reset_after: 0,
+            expires_at: 0,
+        },
+    ))
+}
+
+fn ok_status(remaining: u32) -> DescriptorStatus {
+    DescriptorStatus {
+        code: Code::Ok as i32,
+        limit_remaining: remaining,
+        ..Default::default()
+    }
+}
+
+fn duration(nanos: u64) -> PbDuration {
+    PbDuration {
+        seconds: (nanos / 1_000_000_000) as i64,
+        nanos: (nanos % 1_000_000_000) as i32,
+    }
+}
+
+pub fn unit_to_pb(unit: Unit) -> PbUnit {
+    match unit {
+        Unit::Second => PbUnit::Second,
+        Unit::Minute => PbUnit::Minute,
+        Unit::Hour => PbUnit::Hour,
+        Unit::Day => PbUnit::Day,
+        Unit::Week => PbUnit::Week,
+        Unit::Month => PbUnit::Month,
+        Unit::Year => PbUnit::Year,
+    }
+}
+
+pub fn unit_from_pb(unit: i32) -> Option<Unit> {
+    Some(match PbUnit::try_from(unit).ok()? {
+        PbUnit::Second => Unit::Second,
+        PbUnit::Minute => Unit::Minute,
+        PbUnit::Hour => Unit::Hour,
+        PbUnit::Day => Unit::Day,
+        PbUnit::Week => Unit::Week,
+        PbUnit::Month => Unit::Month,
+        PbUnit::Year => Unit::Year,
+        PbUnit::Unknown => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests;

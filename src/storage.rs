@@ -1,0 +1,97 @@
+//! Where counter states live.
+//!
+//! Owns: the `Storage` seam every backend sits behind and the batch contract — all limits of
+//! one request are decided together, and a request rejected by any enforced limit consumes
+//! nothing anywhere (unless the reference's counting of rejected hits is asked for).
+//!
+//! Must not touch: the algorithms' arithmetic (limiter), matching (rules), gRPC.
+
+pub mod memory;
+
+pub use memory::MemoryStore;
+
+use crate::limiter::{Limit, Nanos, Outcome, RejectedHits};
+use crate::rules::CounterKey;
+
+/// One counter to decide within a request.
+#[derive(Debug, Clone)]
+pub struct CounterOp {
+    pub key: CounterKey,
+    pub limit: Limit,
+    pub hits: u32,
+    /// Shadow-mode limits are counted but never reject the request.
+    pub shadow: bool,
+    /// Envoy's `is_negative_hits`: give `hits` back instead of taking them.
+    pub negative: bool,
+    /// Filled in by the storage.
+    pub outcome: Option<Outcome>,
+}
+
+impl CounterOp {
+    pub fn new(key: CounterKey, limit: Limit, hits: u32, shadow: bool) -> Self {
+        CounterOp {
+            key,
+            limit,
+            hits,
+            shadow,
+            negative: false,
+            outcome: None,
+        }
+    }
+}
+
+/// Storage failures, classified so the service can map them to one answer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("storage timed out after {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+impl StorageError {
+    /// Whether retrying later may succeed (all current variants are transient).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Unavailable(_) | StorageError::Timeout(_)
+        )
+    }
+}
+
+/// The configured backend. An enum rather than a trait object: the memory path is
+/// synchronous and stays free of boxed futures on the hot path.
+#[derive(Debug)]
+pub enum Storage {
+    Memory(MemoryStore),
+}
+
+impl Storage {
+    /// Decides every op of one request; fills `op.outcome`.
+    pub async fn check_and_update(
+        &self,
+        ops: &mut [CounterOp],
+        now: Nanos,
+        rejected: RejectedHits,
+    ) -> Result<(), StorageError> {
+        match self {
+            Storage::Memory(m) => {
+                m.check_and_update(ops, now, rejected);
+                Ok(())
+            }
+        }
+    }
+
+    /// A short name for logs and `/v1/config`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Storage::Memory(_) => "memory",
+        }
+    }
+
+    pub fn memory(&self) -> Option<&MemoryStore> {
+        match self {
+            Storage::Memory(m) => Some(m),
+        }
+    }
+}

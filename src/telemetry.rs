@@ -1,0 +1,156 @@
+//! Metrics and logs.
+//!
+//! Owns: the service-level counters, the Prometheus text rendering of every metric (names
+//! follow envoyproxy/ratelimit's statsd-to-Prometheus mapping, so existing dashboards keep
+//! working) and the tracing subscriber set-up.
+//!
+//! Must not touch: decisions. Counters are plain atomics bumped by their owners; rendering
+//! reads them off the hot path.
+
+use crate::rules::{RuleStats, StatsRegistry};
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Process-wide counters of the services and the config loader.
+#[derive(Debug, Default)]
+pub struct ServiceMetrics {
+    pub requests: AtomicU64,
+    pub over_limit: AtomicU64,
+    pub invalid_requests: AtomicU64,
+    pub storage_errors: AtomicU64,
+    pub config_load_success: AtomicU64,
+    pub config_load_error: AtomicU64,
+}
+
+/// Facts the renderer needs that live elsewhere (storage, config).
+#[derive(Debug, Default)]
+pub struct Gauges {
+    pub config_version: String,
+    pub domains: usize,
+    pub memory_keys: Option<usize>,
+    pub memory_capacity: Option<usize>,
+    pub memory_evictions: Option<u64>,
+}
+
+/// Renders every metric in the Prometheus text exposition format.
+pub fn render(metrics: &ServiceMetrics, stats: &StatsRegistry, gauges: &Gauges) -> String {
+    let mut out = String::with_capacity(4096);
+    let counters: [(&str, &str, &AtomicU64); 6] = [
+        (
+            "ratelimit_service_should_rate_limit_total",
+            "ShouldRateLimit calls received.",
+            &metrics.requests,
+        ),
+        (
+            "ratelimit_service_should_rate_limit_over_limit_total",
+            "ShouldRateLimit calls answered OVER_LIMIT.",
+            &metrics.over_limit,
+        ),
+        (
+            "ratelimit_service_call_should_rate_limit_invalid_request",
+            "ShouldRateLimit calls rejected as INVALID_ARGUMENT.",
+            &metrics.invalid_requests,
+        ),
+        (
+            "ratelimit_service_call_should_rate_limit_redis_error",
+            "ShouldRateLimit calls that failed in storage.",
+            &metrics.storage_errors,
+        ),
+        (
+            "ratelimit_service_config_load_success",
+            "Configurations loaded.",
+            &metrics.config_load_success,
+        ),
+        (
+            "ratelimit_service_config_load_error",
+            "Configuration loads that failed (the last good one stays in force).",
+            &metrics.config_load_error,
+        ),
+    ];
+    for (name, help, v) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        let _ = writeln!(out, "{name} {}", v.load(Relaxed));
+    }
+
+    let _ = writeln!(
+        out,
+        "# HELP ratethrottle_config_info The configuration version in force.\n# TYPE ratethrottle_config_info gauge"
+    );
+    let _ = writeln!(
+        out,
+        "ratethrottle_config_info{{version=\"{}\",domains=\"{}\"}} 1",
+        escape(&gauges.config_version),
+        gauges.domains
+    );
+    if let (Some(keys), Some(cap), Some(ev)) = (
+        gauges.memory_keys,
+        gauges.memory_capacity,
+        gauges.memory_evictions,
+    ) {
+        let _ = writeln!(
+            out,
+            "# HELP ratethrottle_memory_keys Counter states held in memory.\n# TYPE ratethrottle_memory_keys gauge\nratethrottle_memory_keys {keys}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ratethrottle_memory_capacity_keys Maximum counter states held in memory.\n# TYPE ratethrottle_memory_capacity_keys gauge\nratethrottle_memory_capacity_keys {cap}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ratethrottle_memory_evictions_total States dropped before expiry because the store was full.\n# TYPE ratethrottle_memory_evictions_total counter\nratethrottle_memory_evictions_total {ev}"
+        );
+    }
+
+    let series = stats.snapshot();
+    let fields: [(&str, fn(&RuleStats) -> &AtomicU64); 5] = [
+        ("total_hits", |s| &s.total_hits),
+        ("over_limit", |s| &s.over_limit),
+        ("near_limit", |s| &s.near_limit),
+        ("within_limit", |s| &s.within_limit),
+        ("shadow_mode", |s| &s.shadow_mode),
+    ];
+    for (field, get) in fields {
+        let name = format!("ratelimit_service_rate_limit_{field}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} Hits per rule (envoyproxy/ratelimit's {field}).\n# TYPE {name} counter"
+        );
+        for (key, s) in &series {
+            // Series keys are `domain.rest` or, for detailed metrics, `domain.rest|values`.
+            let (rule, detail) = key.split_once('|').unwrap_or((key, ""));
+            let (domain, rest) = rule.split_once('.').unwrap_or((rule, ""));
+            let _ = write!(
+                out,
+                "{name}{{domain=\"{}\",key=\"{}\"",
+                escape(domain),
+                escape(rest)
+            );
+            if !detail.is_empty() {
+                let _ = write!(out, ",value=\"{}\"", escape(detail));
+            }
+            let _ = writeln!(out, "}} {}", get(s).load(Relaxed));
+        }
+    }
+    out
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`), `RATETHROTTLE_LOG_FORMAT=json` for JSON.
+pub fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}

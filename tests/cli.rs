@@ -1,0 +1,106 @@
+//! The command line: `config validate`, `check`, and `serve`'s refusals.
+
+mod support;
+
+use std::process::Command;
+use support::{BIN, Sidecar};
+
+#[test]
+fn validate_accepts_the_shipped_example() {
+    let out = Command::new(BIN)
+        .args(["config", "validate", "k8s/examples/config"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
+}
+
+#[test]
+fn validate_prints_every_error_with_file_line_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(
+        &file,
+        "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: fortnight, requests_per_unit: 1}\n  - key: b\n    rate_limt: {unit: second, requests_per_unit: 1}\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["config", "validate"])
+        .arg(&file)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.yaml:4"), "{err}");
+    assert!(err.contains("unit"), "{err}");
+    assert!(err.contains("bad.yaml:6"), "{err}");
+    assert!(err.contains("rate_limt"), "{err}");
+}
+
+#[test]
+fn serve_refuses_a_bad_config_before_binding() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(&file, "domain: [unclosed\n").expect("write");
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&file)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.yaml:"));
+}
+
+#[test]
+fn serve_fails_loudly_when_its_port_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let out = Command::new(BIN)
+        .args(["serve", "--admin-addr", "127.0.0.1:0", "--grpc-addr", &addr])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&addr));
+}
+
+#[tokio::test]
+async fn check_prints_the_answer_of_a_running_server() {
+    let sc = Sidecar::start(Some(std::path::Path::new("k8s/examples/config")), &[]);
+    let run = |hits: &str| {
+        Command::new(BIN)
+            .args([
+                "check",
+                "--addr",
+                &sc.grpc.to_string(),
+                "--domain",
+                "example",
+            ])
+            .args(["--descriptor", "api_key=cli-test", "--hits", hits])
+            .output()
+            .expect("run")
+    };
+    let out = run("1");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("overall_code: OK"), "{text}");
+    assert!(text.contains("descriptor 0: OK"), "{text}");
+    let out = run("1000000");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("overall_code: OVER_LIMIT"), "{text}");
+}

@@ -1,0 +1,213 @@
+//! Test support: real `ratethrottle` processes on ephemeral ports, bounded waits, and small
+//! HTTP/gRPC helpers. Every wait has a deadline; every process is killed on drop.
+#![allow(dead_code)]
+
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ratethrottle");
+
+/// Polls `cond` until it holds or `timeout` passes; panics with `what` on timeout.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A running `ratethrottle serve`, killed on drop.
+pub struct Sidecar {
+    pub child: Child,
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Sidecar {
+    pub fn start(config: Option<&Path>, extra: &[&str]) -> Sidecar {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+            .args(["--reload-interval-ms", "200"])
+            .args(extra)
+            .env_remove("RATETHROTTLE_CONFIG")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        let mut child = cmd.spawn().expect("spawn ratethrottle");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log2.lock().expect("log").push_str(&(line + "\n"));
+            }
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("ratethrottle listening ") {
+                    let _ = tx.send(rest.to_string());
+                }
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "sidecar did not start; stderr:\n{}",
+                    log.lock().expect("log")
+                )
+            });
+        let mut grpc = None;
+        let mut admin = None;
+        for part in line.split_whitespace() {
+            if let Some(a) = part.strip_prefix("grpc=") {
+                grpc = a.parse().ok();
+            }
+            if let Some(a) = part.strip_prefix("admin=") {
+                admin = a.parse().ok();
+            }
+        }
+        Sidecar {
+            child,
+            grpc: grpc.expect("grpc addr"),
+            admin: admin.expect("admin addr"),
+            stderr: log,
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().expect("log").clone()
+    }
+
+    pub async fn client(&self) -> RateLimitServiceClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{}", self.grpc))
+            .expect("uri")
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .expect("connect");
+        RateLimitServiceClient::new(channel)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.grpc))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http(self.admin, "GET", path, "").await
+    }
+
+    pub async fn post(&self, path: &str, body: &str) -> (u16, String) {
+        http(self.admin, "POST", path, body).await
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.1 client (one request per connection): status and body.
+pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect admin");
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.expect("read");
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status");
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_string()
+        };
+        (status, body)
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .expect("admin HTTP timed out")
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+pub fn request(domain: &str, descriptors: &[&[(&str, &str)]]) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: domain.into(),
+        descriptors: descriptors
+            .iter()
+            .map(|d| RateLimitDescriptor {
+                entries: d
+                    .iter()
+                    .map(|(k, v)| Entry {
+                        key: k.to_string(),
+                        value: v.to_string(),
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect(),
+        hits_addend: 0,
+    }
+}
+
+/// Writes `contents` to `path` the way editors and `kubectl cp` do: a temp file renamed over.
+pub fn write_atomically(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, contents).expect("write temp");
+    std::fs::rename(&tmp, path).expect("rename");
+}
