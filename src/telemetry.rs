@@ -32,6 +32,8 @@ pub struct Gauges {
     pub memory_evictions: Option<u64>,
 }
 
+type StatField = fn(&RuleStats) -> &AtomicU64;
+
 /// Renders every metric in the Prometheus text exposition format.
 pub fn render(metrics: &ServiceMetrics, stats: &StatsRegistry, gauges: &Gauges) -> String {
     let mut out = String::with_capacity(4096);
@@ -102,7 +104,7 @@ pub fn render(metrics: &ServiceMetrics, stats: &StatsRegistry, gauges: &Gauges) 
     }
 
     let series = stats.snapshot();
-    let fields: [(&str, fn(&RuleStats) -> &AtomicU64); 5] = [
+    let fields: [(&str, StatField); 5] = [
         ("total_hits", |s| &s.total_hits),
         ("over_limit", |s| &s.over_limit),
         ("near_limit", |s| &s.near_limit),
