@@ -117,7 +117,8 @@ mod tests {
             let mut model = Model::default();
             let w = lim.unit.nanos();
             run(&lim, start, &ops, |now, op: &Op, got| {
-                let want = model.check(u64::from(lim.requests_per_unit), w, now, op.hits, op.rejected);
+                let l = u64::from(lim.requests_per_unit);
+                let want = model.check(l, w, now, op.hits, op.rejected);
                 prop_assert_eq!(got, want, "at {}", now);
                 Ok(())
             })?;
@@ -132,7 +133,8 @@ mod tests {
                 if got.allowed {
                     *per_window.entry(now / w).or_default() += u64::from(op.hits);
                 }
-                prop_assert!(per_window.get(&(now / w)).copied().unwrap_or(0) <= u64::from(lim.requests_per_unit));
+                let in_window = per_window.get(&(now / w)).copied().unwrap_or(0);
+                prop_assert!(in_window <= u64::from(lim.requests_per_unit));
                 Ok(())
             })?;
         }

@@ -37,17 +37,20 @@ impl State {
         self.entries.back().map_or(self.dropped_total, |e| e.1)
     }
 
+    /// The running total before entry `i`.
+    fn total_before(&self, i: usize) -> u64 {
+        i.checked_sub(1)
+            .and_then(|j| self.entries.get(j))
+            .map_or(self.dropped_total, |e| e.1)
+    }
+
     /// How many entries have left the window at `now`, and the running total before the
     /// first entry still in it.
     fn expired(&self, w: u64, now: Nanos) -> (usize, u64) {
         let n = self
             .entries
             .partition_point(|&(ts, _)| ts.saturating_add(w) <= now);
-        let before = match n {
-            0 => self.dropped_total,
-            _ => self.entries[n - 1].1,
-        };
-        (n, before)
+        (n, self.total_before(n))
     }
 }
 
@@ -70,6 +73,11 @@ pub(super) fn check(
     if record {
         st.entries.drain(..expired);
         st.dropped_total = before;
+        // A burst's worth of capacity is given back once the log has mostly drained.
+        let capacity = st.entries.capacity();
+        if capacity > 64 && st.entries.len() < capacity / 4 {
+            st.entries.shrink_to(capacity / 2);
+        }
         first_live = 0;
         // Counted rejections are uncapped in meaning, but hits beyond 2^64 - 1 in one window
         // would break the running totals; by then the key is over any limit anyway.
@@ -108,12 +116,7 @@ pub(super) fn refund(_limit: &Limit, st: &mut State, _now: Nanos, hits: u32) {
         let Some(&(_, total)) = st.entries.back() else {
             return;
         };
-        let n = st.entries.len();
-        let before = match n {
-            1 => st.dropped_total,
-            _ => st.entries[n - 2].1,
-        };
-        let in_entry = total.wrapping_sub(before);
+        let in_entry = total.wrapping_sub(st.total_before(st.entries.len() - 1));
         if in_entry <= left {
             st.entries.pop_back();
             left -= in_entry;
@@ -172,7 +175,8 @@ mod tests {
             let mut model = Model::default();
             let w = lim.unit.nanos();
             run(&lim, start, &ops, |now, op: &Op, got| {
-                let want = model.check(u64::from(lim.requests_per_unit), w, now, op.hits, op.rejected);
+                let l = u64::from(lim.requests_per_unit);
+                let want = model.check(l, w, now, op.hits, op.rejected);
                 prop_assert_eq!(got, want, "at {}", now);
                 Ok(())
             })?;
@@ -232,7 +236,8 @@ mod tests {
             }
             let live: u64 = model.iter().filter(|(t, _)| t + w > now).map(|e| e.1).sum();
             let look = lim.check_and_update(&mut st, now, 0, RejectedHits::Free);
-            prop_assert_eq!(look.remaining as u64, u64::from(lim.requests_per_unit).saturating_sub(live));
+            let want = u64::from(lim.requests_per_unit).saturating_sub(live);
+            prop_assert_eq!(u64::from(look.remaining), want);
         }
     }
 
@@ -313,11 +318,13 @@ mod tests {
     #[test]
     fn running_totals_survive_wrapping() {
         let lim = limit(Algorithm::SlidingWindowLog, 5, Unit::Second, 5);
-        let mut st = CounterState::default();
-        st.algo = super::super::AlgoState::SlidingWindowLog(State {
-            entries: [(SEC, u64::MAX - 1)].into(),
-            dropped_total: u64::MAX - 3,
-        });
+        let mut st = CounterState {
+            blocked_until: 0,
+            algo: super::super::AlgoState::SlidingWindowLog(State {
+                entries: [(SEC, u64::MAX - 1)].into(),
+                dropped_total: u64::MAX - 3,
+            }),
+        };
         // 2 hits live; 3 more wrap the total past zero.
         let out = lim.check_and_update(&mut st, SEC + 1, 3, RejectedHits::Free);
         assert!(out.allowed);

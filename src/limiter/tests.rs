@@ -256,7 +256,8 @@ proptest! {
                     prop_assert_eq!(before.remaining, 0);
                 }
                 if lim.algorithm != Algorithm::SlidingWindowLog {
-                    prop_assert!(lim.check_and_update(&mut copy, at, 0, RejectedHits::Free).remaining >= 1);
+                    let then = lim.check_and_update(&mut copy, at, 0, RejectedHits::Free);
+                    prop_assert!(then.remaining >= 1);
                 }
             }
         }
@@ -286,8 +287,13 @@ proptest! {
     }
 
     #[test]
-    fn expiry_means_equivalent_to_fresh(case in arb_any_case(), later in 0u64..1_000_000) {
+    fn expiry_means_equivalent_to_fresh(
+        case in arb_any_case(),
+        later in 0u64..1_000_000,
+        block in prop_oneof![Just(0u64), Just(1), 0..3 * SEC, 0..3 * 60 * SEC],
+    ) {
         let (lim, start, ops) = case;
+        let lim = Limit { block_duration: block, ..lim };
         let mut st = CounterState::default();
         let mut now = start;
         let mut expires_at = 0;
@@ -327,7 +333,8 @@ proptest! {
             let mut sum = 0;
             for &(t1, h) in &admitted[i..] {
                 sum += h;
-                prop_assert!(sum * w <= b * w + l * u128::from(t1 - t0), "{} in [{}, {}]", sum, t0, t1);
+                let allowance = b * w + l * u128::from(t1 - t0);
+                prop_assert!(sum * w <= allowance, "{} in [{}, {}]", sum, t0, t1);
             }
         }
     }
@@ -556,6 +563,9 @@ fn reset_after_is_at_least_the_block() {
     let out = lim.check_and_update(&mut st, t, 1, RejectedHits::Free);
     assert_eq!(out.reset_after, 59 * SEC);
     assert_eq!(st.blocked_until, t + SEC);
+    // While blocked, the state still expires with its window, not with the block.
+    let out = lim.check_and_update(&mut st, t + 1, 1, RejectedHits::Free);
+    assert_eq!((out.reset_after, out.expires_at), (SEC - 1, t + 59 * SEC));
 }
 
 #[test]
