@@ -6,10 +6,11 @@
 
 mod json;
 
+use crate::config::FailureMode;
 use crate::config::reload::ReloadStatus;
 use crate::rules::StatsRegistry;
 use crate::service::RateLimitEngine;
-use crate::telemetry::{self, Gauges, ServiceMetrics};
+use crate::telemetry::{self, Gauges, RedisGauges, ServiceMetrics};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -18,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use parking_lot::RwLock;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
 /// Everything the admin endpoints read.
 #[derive(Debug, Clone)]
@@ -39,17 +41,35 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
+/// Ready once a configuration is loaded. A degraded Redis is reported in the body; it makes
+/// the replica unready only with `failure_mode: deny`, where it can do nothing but reject —
+/// with `allow` or `local` it still answers usefully, and pulling every replica out of the
+/// Service during a Redis outage would only turn it into an outage of the sidecar.
 async fn readyz(State(s): State<AdminState>) -> Response {
-    let status = s.reload.read();
-    if status.loaded {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (
+    if !s.reload.read().loaded {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             "no configuration loaded yet\n",
         )
-            .into_response()
+            .into_response();
     }
+    if let Some(r) = s.engine.storage().redis()
+        && r.health().is_degraded()
+    {
+        let mode = r.settings().failure_mode;
+        let reason = r.health().last_error().unwrap_or_default();
+        let body = format!(
+            "storage degraded ({reason}); answering with failure_mode {}\n",
+            mode.as_str()
+        );
+        let code = if mode == FailureMode::Deny {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        };
+        return (code, body).into_response();
+    }
+    (StatusCode::OK, "ready\n").into_response()
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
@@ -61,6 +81,13 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         memory_keys: memory.map(|m| m.len()),
         memory_capacity: memory.map(|m| m.capacity()),
         memory_evictions: memory.map(|m| m.evictions()),
+        redis: s.engine.storage().redis().map(|r| RedisGauges {
+            degraded: r.health().is_degraded(),
+            errors: r.health().errors.load(Relaxed),
+            fallbacks: r.health().fallbacks.load(Relaxed),
+            commands: r.health().commands.load(Relaxed),
+            local_cache_hits: r.cache().map_or(0, |c| c.hits()),
+        }),
     };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -96,6 +123,7 @@ async fn config(State(s): State<AdminState>) -> Response {
         "source": status.source,
         "last_error": status.last_error,
         "storage": s.engine.storage().kind(),
+        "storage_degraded": s.engine.storage().health().is_some_and(|h| h.is_degraded()),
         "config": status.config,
     });
     (

@@ -18,4 +18,6 @@ pub mod reload;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use load::{load, parse_str};
-pub use model::{Config, DescriptorConfig, DomainConfig, RateLimitConfig, Settings};
+pub use model::{
+    Config, DescriptorConfig, DomainConfig, FailureMode, RateLimitConfig, RedisSettings, Settings,
+};

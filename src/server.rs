@@ -4,13 +4,13 @@
 //! every server task together — if one ends, the process ends. Must not touch: decisions.
 
 use crate::admin::{self, AdminState};
+use crate::config::Config;
 use crate::config::reload::{ReloadStatus, Reloader};
-use crate::config::{Config, Settings};
 use crate::limiter::{Clock, SystemClock};
 use crate::rules::{RuleSet, StatsRegistry};
 use crate::service::RateLimitEngine;
 use crate::service::grpc::RateLimitGrpc;
-use crate::storage::{MemoryStore, Storage};
+use crate::storage::Storage;
 use crate::telemetry::ServiceMetrics;
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
@@ -33,6 +33,8 @@ pub struct ServerOptions {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub reload_interval: Duration,
+    /// `memory` or a Redis URL; `None` takes `settings.storage`, then `memory`.
+    pub storage: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,8 @@ pub enum ServerError {
     Admin(std::io::Error),
     #[error("reflection service: {0}")]
     Reflection(String),
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
 }
 
 /// A server whose ports are bound; `run` serves until `shutdown` resolves or a task fails.
@@ -75,7 +79,12 @@ impl BoundServer {
         let metrics = Arc::new(ServiceMetrics::default());
         let rules = Arc::new(ArcSwap::from_pointee(RuleSet::empty(&stats)));
         let status = Arc::new(RwLock::new(ReloadStatus::default()));
-        let storage = Arc::new(storage_for(&settings));
+        let url = opts
+            .storage
+            .clone()
+            .or_else(|| settings.storage.clone())
+            .unwrap_or_else(|| "memory".into());
+        let storage = Arc::new(Storage::connect(&url, &settings).await?);
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
 
         let reloader = match (&opts.config_path, &opts.config) {
@@ -167,12 +176,15 @@ impl BoundServer {
         let reload_task = self
             .reloader
             .map(|r| tokio::spawn(r.run(self.reload_interval)));
-        let sweeper = self
-            .engine
-            .storage()
-            .memory()
-            .is_some()
-            .then(|| tokio::spawn(sweep(self.engine.storage().clone())));
+        let sweeper = tokio::spawn(sweep(self.engine.storage().clone()));
+        let health = self.engine.storage().redis().is_some().then(|| {
+            let storage = self.engine.storage().clone();
+            tokio::spawn(async move {
+                if let Some(r) = storage.redis() {
+                    r.watch_health().await;
+                }
+            })
+        });
 
         tracing::info!(grpc = %self.grpc_addr, admin = %self.admin_addr, "serving");
         // One plain line on stdout: scripts and tests learn the ports bound for `:0`.
@@ -200,7 +212,8 @@ impl BoundServer {
         if let Some(t) = reload_task {
             t.abort();
         }
-        if let Some(t) = sweeper {
+        sweeper.abort();
+        if let Some(t) = health {
             t.abort();
         }
         result
@@ -225,19 +238,18 @@ fn flatten_admin(
     }
 }
 
-fn storage_for(settings: &Settings) -> Storage {
-    Storage::Memory(MemoryStore::new(settings.max_keys))
-}
-
 /// Drops expired counter states so idle keys give their memory back.
 async fn sweep(storage: Arc<Storage>) {
     let clock = SystemClock;
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     loop {
         tick.tick().await;
-        if let Some(m) = storage.memory() {
-            let m_now = clock.now();
-            let removed = m.sweep(m_now);
+        let memory = match &*storage {
+            Storage::Memory(m) => Some(m),
+            Storage::Redis(r) => Some(r.fallback()),
+        };
+        if let Some(m) = memory {
+            let removed = m.sweep(clock.now());
             tracing::debug!(removed, "swept expired counters");
         }
     }

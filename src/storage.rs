@@ -7,8 +7,10 @@
 //! Must not touch: the algorithms' arithmetic (limiter), matching (rules), gRPC.
 
 pub mod memory;
+pub mod redis;
 
 pub use memory::MemoryStore;
+pub use redis::{RedisStore, StorageHealth};
 
 use crate::limiter::{Limit, Nanos, Outcome, RejectedHits};
 use crate::rules::CounterKey;
@@ -47,10 +49,12 @@ pub enum StorageError {
     Unavailable(String),
     #[error("storage timed out after {0:?}")]
     Timeout(std::time::Duration),
+    #[error("storage configuration: {0}")]
+    Config(String),
 }
 
 impl StorageError {
-    /// Whether retrying later may succeed (all current variants are transient).
+    /// Whether retrying later may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
@@ -62,8 +66,12 @@ impl StorageError {
 /// The configured backend. An enum rather than a trait object: the memory path is
 /// synchronous and stays free of boxed futures on the hot path.
 #[derive(Debug)]
+// One Storage per process, behind an Arc: its size doesn't matter, a Box would be one more
+// pointer to chase on every request.
+#[allow(clippy::large_enum_variant)]
 pub enum Storage {
     Memory(MemoryStore),
+    Redis(RedisStore),
 }
 
 impl Storage {
@@ -79,6 +87,42 @@ impl Storage {
                 m.check_and_update(ops, now, rejected);
                 Ok(())
             }
+            Storage::Redis(r) => {
+                r.check_and_update(ops, now, rejected).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Builds the store a storage URL names: `memory`, or a Redis URL (see `redis::RedisUrl`).
+    pub async fn connect(
+        url: &str,
+        settings: &crate::config::Settings,
+    ) -> Result<Storage, StorageError> {
+        if url == "memory" {
+            return Ok(Storage::Memory(MemoryStore::new(settings.max_keys)));
+        }
+        if url.starts_with("redis") {
+            let store = RedisStore::connect(url, &settings.redis, settings.max_keys).await?;
+            return Ok(Storage::Redis(store));
+        }
+        Err(StorageError::Config(format!(
+            "unknown storage {:?} (expected memory, redis://, rediss://, redis-sentinel:// or redis-cluster://)",
+            redis::redact(url)
+        )))
+    }
+
+    pub fn health(&self) -> Option<&StorageHealth> {
+        match self {
+            Storage::Memory(_) => None,
+            Storage::Redis(r) => Some(r.health()),
+        }
+    }
+
+    pub fn redis(&self) -> Option<&RedisStore> {
+        match self {
+            Storage::Redis(r) => Some(r),
+            Storage::Memory(_) => None,
         }
     }
 
@@ -86,12 +130,14 @@ impl Storage {
     pub fn kind(&self) -> &'static str {
         match self {
             Storage::Memory(_) => "memory",
+            Storage::Redis(_) => "redis",
         }
     }
 
     pub fn memory(&self) -> Option<&MemoryStore> {
         match self {
             Storage::Memory(m) => Some(m),
+            Storage::Redis(_) => None,
         }
     }
 }

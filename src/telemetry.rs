@@ -30,6 +30,17 @@ pub struct Gauges {
     pub memory_keys: Option<usize>,
     pub memory_capacity: Option<usize>,
     pub memory_evictions: Option<u64>,
+    pub redis: Option<RedisGauges>,
+}
+
+/// What the Redis store reports.
+#[derive(Debug, Default)]
+pub struct RedisGauges {
+    pub degraded: bool,
+    pub errors: u64,
+    pub fallbacks: u64,
+    pub commands: u64,
+    pub local_cache_hits: u64,
 }
 
 type StatField = fn(&RuleStats) -> &AtomicU64;
@@ -101,6 +112,47 @@ pub fn render(metrics: &ServiceMetrics, stats: &StatsRegistry, gauges: &Gauges) 
             out,
             "# HELP ratethrottle_memory_evictions_total States dropped before expiry because the store was full.\n# TYPE ratethrottle_memory_evictions_total counter\nratethrottle_memory_evictions_total {ev}"
         );
+    }
+
+    if let Some(r) = &gauges.redis {
+        let rows: [(&str, &str, &str, u64); 5] = [
+            (
+                "ratethrottle_storage_degraded",
+                "gauge",
+                "Whether Redis is failing or missing its deadline (1) or not (0).",
+                r.degraded as u64,
+            ),
+            (
+                "ratethrottle_redis_errors_total",
+                "counter",
+                "Redis calls that failed or missed their deadline.",
+                r.errors,
+            ),
+            (
+                "ratethrottle_redis_failure_mode_answers_total",
+                "counter",
+                "Requests answered by the failure mode.",
+                r.fallbacks,
+            ),
+            (
+                "ratethrottle_redis_commands_total",
+                "counter",
+                "Script calls sent to Redis.",
+                r.commands,
+            ),
+            (
+                "ratelimit_service_rate_limit_over_limit_with_local_cache_total",
+                "counter",
+                "Counters answered over limit from the local cache.",
+                r.local_cache_hits,
+            ),
+        ];
+        for (name, kind, help, v) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
     }
 
     let series = stats.snapshot();

@@ -19,7 +19,8 @@ pub struct ServeArgs {
     /// Admin HTTP listen address (/healthz, /readyz, /metrics, /json, /v1/config).
     #[arg(long, env = "RATETHROTTLE_ADMIN_ADDR")]
     admin_addr: Option<SocketAddr>,
-    /// Counter storage. `memory` (default).
+    /// Counter storage: `memory` (default), `redis://[user:pass@]host:port/db`, `rediss://…`
+    /// (TLS), `redis-sentinel://host:port,host:port/<service>`, `redis-cluster://host:port,…`.
     #[arg(long, env = "RATETHROTTLE_STORAGE")]
     storage: Option<String>,
     /// How often the config is re-read even without a file event.
@@ -50,15 +51,6 @@ pub fn run(args: ServeArgs) -> ExitCode {
         .as_ref()
         .map(|c| c.settings.clone())
         .unwrap_or_default();
-    let storage = args
-        .storage
-        .clone()
-        .or(settings.storage.clone())
-        .unwrap_or_else(|| "memory".into());
-    if storage != "memory" {
-        eprintln!("error: storage {storage:?} is not supported by this build (supported: memory)");
-        return ExitCode::from(super::EXIT_CONFIG);
-    }
     let addr = |flag: Option<SocketAddr>, setting: &Option<String>, default: &str, what: &str| {
         match flag {
             Some(a) => Ok(a),
@@ -105,6 +97,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         grpc_addr,
         admin_addr,
         reload_interval: Duration::from_millis(args.reload_interval_ms.max(100)),
+        storage: args.storage,
     };
     let result = rt.block_on(async move {
         let server = BoundServer::bind(opts).await?;

@@ -17,7 +17,9 @@ use std::path::Path;
 use saphyr::{LoadableYamlNode, MarkedYaml, Scalar, YamlData};
 
 use super::error::ConfigError;
-use super::model::{DescriptorConfig, DomainConfig, RateLimitConfig, Settings};
+use super::model::{
+    DescriptorConfig, DomainConfig, FailureMode, RateLimitConfig, RedisSettings, Settings,
+};
 use crate::limiter::{Algorithm, NANOS_PER_SECOND, Nanos, RejectedHits, Unit};
 
 /// Where something was found, for errors that are raised later (by `load`).
@@ -72,6 +74,14 @@ const SETTINGS_KEYS: &[&str] = &[
     "grpc_addr",
     "admin_addr",
     "storage",
+    "redis",
+];
+const REDIS_KEYS: &[&str] = &[
+    "prefix",
+    "timeout",
+    "failure_mode",
+    "local_cache",
+    "pool_size",
 ];
 const UNITS: [Unit; 7] = [
     Unit::Second,
@@ -431,7 +441,59 @@ impl Decoder<'_> {
                 }
             }
         }
+        if let Some(field) = f.get("redis") {
+            s.redis = self.redis_settings(field.value, &f.path("redis"));
+        }
         s
+    }
+
+    fn redis_settings(&mut self, node: &MarkedYaml<'_>, path: &str) -> RedisSettings {
+        let mut r = RedisSettings::default();
+        let Some(f) = self.mapping(node, path, REDIS_KEYS) else {
+            return r;
+        };
+        if let Some(field) = f.get("prefix")
+            && let Some(v) = self.string(field.value, &f.path("prefix"))
+        {
+            r.prefix = v;
+        }
+        if let Some(field) = f.get("timeout") {
+            let path = f.path("timeout");
+            match self.duration(field.value, &path) {
+                Some(0) => self.error(field.value, &path, "must be greater than 0"),
+                Some(d) => r.timeout = d,
+                None => {}
+            }
+        }
+        if let Some(field) = f.get("failure_mode") {
+            let path = f.path("failure_mode");
+            if let Some(v) = self.string(field.value, &path) {
+                match FailureMode::parse(&v) {
+                    Some(m) => r.failure_mode = m,
+                    None => self.error(
+                        field.value,
+                        &path,
+                        format!("unknown failure mode {v:?} (expected one of allow, deny, local)"),
+                    ),
+                }
+            }
+        }
+        if let Some(field) = f.get("local_cache")
+            && let Some(b) = self.boolean(field.value, &f.path("local_cache"))
+        {
+            r.local_cache = b;
+        }
+        if let Some(field) = f.get("pool_size") {
+            let path = f.path("pool_size");
+            if let Some(n) = self.uint(field.value, &path, 64) {
+                if n == 0 {
+                    self.error(field.value, &path, "must be between 1 and 64");
+                } else {
+                    r.pool_size = n as usize;
+                }
+            }
+        }
+        r
     }
 
     /// A domain mapping (a whole domain file, or one item of a settings file's `domains`).

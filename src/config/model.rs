@@ -45,6 +45,73 @@ pub struct Settings {
     pub admin_addr: Option<String>,
     /// Storage backend name; interpreted (and checked) by whoever builds the store.
     pub storage: Option<String>,
+    /// How the Redis store behaves (ignored by the memory store).
+    pub redis: RedisSettings,
+}
+
+/// What a request gets when Redis cannot answer in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailureMode {
+    /// Answer OK: availability over enforcement.
+    Allow,
+    /// Answer OVER_LIMIT: enforcement over availability.
+    Deny,
+    /// Decide with this replica's in-memory limiter until Redis returns (default): limits
+    /// stay enforced per replica, so the fleet may admit up to replicas × the limit.
+    #[default]
+    Local,
+}
+
+impl FailureMode {
+    pub fn parse(s: &str) -> Option<FailureMode> {
+        match s.to_ascii_lowercase().as_str() {
+            "allow" => Some(FailureMode::Allow),
+            "deny" => Some(FailureMode::Deny),
+            "local" => Some(FailureMode::Local),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureMode::Allow => "allow",
+            FailureMode::Deny => "deny",
+            FailureMode::Local => "local",
+        }
+    }
+}
+
+impl Serialize for FailureMode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// `settings.redis`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RedisSettings {
+    /// Prepended to every key (before the `{hash tag}`).
+    pub prefix: String,
+    /// Deadline of one storage call, nanoseconds. Keep it under Envoy's rate limit filter
+    /// `timeout` (20 ms by default) so the failure mode answers before Envoy gives up.
+    pub timeout: Nanos,
+    pub failure_mode: FailureMode,
+    /// Answer descriptors known to be over limit until their reset without asking Redis.
+    pub local_cache: bool,
+    /// Connections (each pipelines concurrent requests).
+    pub pool_size: usize,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        RedisSettings {
+            prefix: "ratethrottle:".into(),
+            timeout: 15_000_000,
+            failure_mode: FailureMode::Local,
+            local_cache: true,
+            pool_size: 2,
+        }
+    }
 }
 
 impl Settings {
@@ -64,6 +131,7 @@ impl Default for Settings {
             grpc_addr: None,
             admin_addr: None,
             storage: None,
+            redis: RedisSettings::default(),
         }
     }
 }

@@ -2,6 +2,8 @@
 //! HTTP/gRPC helpers. Every wait has a deadline; every process is killed on drop.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
@@ -98,6 +100,11 @@ impl Sidecar {
         }
     }
 
+    /// Whether the process is still running (it must never crash).
+    pub fn child_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     pub fn stderr(&self) -> String {
         self.stderr.lock().expect("log").clone()
     }
@@ -132,6 +139,9 @@ impl Sidecar {
 
 impl Drop for Sidecar {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- sidecar stderr ---\n{}", self.stderr());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

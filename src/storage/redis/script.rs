@@ -1,0 +1,375 @@
+//! The server-side script of the Redis store, and its encoding.
+//!
+//! Owns: `script.lua` (every counter decision of one request in one atomic EVALSHA, mirroring
+//! `limiter` and the batch contract of the memory store), the Redis keys a counter lives
+//! under, the KEYS/ARGV of a call and the decoding of its reply. The header of `script.lua`
+//! is the reference for the encoding; this file and the script change together.
+//!
+//! Must not touch: connections, retries, grouping by hash slot, failure modes (the store).
+//!
+//! Encoding, per op `i` (0-based):
+//! - KEYS `[2i]` the state hash [`redis_key`], `[2i + 1]` the log zset (the same key with
+//!   `:log` appended after the hash tag, so both live in one cluster slot).
+//! - ARGV `[0]` now in µs (`0` = the script reads Redis's `TIME`), `[1]` rejected hits
+//!   (`0` Free, `1` Counted), then 8 per op: algorithm code (1 fixed_window,
+//!   2 sliding_window_log, 3 sliding_window_counter, 4 token_bucket, 5 leaky_bucket, 6 gcra),
+//!   requests_per_unit, unit in µs, burst, block_duration in µs rounded up, hits, shadow
+//!   (`0`/`1`), negative (`0`/`1`).
+//! - Reply: 4 integers per op: allowed (`0`/`1`), remaining, reset_after in µs, expires_in in
+//!   µs (the outcome's `expires_at` − now).
+//!
+//! Precision: at instants that are whole microseconds the script decides (allowed,
+//! remaining) exactly as `Limit::check_and_update` / `Limit::refund` and the memory store's
+//! batch rules, and its `reset_after` and `expires_at` are the limiter's rounded UP to the next
+//! whole microsecond (equal when those are whole microseconds; `parse_reply` turns them back
+//! into nanoseconds). That holds within the exact range of its double arithmetic: instants and
+//! durations below 2^53 µs (the year 2255; beyond, they saturate there as "never"), counts
+//! below 2^53, `(L + Counted overshoot) × unit_µs < 2^53` for sliding_window_counter and
+//! `(burst + Counted debt) × unit_µs < 2^53` for the buckets and GCRA (a unit of a second is
+//! exact for every `u32`; a minute up to 150 119 987, an hour 2 501 999, a day 104 249, a week
+//! 14 892, a month 3 474, a year 285). Beyond it results are rounded, never errors, and never
+//! admit more than the limit except where the exact usage is within relative 2^-53 of it.
+//!
+//! Expiry: every key the script writes gets a TTL of its state's remaining life (when it
+//! becomes equivalent to a fresh one, or its block ends) plus one second of grace, and TTLs
+//! only grow. Redis's expiry plays the part of the memory store's sweep.
+
+use crate::limiter::{Algorithm, Limit, Nanos, Outcome, RejectedHits};
+
+pub const SOURCE: &str = include_str!("script.lua");
+
+/// Suffix of the sliding window log's zset, after the hash tag so it shares the counter's slot.
+const LOG_SUFFIX: &str = ":log";
+const KEYS_PER_OP: usize = 2;
+const REPLY_PER_OP: usize = 4;
+/// The largest duration or instant sent, in µs: the script computes in doubles, exact below
+/// 2^53, and saturates there ("never").
+const MAX_US: u64 = (1 << 53) - 1;
+
+/// The Redis key of a counter: `{prefix}{<32 lowercase hex digits of key>}` — the braces are the
+/// cluster hash tag, so every key the script touches for one counter lives in one slot.
+pub fn redis_key(prefix: &str, key: u128) -> String {
+    format!("{prefix}{{{key:032x}}}")
+}
+
+/// One counter decision to send.
+#[derive(Debug, Clone)]
+pub struct ScriptOp {
+    pub key: String,
+    pub limit: Limit,
+    pub hits: u32,
+    pub shadow: bool,
+    pub negative: bool,
+}
+
+/// The script's algorithm codes (see `script.lua`).
+fn algorithm_code(a: Algorithm) -> u8 {
+    match a {
+        Algorithm::FixedWindow => 1,
+        Algorithm::SlidingWindowLog => 2,
+        Algorithm::SlidingWindowCounter => 3,
+        Algorithm::TokenBucket => 4,
+        Algorithm::LeakyBucket => 5,
+        Algorithm::Gcra => 6,
+    }
+}
+
+fn flag(b: bool) -> String {
+    if b { "1" } else { "0" }.to_string()
+}
+
+/// KEYS and ARGV for one EVALSHA over `ops` (all ops must share a hash slot in cluster mode; the caller groups them).
+/// `now_us: None` makes the script read Redis's own clock (TIME) — production; tests pass a fixed time.
+/// `Some(0)` means the same as `None` (0 is the script's "read TIME").
+pub fn call_args(
+    ops: &[ScriptOp],
+    now_us: Option<u64>,
+    rejected: RejectedHits,
+) -> (Vec<String>, Vec<String>) {
+    let mut keys = Vec::with_capacity(ops.len() * KEYS_PER_OP);
+    let mut args = Vec::with_capacity(2 + ops.len() * 8);
+    args.push(now_us.map_or(0, |n| n.min(MAX_US)).to_string());
+    args.push(flag(rejected == RejectedHits::Counted));
+    for op in ops {
+        keys.push(op.key.clone());
+        keys.push(format!("{}{LOG_SUFFIX}", op.key));
+        let l = &op.limit;
+        // Rounding the block up changes no decision at whole-microsecond instants:
+        // `now_µs < start_µs + ceil(d / 1000)` iff `now_µs × 1000 < start_µs × 1000 + d`.
+        let block_us = l.block_duration.div_ceil(1_000).min(MAX_US);
+        args.extend([
+            algorithm_code(l.algorithm).to_string(),
+            l.requests_per_unit.to_string(),
+            (l.unit.seconds() * 1_000_000).to_string(),
+            l.burst.to_string(),
+            block_us.to_string(),
+            op.hits.to_string(),
+            flag(op.shadow),
+            flag(op.negative),
+        ]);
+    }
+    (keys, args)
+}
+
+/// Why a reply could not be decoded: the script and this file disagree, or something other
+/// than the script answered.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ScriptError {
+    #[error("script reply has {got} integers, expected {expected} ({REPLY_PER_OP} per op)")]
+    Length { expected: usize, got: usize },
+    #[error("script reply for op {op}: {field} = {value} is out of range")]
+    Value {
+        op: usize,
+        field: &'static str,
+        value: i64,
+    },
+}
+
+/// Decodes the script's reply (a flat integer array) into one Outcome per op. `now` (nanoseconds, local clock) anchors
+/// `expires_at` (= now + the script's expires-in), reset_after is converted µs → ns.
+pub fn parse_reply(reply: &[i64], ops: usize, now: Nanos) -> Result<Vec<Outcome>, ScriptError> {
+    let expected = ops.saturating_mul(REPLY_PER_OP);
+    if reply.len() != expected {
+        return Err(ScriptError::Length {
+            expected,
+            got: reply.len(),
+        });
+    }
+    reply
+        .chunks_exact(REPLY_PER_OP)
+        .enumerate()
+        .map(|(op, chunk)| {
+            let field = |i: usize, name: &'static str, max: u64| -> Result<u64, ScriptError> {
+                let value = chunk[i];
+                u64::try_from(value)
+                    .ok()
+                    .filter(|v| *v <= max)
+                    .ok_or(ScriptError::Value {
+                        op,
+                        field: name,
+                        value,
+                    })
+            };
+            let allowed = field(0, "allowed", 1)? == 1;
+            let remaining =
+                u32::try_from(field(1, "remaining", u64::from(u32::MAX))?).unwrap_or(u32::MAX);
+            let reset_us = field(2, "reset_after", u64::MAX)?;
+            let expires_us = field(3, "expires_in", u64::MAX)?;
+            Ok(Outcome {
+                allowed,
+                remaining,
+                reset_after: reset_us.saturating_mul(1_000),
+                expires_at: now.saturating_add(expires_us.saturating_mul(1_000)),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limiter::Unit;
+
+    fn limit(algorithm: Algorithm) -> Limit {
+        Limit {
+            algorithm,
+            requests_per_unit: 7,
+            unit: Unit::Minute,
+            burst: 3,
+            block_duration: 1_500_001,
+        }
+    }
+
+    #[test]
+    fn key_is_prefix_and_hash_tagged_hex() {
+        assert_eq!(
+            redis_key("rl:", 0xab),
+            "rl:{000000000000000000000000000000ab}"
+        );
+        assert_eq!(redis_key("", u128::MAX), format!("{{{}}}", "f".repeat(32)));
+    }
+
+    #[test]
+    fn call_args_encode_every_op_with_its_log_key() {
+        let ops = [
+            ScriptOp {
+                key: redis_key("p", 1),
+                limit: limit(Algorithm::SlidingWindowLog),
+                hits: 2,
+                shadow: true,
+                negative: false,
+            },
+            ScriptOp {
+                key: redis_key("p", 2),
+                limit: Limit {
+                    block_duration: 0,
+                    ..limit(Algorithm::Gcra)
+                },
+                hits: 0,
+                shadow: false,
+                negative: true,
+            },
+        ];
+        let (keys, args) = call_args(&ops, Some(1_700_000_000_123_456), RejectedHits::Counted);
+        let k1 = redis_key("p", 1);
+        let k2 = redis_key("p", 2);
+        assert_eq!(
+            keys,
+            [
+                k1.clone(),
+                format!("{k1}:log"),
+                k2.clone(),
+                format!("{k2}:log")
+            ]
+        );
+        // The log key keeps the hash tag: the text between the first `{` and `}` is the same.
+        assert!(keys[1].ends_with("}:log"));
+        assert_eq!(
+            args,
+            [
+                "1700000000123456",
+                "1",
+                "2",
+                "7",
+                "60000000",
+                "3",
+                "1501",
+                "2",
+                "1",
+                "0",
+                "6",
+                "7",
+                "60000000",
+                "3",
+                "0",
+                "0",
+                "0",
+                "1"
+            ]
+        );
+    }
+
+    #[test]
+    fn call_args_clock_mode_and_extremes() {
+        let op = ScriptOp {
+            key: "k".into(),
+            limit: Limit {
+                block_duration: u64::MAX,
+                requests_per_unit: u32::MAX,
+                burst: u32::MAX,
+                unit: Unit::Year,
+                ..limit(Algorithm::FixedWindow)
+            },
+            hits: u32::MAX,
+            shadow: false,
+            negative: false,
+        };
+        let (_, args) = call_args(std::slice::from_ref(&op), None, RejectedHits::Free);
+        assert_eq!(args[0], "0");
+        assert_eq!(args[1], "0");
+        assert_eq!(args[3], "4294967295");
+        assert_eq!(args[4], "31536000000000");
+        assert_eq!(args[6], MAX_US.to_string());
+        assert_eq!(args[7], "4294967295");
+        let (_, args) = call_args(&[op], Some(u64::MAX), RejectedHits::Free);
+        assert_eq!(args[0], MAX_US.to_string());
+        let (keys, args) = call_args(&[], Some(5), RejectedHits::Free);
+        assert!(keys.is_empty());
+        assert_eq!(args, ["5", "0"]);
+    }
+
+    #[test]
+    fn every_algorithm_has_a_distinct_code() {
+        let codes: std::collections::BTreeSet<u8> = [
+            Algorithm::FixedWindow,
+            Algorithm::SlidingWindowLog,
+            Algorithm::SlidingWindowCounter,
+            Algorithm::TokenBucket,
+            Algorithm::LeakyBucket,
+            Algorithm::Gcra,
+        ]
+        .into_iter()
+        .map(algorithm_code)
+        .collect();
+        assert_eq!(codes, (1..=6).collect());
+    }
+
+    #[test]
+    fn reply_decodes_to_outcomes_in_nanoseconds() {
+        let now = 1_000_000_000_000;
+        let out = parse_reply(&[1, 4, 0, 250, 0, 0, 1_500, 2_000_000], 2, now).unwrap();
+        assert_eq!(
+            out,
+            [
+                Outcome {
+                    allowed: true,
+                    remaining: 4,
+                    reset_after: 0,
+                    expires_at: now + 250_000,
+                },
+                Outcome {
+                    allowed: false,
+                    remaining: 0,
+                    reset_after: 1_500_000,
+                    expires_at: now + 2_000_000_000,
+                },
+            ]
+        );
+        assert_eq!(parse_reply(&[], 0, now).unwrap(), []);
+        // Durations past u64 nanoseconds saturate rather than wrap.
+        let far = parse_reply(&[0, 0, i64::MAX, i64::MAX], 1, u64::MAX - 5).unwrap();
+        assert_eq!(far[0].reset_after, u64::MAX);
+        assert_eq!(far[0].expires_at, u64::MAX);
+        let full = parse_reply(&[1, i64::from(u32::MAX), 0, 0], 1, 0).unwrap();
+        assert_eq!(full[0].remaining, u32::MAX);
+    }
+
+    #[test]
+    fn malformed_replies_are_errors() {
+        assert_eq!(
+            parse_reply(&[1, 2, 3], 1, 0),
+            Err(ScriptError::Length {
+                expected: 4,
+                got: 3
+            })
+        );
+        assert_eq!(
+            parse_reply(&[1, 2, 3, 4], 2, 0),
+            Err(ScriptError::Length {
+                expected: 8,
+                got: 4
+            })
+        );
+        let bad = |reply: &[i64], field, value| {
+            assert_eq!(
+                parse_reply(reply, reply.len() / 4, 0),
+                Err(ScriptError::Value {
+                    op: reply.len() / 4 - 1,
+                    field,
+                    value
+                }),
+                "{reply:?}"
+            );
+        };
+        bad(&[2, 0, 0, 0], "allowed", 2);
+        bad(&[-1, 0, 0, 0], "allowed", -1);
+        bad(&[1, 0, 0, 0, 1, -3, 0, 0], "remaining", -3);
+        bad(&[1, 1 << 32, 0, 0], "remaining", 1 << 32);
+        bad(&[1, 0, -1, 0], "reset_after", -1);
+        bad(&[1, 0, 0, -7], "expires_in", -7);
+        assert!(
+            ScriptError::Length {
+                expected: 4,
+                got: 3
+            }
+            .to_string()
+            .contains("expected 4")
+        );
+    }
+
+    #[test]
+    fn source_is_the_script() {
+        assert!(SOURCE.contains("ratethrottle"));
+        assert!(SOURCE.contains("redis.call"));
+    }
+}
