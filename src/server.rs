@@ -181,7 +181,7 @@ impl BoundServer {
             let storage = self.engine.storage().clone();
             tokio::spawn(async move {
                 if let Some(r) = storage.redis() {
-                    r.watch_health().await;
+                    tokio::join!(r.watch_health(), r.run_flusher());
                 }
             })
         });

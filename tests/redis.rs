@@ -332,3 +332,80 @@ async fn cluster_failover_under_load() {
     assert!(sc.child_alive(), "sidecar did not crash");
     drop(cluster);
 }
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{name} missing"))
+}
+
+#[tokio::test]
+async fn cached_mode_is_exact_on_one_replica_and_writes_behind() {
+    let url = support::redis::standalone_url();
+    let prefix = unique_prefix("cached1");
+    let rules = "  - domain: r\n    descriptors:\n      - key: k\n        rate_limit: {unit: hour, requests_per_unit: 50}\n";
+    let dir = settings_file(
+        &url,
+        &prefix,
+        "    timeout: 2s\n    cached_flush_interval: 50ms\n",
+        rules,
+    );
+    let sc = Sidecar::start(Some(dir.path()), &[]);
+    let mut admitted = 0;
+    for _ in 0..80 {
+        admitted += (ask(&sc, "k", "hot").await.0 == Code::Ok as i32) as u32;
+    }
+    assert_eq!(admitted, 50);
+    let (_, m) = sc.get("/metrics").await;
+    let commands = metric(&m, "ratethrottle_redis_commands_total ");
+    assert!(commands < 40, "80 requests cost {commands} Redis commands");
+    // The hits reached Redis: an uncached replica sees the counter full.
+    let plain = settings_file(&url, &prefix, "    timeout: 2s\n", rules);
+    let other = Sidecar::start(Some(plain.path()), &[]);
+    eventually(Duration::from_secs(5), "hits flushed to Redis", || async {
+        ask(&other, "k", "hot").await.0 == Code::OverLimit as i32
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn cached_mode_accuracy_with_two_replicas() {
+    let url = support::redis::standalone_url();
+    let prefix = unique_prefix("cached2");
+    let rules = "  - domain: r\n    descriptors:\n      - key: k\n        rate_limit: {unit: hour, requests_per_unit: 200}\n";
+    let dir = settings_file(
+        &url,
+        &prefix,
+        "    timeout: 2s\n    cached_flush_interval: 100ms\n",
+        rules,
+    );
+    let a = Sidecar::start(Some(dir.path()), &[]);
+    let b = Sidecar::start(Some(dir.path()), &[]);
+    let admitted = Arc::new(AtomicU32::new(0));
+    let mut tasks = Vec::new();
+    for sc in [&a, &b] {
+        for _ in 0..4 {
+            let mut client = sc.client().await;
+            let admitted = admitted.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..100 {
+                    let r = client
+                        .should_rate_limit(request("r", &[&[("k", "hot")]]))
+                        .await
+                        .expect("answered")
+                        .into_inner();
+                    if r.overall_code == Code::Ok as i32 {
+                        admitted.fetch_add(1, Relaxed);
+                    }
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let n = admitted.load(Relaxed);
+    eprintln!("cached mode, 2 replicas, limit 200, 800 attempts: {n} admitted");
+    // The documented bound: never more than replicas × limit, never less than the limit.
+    assert!((200..=400).contains(&n), "{n}");
+}

@@ -265,17 +265,23 @@ fn random_start(rng: &mut Rng) -> u64 {
     }
 }
 
-/// Sequences of single-op calls on one key, against the limiter on one `CounterState`:
-/// looks, refunds (negative ops: refund, then a look, as the memory store does), blocks,
-/// both modes of rejected hits, clock steps back, and, one op in `change`, a rule change
-/// (new rate, unit, burst or block; now and then another algorithm) on the same key.
+/// `sequences` sequences of 100 single-op calls, each on its own key, against the limiter on
+/// one `CounterState`: looks, refunds (negative ops: refund, then a look, as the memory store
+/// does), blocks, both modes of rejected hits, clock steps back, and, one op in `change`, a
+/// rule change (new rate, unit, burst or block; now and then another algorithm) on the key.
 ///
 /// One sequence in eight uses long units (a day to a year) and Free only: levels then stay
 /// below a burst, inside the exact range (Counted debt in years would leave it).
-async fn differential(algorithm: Algorithm, mode: RejectedHits, seed: u64, change: u64) {
+async fn differential(
+    algorithm: Algorithm,
+    mode: RejectedHits,
+    seed: u64,
+    change: u64,
+    sequences: u128,
+) {
     let r = redis(&format!("diff-{}-{mode:?}", algorithm.as_str())).await;
     let mut rng = Rng(seed);
-    let (sequences, ops_per_sequence) = (10, 100);
+    let ops_per_sequence = 100;
     let mut keys_written = Vec::new();
     for seq in 0..sequences {
         let key = r.key(seq);
@@ -339,44 +345,59 @@ async fn differential(algorithm: Algorithm, mode: RejectedHits, seed: u64, chang
 
 #[tokio::test]
 async fn fixed_window_matches_the_limiter() {
-    differential(Algorithm::FixedWindow, RejectedHits::Free, 11, 15).await;
-    differential(Algorithm::FixedWindow, RejectedHits::Counted, 12, 15).await;
+    differential(Algorithm::FixedWindow, RejectedHits::Free, 11, 15, 10).await;
+    differential(Algorithm::FixedWindow, RejectedHits::Counted, 12, 15, 10).await;
 }
 
 #[tokio::test]
 async fn sliding_window_log_matches_the_limiter() {
-    differential(Algorithm::SlidingWindowLog, RejectedHits::Free, 21, 15).await;
-    differential(Algorithm::SlidingWindowLog, RejectedHits::Counted, 22, 15).await;
+    differential(Algorithm::SlidingWindowLog, RejectedHits::Free, 21, 15, 10).await;
+    differential(
+        Algorithm::SlidingWindowLog,
+        RejectedHits::Counted,
+        22,
+        15,
+        10,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn sliding_window_counter_matches_the_limiter() {
-    differential(Algorithm::SlidingWindowCounter, RejectedHits::Free, 31, 15).await;
+    differential(
+        Algorithm::SlidingWindowCounter,
+        RejectedHits::Free,
+        31,
+        15,
+        10,
+    )
+    .await;
     differential(
         Algorithm::SlidingWindowCounter,
         RejectedHits::Counted,
         32,
         15,
+        10,
     )
     .await;
 }
 
 #[tokio::test]
 async fn token_bucket_matches_the_limiter() {
-    differential(Algorithm::TokenBucket, RejectedHits::Free, 41, 15).await;
-    differential(Algorithm::TokenBucket, RejectedHits::Counted, 42, 15).await;
+    differential(Algorithm::TokenBucket, RejectedHits::Free, 41, 15, 10).await;
+    differential(Algorithm::TokenBucket, RejectedHits::Counted, 42, 15, 10).await;
 }
 
 #[tokio::test]
 async fn leaky_bucket_matches_the_limiter() {
-    differential(Algorithm::LeakyBucket, RejectedHits::Free, 51, 15).await;
-    differential(Algorithm::LeakyBucket, RejectedHits::Counted, 52, 15).await;
+    differential(Algorithm::LeakyBucket, RejectedHits::Free, 51, 15, 10).await;
+    differential(Algorithm::LeakyBucket, RejectedHits::Counted, 52, 15, 10).await;
 }
 
 #[tokio::test]
 async fn gcra_matches_the_limiter() {
-    differential(Algorithm::Gcra, RejectedHits::Free, 61, 15).await;
-    differential(Algorithm::Gcra, RejectedHits::Counted, 62, 15).await;
+    differential(Algorithm::Gcra, RejectedHits::Free, 61, 15, 10).await;
+    differential(Algorithm::Gcra, RejectedHits::Counted, 62, 15, 10).await;
 }
 
 /// Rule changes on live keys, every few ops: the bucket levels and GCRA's TAT carried across
@@ -384,7 +405,7 @@ async fn gcra_matches_the_limiter() {
 #[tokio::test]
 async fn rule_changes_on_live_keys_match_the_limiter() {
     for (i, algorithm) in ALL.into_iter().enumerate() {
-        differential(algorithm, RejectedHits::Counted, 70 + i as u64, 3).await;
+        differential(algorithm, RejectedHits::Counted, 70 + i as u64, 3, 5).await;
     }
 }
 

@@ -82,6 +82,7 @@ const REDIS_KEYS: &[&str] = &[
     "failure_mode",
     "local_cache",
     "pool_size",
+    "cached_flush_interval",
 ];
 const UNITS: [Unit; 7] = [
     Unit::Second,
@@ -482,6 +483,14 @@ impl Decoder<'_> {
             && let Some(b) = self.boolean(field.value, &f.path("local_cache"))
         {
             r.local_cache = b;
+        }
+        if let Some(field) = f.get("cached_flush_interval") {
+            let path = f.path("cached_flush_interval");
+            match self.duration(field.value, &path) {
+                Some(0) => self.error(field.value, &path, "must be greater than 0"),
+                Some(d) => r.cached_flush_interval = Some(d),
+                None => {}
+            }
         }
         if let Some(field) = f.get("pool_size") {
             let path = f.path("pool_size");

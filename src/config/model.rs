@@ -100,6 +100,9 @@ pub struct RedisSettings {
     pub local_cache: bool,
     /// Connections (each pipelines concurrent requests).
     pub pool_size: usize,
+    /// `cached` mode: decide known fixed-window counters locally and write their hits to
+    /// Redis every this many nanoseconds (`None`: off). See the README's accuracy trade-off.
+    pub cached_flush_interval: Option<Nanos>,
 }
 
 impl Default for RedisSettings {
@@ -110,6 +113,7 @@ impl Default for RedisSettings {
             failure_mode: FailureMode::Local,
             local_cache: true,
             pool_size: 2,
+            cached_flush_interval: None,
         }
     }
 }

@@ -7,16 +7,18 @@
 //!
 //! Must not touch: the algorithms' arithmetic (the script mirrors `limiter`), matching, gRPC.
 
+mod cached;
 mod local_cache;
 pub mod script;
 mod url;
 
+pub use cached::CachedCounters;
 pub use local_cache::OverLimitCache;
 pub use url::{RedisUrl, Topology, UrlError, redact};
 
 use super::{CounterOp, MemoryStore, StorageError};
 use crate::config::{FailureMode, RedisSettings};
-use crate::limiter::{Nanos, Outcome, RejectedHits};
+use crate::limiter::{Clock, Nanos, Outcome, RejectedHits};
 use fred::clients::Pool;
 use fred::interfaces::{ClientLike, LuaInterface};
 use fred::types::config::{ReconnectPolicy, TlsConnector};
@@ -71,6 +73,7 @@ pub struct RedisStore {
     timeout: Duration,
     fallback: MemoryStore,
     cache: Option<OverLimitCache>,
+    cached: Option<CachedCounters>,
     health: StorageHealth,
     url: String,
     /// Send the caller's clock instead of letting the script read Redis's `TIME`.
@@ -117,6 +120,9 @@ impl RedisStore {
             timeout,
             fallback: MemoryStore::new(max_keys),
             cache: settings.local_cache.then(|| OverLimitCache::new(max_keys)),
+            cached: settings
+                .cached_flush_interval
+                .map(|_| CachedCounters::new(max_keys)),
             health: StorageHealth::default(),
             url: redact(url),
             client_clock: false,
@@ -222,11 +228,12 @@ impl RedisStore {
         now: Nanos,
         rejected: RejectedHits,
     ) {
-        // Over-limit cache: a request with a counter known to reject is rejected; with free
-        // rejections it consumes nothing, so the other counters are only looked at.
+        let free = rejected == RejectedHits::Free;
+        // A request with a counter known to reject is rejected; with free rejections it
+        // consumes nothing, so its other counters are only looked at.
         let mut looks_only = false;
         if let Some(cache) = &self.cache
-            && rejected == RejectedHits::Free
+            && free
         {
             for op in ops.iter_mut() {
                 if op.shadow || op.negative || op.hits == 0 {
@@ -241,6 +248,30 @@ impl RedisStore {
                     });
                     looks_only = true;
                 }
+            }
+        }
+        // Cached mode: counters already known are decided here.
+        let mut local_admitted: Vec<usize> = Vec::new();
+        if let Some(cached) = &self.cached
+            && free
+            && !looks_only
+        {
+            for (i, op) in ops.iter_mut().enumerate() {
+                if op.negative || op.outcome.is_some() || !CachedCounters::eligible(&op.limit) {
+                    continue;
+                }
+                if let Some(o) = cached.try_decide(op.key, &op.limit, now, op.hits) {
+                    if o.allowed {
+                        local_admitted.push(i);
+                    } else if !op.shadow {
+                        looks_only = true;
+                    }
+                    op.outcome = Some(o);
+                }
+            }
+            if looks_only {
+                self.undo_local(ops, &local_admitted, now);
+                local_admitted.clear();
             }
         }
         let pending: Vec<usize> = (0..ops.len())
@@ -272,6 +303,26 @@ impl RedisStore {
                 for (&i, o) in pending.iter().zip(outcomes) {
                     ops[i].outcome = Some(o);
                 }
+                let request_rejected = free
+                    && ops.iter().any(|op| {
+                        !op.shadow && !op.negative && op.outcome.is_some_and(|o| !o.allowed)
+                    });
+                if request_rejected {
+                    self.undo_local(ops, &local_admitted, now);
+                }
+                if let Some(cached) = &self.cached
+                    && free
+                {
+                    for &i in &pending {
+                        let op = &ops[i];
+                        if let Some(o) = &op.outcome
+                            && !op.negative
+                            && CachedCounters::eligible(&op.limit)
+                        {
+                            cached.learn(op.key, &op.limit, now, o);
+                        }
+                    }
+                }
                 if let Some(cache) = &self.cache {
                     for op in ops.iter() {
                         if let Some(o) = op.outcome
@@ -289,11 +340,69 @@ impl RedisStore {
                     }
                 }
             }
-            Ok(Err(e)) => self.fail(ops, &pending, now, rejected, &e),
+            Ok(Err(e)) => {
+                self.undo_local(ops, &local_admitted, now);
+                self.fail(ops, &pending, now, rejected, &e)
+            }
             Err(_) => {
+                self.undo_local(ops, &local_admitted, now);
                 let e = format!("no answer within {:?}", self.timeout);
                 self.fail(ops, &pending, now, rejected, &e)
             }
+        }
+    }
+
+    /// Gives back hits cached mode admitted for a request that was rejected after all, and
+    /// reports those counters as a look.
+    fn undo_local(&self, ops: &mut [CounterOp], admitted: &[usize], now: Nanos) {
+        let Some(cached) = &self.cached else { return };
+        for &i in admitted {
+            let op = &mut ops[i];
+            cached.undo(op.key, op.hits);
+            op.outcome = cached.try_decide(op.key, &op.limit, now, 0).or(op.outcome);
+        }
+    }
+
+    /// Writes cached mode's pending hits every `cached_flush_interval`, until dropped.
+    pub async fn run_flusher(&self) {
+        let (Some(cached), Some(every)) = (&self.cached, self.settings.cached_flush_interval)
+        else {
+            return;
+        };
+        let mut tick = tokio::time::interval(Duration::from_nanos(every));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let flushes = cached.take_pending();
+            if flushes.is_empty() {
+                continue;
+            }
+            let now = crate::limiter::SystemClock.now();
+            let calls = flushes.iter().map(|f| async move {
+                // Shadow + Counted: these hits were already admitted here; they must be
+                // recorded even when the fleet went over meanwhile.
+                let op = ScriptOp {
+                    key: script::redis_key(&self.settings.prefix, f.key),
+                    limit: f.limit,
+                    hits: f.hits,
+                    shadow: true,
+                    negative: false,
+                };
+                let r = tokio::time::timeout(
+                    self.timeout.max(Duration::from_millis(250)),
+                    self.call(std::slice::from_ref(&op), RejectedHits::Counted, now),
+                )
+                .await;
+                match r {
+                    Ok(Ok(o)) => cached.flushed(f, o.first().map(|o| o.remaining)),
+                    Ok(Err(e)) => {
+                        self.health.failed(&e);
+                        cached.flushed(f, None)
+                    }
+                    Err(_) => cached.flushed(f, None),
+                }
+            });
+            futures_util::future::join_all(calls).await;
         }
     }
 

@@ -291,8 +291,9 @@ ALGO[LEAKY] = BUCKET
 
 ---------------------------------------------------------------- gcra
 -- The limiter keeps the theoretical arrival time in units of 1/L ns, `tat`. Here it is
--- t = ceil(tat / 1000) in units of 1/L µs, split as s.g + s.f / s.l µs (0 <= s.f < s.l, s.l
--- the L it is kept in, 0 = fresh), and s.e = 1000 t − tat (0 <= s.e < 1000), which is 0
+-- t = ceil(tat / 1000) in units of 1/L µs, kept as t = s.g × s.l + s.f (s.g whole µs,
+-- 0 <= s.f < s.l, s.l the L it is kept in, 0 = fresh), and s.e = 1000 t − tat (0 <= s.e <
+-- 1000), which is 0
 -- unless a rate change rescaled the TAT. Every decision at a whole µs depends on t alone; s.e
 -- makes the next rescale round exactly as the limiter's does. Relative to now the TAT is
 -- `ahead` = (s.g − now) × L + s.f units, where the emission interval is W units and the
@@ -415,8 +416,10 @@ ALGO[GCRA] = {
 -- zset: score = timestamp, member = running total (unique, as totals strictly increase). s.d is
 -- the running total through the newest entry already dropped. Within a call the log is an
 -- overlay that writes nothing: base ranks [lo, hi) of the zset as loaded, then `tail`, entries
--- added or changed by this call. Expired entries are dropped only when a hit is recorded, as
--- in Rust (which matters if the clock steps back).
+-- added or changed by this call; `stale` marks a log started fresh over a zset left by an
+-- earlier life of the key (the state was another algorithm's), deleted when written.
+-- Expired entries are dropped only when a hit is recorded, as in Rust (which matters if the
+-- clock steps back).
 local function log_new(zk, n, stale)
   return { zk = zk, n = n, lo = 0, hi = n, tail = {}, cache = {}, stale = stale }
 end
