@@ -128,6 +128,33 @@ async fn drive(addr: SocketAddr, seconds: u64, conns: u64, streams: u64, keys: u
     }
 }
 
+async fn start_sidecar(
+    storage: &str,
+    dir: &std::path::Path,
+) -> (SocketAddr, ratethrottle::service::RateLimitEngine) {
+    let path = dir.join(format!("bench-{}.yaml", storage.len()));
+    std::fs::write(
+        &path,
+        "settings:\n  redis: {timeout: 1s, prefix: \"bench:\"}\ndomains:\n  - domain: bench\n    descriptors:\n      - key: api_key\n        rate_limit: {unit: hour, requests_per_unit: 1000000000}\n",
+    )
+    .expect("write");
+    let config = ratethrottle::config::load(&path).expect("config");
+    let server = BoundServer::bind(ServerOptions {
+        config_path: Some(path),
+        config: Some(config),
+        grpc_addr: "127.0.0.1:0".parse().expect("addr"),
+        admin_addr: "127.0.0.1:0".parse().expect("addr"),
+        reload_interval: Duration::from_secs(60),
+        storage: Some(storage.to_string()),
+    })
+    .await
+    .expect("bind");
+    let addr = server.grpc_addr;
+    let engine = server.engine().clone();
+    tokio::spawn(server.run(std::future::pending()));
+    (addr, engine)
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing useful: run short.
     let quick = !std::env::args().any(|a| a == "--bench");
@@ -135,32 +162,27 @@ fn main() {
     let conns = env("BENCH_CONNECTIONS", 4);
     let streams = env("BENCH_STREAMS", 32);
     let keys = env("BENCH_KEYS", 100_000);
+    // Redis rows run when the servers are there (`bash scripts/test.sh cargo bench --bench grpc_load`).
+    let mut stores = vec![("ratethrottle (memory)".to_string(), "memory".to_string())];
+    if !quick {
+        for (name, var) in [
+            ("ratethrottle (Redis)", "RATETHROTTLE_TEST_REDIS_URL"),
+            (
+                "ratethrottle (Redis Cluster)",
+                "RATETHROTTLE_TEST_REDIS_CLUSTER_URL",
+            ),
+        ] {
+            if let Ok(url) = std::env::var(var) {
+                stores.push((name.to_string(), url));
+            }
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("rt");
     rt.block_on(async move {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("bench.yaml");
-        std::fs::write(
-            &path,
-            "domain: bench\ndescriptors:\n  - key: api_key\n    rate_limit: {unit: hour, requests_per_unit: 1000000000}\n",
-        )
-        .expect("write");
-        let config = ratethrottle::config::load(&path).expect("config");
-        let server = BoundServer::bind(ServerOptions {
-            config_path: Some(path),
-            config: Some(config),
-            grpc_addr: "127.0.0.1:0".parse().expect("addr"),
-            admin_addr: "127.0.0.1:0".parse().expect("addr"),
-            reload_interval: Duration::from_secs(60),
-            storage: std::env::var("BENCH_STORAGE").ok(),
-        })
-        .await
-        .expect("bind");
-        let rt_addr = server.grpc_addr;
-        tokio::spawn(server.run(std::future::pending()));
-
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let empty_addr = listener.local_addr().expect("addr");
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -171,16 +193,36 @@ fn main() {
         );
 
         println!("gRPC ShouldRateLimit, {conns} connections x {streams} streams, {seconds}s each, {keys} distinct keys");
-        println!("{:<28} {:>12} {:>10} {:>10} {:>8}", "server", "requests/s", "p50", "p99", "errors");
-        let mut rows = Vec::new();
-        for (name, addr) in [("empty tonic server", empty_addr), ("ratethrottle (memory)", rt_addr)] {
+        println!(
+            "{:<30} {:>12} {:>10} {:>10} {:>8} {:>14}",
+            "server", "requests/s", "p50", "p99", "errors", "Redis cmd/req"
+        );
+        let empty = drive(empty_addr, seconds, conns, streams, keys).await;
+        println!(
+            "{:<30} {:>12.0} {:>10?} {:>10?} {:>8} {:>14}",
+            "empty tonic server", empty.rps, empty.p50, empty.p99, empty.errors, "-"
+        );
+        for (name, storage) in stores {
+            let (addr, engine) = start_sidecar(&storage, dir.path()).await;
+            let before = engine.storage().health().map(|h| h.commands.load(std::sync::atomic::Ordering::Relaxed));
             let r = drive(addr, seconds, conns, streams, keys).await;
+            let per_req = match (before, engine.storage().health()) {
+                (Some(b), Some(h)) => {
+                    let c = h.commands.load(std::sync::atomic::Ordering::Relaxed) - b;
+                    let fallbacks = h.fallbacks.load(std::sync::atomic::Ordering::Relaxed);
+                    // Answers from the failure mode would not be Redis's: say so loudly.
+                    if fallbacks > 0 {
+                        println!("WARNING: {fallbacks} requests answered by the failure mode");
+                    }
+                    format!("{:.2}", c as f64 / (r.rps * seconds as f64).max(1.0))
+                }
+                _ => "-".to_string(),
+            };
             println!(
-                "{:<28} {:>12.0} {:>10?} {:>10?} {:>8}",
-                name, r.rps, r.p50, r.p99, r.errors
+                "{:<30} {:>12.0} {:>10?} {:>10?} {:>8} {:>14}",
+                name, r.rps, r.p50, r.p99, r.errors, per_req
             );
-            rows.push(r.rps);
+            println!("{:<30} {:>11.1}% of the empty server", "", 100.0 * r.rps / empty.rps.max(1.0));
         }
-        println!("ratethrottle / empty = {:.1}%", 100.0 * rows[1] / rows[0].max(1.0));
     });
 }

@@ -22,7 +22,8 @@
 -- blocks, Counted debt, limits that admit nothing and a clock that steps back. reset_after
 -- and expires_in are the limiter's rounded UP to the next whole microsecond (equal when those
 -- are whole microseconds). The caller rounds block_duration up to whole microseconds, which
--- changes no decision: now_µs < start_µs + ceil(d / 1000) iff now_µs × 1000 < start_µs × 1000 + d.
+-- changes no decision: now_µs < start_µs + ceil(d / 1000) iff
+-- now_µs × 1000 < start_µs × 1000 + d.
 --
 -- Exact range (Lua numbers are doubles, integers are exact below 2^53):
 --   instants and durations below 2^53 µs (the year 2255); beyond, they saturate there ("never")
@@ -49,9 +50,9 @@
 -- before the decisions are final, so a discarded change never reaches Redis.
 --
 -- Expiry: a written key gets PEXPIRE = the time until its state is equivalent to a fresh one
--- (the later of the algorithm's expiry and blocked_until) + GRACE_MS, and its TTL is only ever
--- lengthened (the state of another algorithm that a block lands on keeps the TTL it needs).
--- Like the memory store's sweep, the expiry drops states that are fresh from then on.
+-- (the later of the algorithm's expiry and blocked_until) + GRACE_MS; a block that lands on
+-- the state of another algorithm only lengthens the TTL that state needs. Like the memory
+-- store's sweep, the expiry drops states that are fresh from then on.
 
 local floor, max, min, fmod = math.floor, math.max, math.min, math.fmod
 
@@ -292,10 +293,10 @@ ALGO[LEAKY] = BUCKET
 ---------------------------------------------------------------- gcra
 -- The limiter keeps the theoretical arrival time in units of 1/L ns, `tat`. Here it is
 -- t = ceil(tat / 1000) in units of 1/L µs, kept as t = s.g × s.l + s.f (s.g whole µs,
--- 0 <= s.f < s.l, s.l the L it is kept in, 0 = fresh), and s.e = 1000 t − tat (0 <= s.e <
--- 1000), which is 0
--- unless a rate change rescaled the TAT. Every decision at a whole µs depends on t alone; s.e
--- makes the next rescale round exactly as the limiter's does. Relative to now the TAT is
+-- 0 <= s.f < s.l, s.l the L it is kept in, 0 = fresh), and s.e = 1000 t − tat
+-- (0 <= s.e < 1000), which is 0 unless a rate change rescaled the TAT. Every decision at a
+-- whole µs depends on t alone; s.e makes the next rescale round exactly as the limiter's
+-- does. Relative to now the TAT is
 -- `ahead` = (s.g − now) × L + s.f units, where the emission interval is W units and the
 -- tolerance burst × W.
 
@@ -664,30 +665,25 @@ local function refund(v, op, now, h)
   v.lim, v.dirty = op, true
 end
 
-local function extend_ttl(key, ms)
-  local cur = redis.call('PTTL', key)
-  if cur == -2 then
-    return
-  end
-  if cur < ms then
-    redis.call('PEXPIRE', key, fmt(ms))
-  end
-end
-
+-- Writes a changed view. Its TTL is the state's remaining life + GRACE_MS when the state is
+-- one this call knows the limit of; a block on another algorithm's state only lengthens the
+-- TTL, which still covers that state.
 local function write(v, now)
   if not v.dirty then
     return
   end
+  local known = v.a == 0 or (v.lim ~= nil and v.lim.code == v.a)
   local expiry = v.b
-  if v.lim and v.lim.code == v.a then
+  if known and v.a ~= 0 then
     expiry = max(expiry, ALGO[v.a].expires(v.lim, v.s, now))
   end
   local ms = floor((min(max(expiry - now, 0), MAXT) + 999) / 1000) + GRACE_MS
-  local old_ttl = redis.call('PTTL', v.hk)
+  if not known then
+    ms = max(ms, redis.call('PTTL', v.hk))
+  end
   if v.a ~= v.orig_a then
-    -- Another algorithm's fields, and the TTL they needed, go.
+    -- Another algorithm's fields go.
     redis.call('DEL', v.hk)
-    old_ttl = -2
   end
   local args = { 'a', v.a, 'b', fmt(v.b) }
   for k, x in pairs(v.s) do
@@ -697,9 +693,9 @@ local function write(v, now)
     end
   end
   redis.call('HSET', v.hk, unpack(args))
-  redis.call('PEXPIRE', v.hk, fmt(max(old_ttl, ms)))
-  if v.a == LOG then
-    local lg = v.s.log
+  redis.call('PEXPIRE', v.hk, fmt(ms))
+  local lg = v.s.log
+  if v.a == LOG and (lg.stale or lg.lo > 0 or lg.hi < lg.n or #lg.tail > 0) then
     if lg.stale then
       redis.call('DEL', v.zk)
     else
@@ -718,8 +714,9 @@ local function write(v, now)
       end
       redis.call('ZADD', v.zk, unpack(z))
     end
-    extend_ttl(v.zk, ms)
-  elseif v.orig_a == LOG then
+    -- Changed by a log op of this call, so `known`; a no-op if the log is now empty.
+    redis.call('PEXPIRE', v.zk, fmt(ms))
+  elseif v.orig_a == LOG and v.a ~= LOG then
     redis.call('DEL', v.zk)
   end
 end

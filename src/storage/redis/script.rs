@@ -30,9 +30,10 @@
 //! 14 892, a month 3 474, a year 285). Beyond it results are rounded, never errors, and never
 //! admit more than the limit except where the exact usage is within relative 2^-53 of it.
 //!
-//! Expiry: every key the script writes gets a TTL of its state's remaining life (when it
-//! becomes equivalent to a fresh one, or its block ends) plus one second of grace, and TTLs
-//! only grow. Redis's expiry plays the part of the memory store's sweep.
+//! Expiry: every key the script writes gets a TTL of its state's remaining life (until it is
+//! equivalent to a fresh one and any block has ended) plus one second of grace; a block on a
+//! state of another algorithm only lengthens the TTL. Redis's expiry plays the part of the
+//! memory store's sweep.
 
 use crate::limiter::{Algorithm, Limit, Nanos, Outcome, RejectedHits};
 
