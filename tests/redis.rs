@@ -218,6 +218,7 @@ async fn a_flushed_script_cache_is_reloaded() {
     let (sc, _dir) = sidecar_on(&redis, "deny", "noscript");
     assert_eq!(ask(&sc, "k", "x").await, (Code::Ok as i32, 99));
     redis.cli(&["script", "flush"]);
+    redis.cli(&["function", "flush"]);
     assert_eq!(ask(&sc, "k", "x").await, (Code::Ok as i32, 98));
     assert!(!degraded(&sc).await);
 }

@@ -20,12 +20,22 @@ use super::{CounterOp, MemoryStore, StorageError};
 use crate::config::{FailureMode, RedisSettings};
 use crate::limiter::{Clock, Nanos, Outcome, RejectedHits};
 use fred::clients::Pool;
-use fred::interfaces::{ClientLike, LuaInterface};
+use fred::interfaces::{ClientLike, FunctionInterface, LuaInterface};
 use fred::types::config::{ReconnectPolicy, TlsConnector};
 use parking_lot::Mutex;
 use script::ScriptOp;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
+
+fn is_missing_code(e: &fred::error::Error) -> bool {
+    let d = e.details();
+    d.starts_with("NOSCRIPT") || d.contains("Function not found")
+}
+
+fn is_unknown_command(e: &fred::error::Error) -> bool {
+    let d = e.details().to_ascii_lowercase();
+    d.contains("unknown command") || d.contains("unknown subcommand")
+}
 
 /// Storage health as `/readyz` and `/metrics` show it.
 #[derive(Debug, Default)]
@@ -69,6 +79,9 @@ pub struct RedisStore {
     pool: Pool,
     cluster: bool,
     script: fred::types::scripts::Script,
+    library: script::Library,
+    /// FCALL while the server has functions (Redis ≥ 7); EVALSHA after it said it hasn't.
+    functions: AtomicBool,
     settings: RedisSettings,
     timeout: Duration,
     fallback: MemoryStore,
@@ -116,6 +129,8 @@ impl RedisStore {
             pool,
             cluster: parsed.is_cluster(),
             script: fred::types::scripts::Script::from_lua(script::SOURCE),
+            library: script::Library::new(),
+            functions: AtomicBool::new(true),
             settings: settings.clone(),
             timeout,
             fallback: MemoryStore::new(max_keys),
@@ -175,8 +190,29 @@ impl RedisStore {
         &self.url
     }
 
+    /// Loads the function library (or, on a Redis without functions, the script).
     async fn load_script(&self) -> Result<(), String> {
         let client = self.pool.next();
+        if self.functions.load(Relaxed) {
+            let loaded = if self.cluster {
+                client
+                    .function_load_cluster::<(), _>(true, self.library.code.clone())
+                    .await
+            } else {
+                client
+                    .function_load::<String, _>(true, self.library.code.clone())
+                    .await
+                    .map(|_| ())
+            };
+            match loaded {
+                Ok(()) => return Ok(()),
+                Err(e) if is_unknown_command(&e) => {
+                    tracing::info!("Redis has no functions (Redis < 7): using EVALSHA");
+                    self.functions.store(false, Relaxed);
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
         if self.cluster {
             client
                 .script_load_cluster::<(), _>(script::SOURCE)
@@ -191,8 +227,23 @@ impl RedisStore {
         }
     }
 
-    /// One script call; reloads the script once on NOSCRIPT (a restarted server, or a
-    /// promoted replica, has an empty script cache).
+    async fn send(
+        &self,
+        client: &fred::clients::Client,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Vec<i64>, fred::error::Error> {
+        if self.functions.load(Relaxed) {
+            client
+                .fcall(self.library.function.clone(), keys, args)
+                .await
+        } else {
+            client.evalsha(self.script.sha1().clone(), keys, args).await
+        }
+    }
+
+    /// One script call; loads the code once more when the server lacks it (a restarted
+    /// server, a flushed script cache, a promoted replica without the script).
     async fn call(
         &self,
         ops: &[ScriptOp],
@@ -203,15 +254,11 @@ impl RedisStore {
         let (keys, args) = script::call_args(ops, now_us, rejected);
         self.health.commands.fetch_add(1, Relaxed);
         let client = self.pool.next();
-        let reply: Result<Vec<i64>, fred::error::Error> = client
-            .evalsha(self.script.sha1().clone(), keys.clone(), args.clone())
-            .await;
-        let reply = match reply {
-            Err(e) if e.details().starts_with("NOSCRIPT") => {
+        let reply = match self.send(client, keys.clone(), args.clone()).await {
+            Err(e) if is_missing_code(&e) => {
                 self.load_script().await?;
                 self.health.commands.fetch_add(1, Relaxed);
-                client
-                    .evalsha(self.script.sha1().clone(), keys, args)
+                self.send(client, keys, args)
                     .await
                     .map_err(|e| e.to_string())?
             }

@@ -54,7 +54,8 @@
 -- the state of another algorithm only lengthens the TTL that state needs. Like the memory
 -- store's sweep, the expiry drops states that are fresh from then on.
 
-local floor, max, min, fmod = math.floor, math.max, math.min, math.fmod
+-- Bound on first use: a Redis 7.0 function library may not touch `math` while it loads.
+local floor, max, min, fmod
 
 -- The end of time in µs: instants saturate here rather than lose precision.
 local MAXT = 9007199254740991
@@ -722,91 +723,98 @@ local function write(v, now)
 end
 
 ---------------------------------------------------------------- main
-local PER_OP = 8
-local nops = (#ARGV - 2) / PER_OP
-if nops ~= floor(nops) or nops < 0 or #KEYS ~= 2 * nops then
-  return redis.error_reply('ERR ratethrottle script: expected 2 + 8n ARGV and 2n KEYS')
-end
-
-local now = tonumber(ARGV[1]) or 0
-if now <= 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-now = min(now, MAXT)
-local counted = ARGV[2] == '1'
-
-local ops = {}
-for i = 1, nops do
-  local j = 2 + (i - 1) * PER_OP
-  local op = {
-    code = tonumber(ARGV[j + 1]),
-    L = tonumber(ARGV[j + 2]),
-    W = tonumber(ARGV[j + 3]),
-    B = tonumber(ARGV[j + 4]),
-    bd = min(tonumber(ARGV[j + 5]), MAXT),
-    h = tonumber(ARGV[j + 6]),
-    shadow = ARGV[j + 7] == '1',
-    neg = ARGV[j + 8] == '1',
-    hk = KEYS[2 * i - 1],
-    zk = KEYS[2 * i],
-  }
-  if not (op.code and ALGO[op.code] and op.L and op.W and op.W > 0 and op.B and op.bd and op.h) then
-    return redis.error_reply('ERR ratethrottle script: bad op ' .. i)
+-- One call: KEYS and ARGV as documented above. Defined once per library load (FCALL) or
+-- per call (EVAL, Redis < 7), see src/storage/redis/script.rs.
+local function main(KEYS, ARGV)
+  if not floor then
+    floor, max, min, fmod = math.floor, math.max, math.min, math.fmod
   end
-  ops[i] = op
-end
+  local PER_OP = 8
+  local nops = (#ARGV - 2) / PER_OP
+  if nops ~= floor(nops) or nops < 0 or #KEYS ~= 2 * nops then
+    return redis.error_reply('ERR ratethrottle script: expected 2 + 8n ARGV and 2n KEYS')
+  end
 
--- Pass 1: every op in order.
-views, blocks_started = {}, {}
-local out = {}
-local reject = false
-for i, op in ipairs(ops) do
-  local v = view(op)
-  local allowed, remaining, reset, expires
-  if op.neg then
-    refund(v, op, now, op.h)
-    allowed, remaining, reset, expires = decide(i, v, op, now, 0, counted)
-  else
-    allowed, remaining, reset, expires = decide(i, v, op, now, op.h, counted)
-    if not allowed and not op.shadow then
-      reject = true
+  local now = tonumber(ARGV[1]) or 0
+  if now <= 0 then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  end
+  now = min(now, MAXT)
+  local counted = ARGV[2] == '1'
+
+  local ops = {}
+  for i = 1, nops do
+    local j = 2 + (i - 1) * PER_OP
+    local op = {
+      code = tonumber(ARGV[j + 1]),
+      L = tonumber(ARGV[j + 2]),
+      W = tonumber(ARGV[j + 3]),
+      B = tonumber(ARGV[j + 4]),
+      bd = min(tonumber(ARGV[j + 5]), MAXT),
+      h = tonumber(ARGV[j + 6]),
+      shadow = ARGV[j + 7] == '1',
+      neg = ARGV[j + 8] == '1',
+      hk = KEYS[2 * i - 1],
+      zk = KEYS[2 * i],
+    }
+    if not (op.code and ALGO[op.code] and op.L and op.W and op.W > 0 and op.B and op.bd and op.h) then
+      return redis.error_reply('ERR ratethrottle script: bad op ' .. i)
     end
+    ops[i] = op
   end
-  out[i] = { allowed, remaining, reset, expires }
-end
 
--- Free and rejected: start again from the stored states, keep only refunds and blocks, and
--- report the admitted ops as looks at what the counters then hold.
-if reject and not counted then
-  local started = blocks_started
+  -- Pass 1: every op in order.
   views, blocks_started = {}, {}
+  local out = {}
+  local reject = false
   for i, op in ipairs(ops) do
+    local v = view(op)
+    local allowed, remaining, reset, expires
     if op.neg then
-      refund(view(op), op, now, op.h)
-    elseif started[i] then
-      local v = view(op)
-      v.b, v.dirty = started[i], true
+      refund(v, op, now, op.h)
+      allowed, remaining, reset, expires = decide(i, v, op, now, 0, counted)
+    else
+      allowed, remaining, reset, expires = decide(i, v, op, now, op.h, counted)
+      if not allowed and not op.shadow then
+        reject = true
+      end
+    end
+    out[i] = { allowed, remaining, reset, expires }
+  end
+
+  -- Free and rejected: start again from the stored states, keep only refunds and blocks, and
+  -- report the admitted ops as looks at what the counters then hold.
+  if reject and not counted then
+    local started = blocks_started
+    views, blocks_started = {}, {}
+    for i, op in ipairs(ops) do
+      if op.neg then
+        refund(view(op), op, now, op.h)
+      elseif started[i] then
+        local v = view(op)
+        v.b, v.dirty = started[i], true
+      end
+    end
+    for i, op in ipairs(ops) do
+      if not op.neg and op.h > 0 and out[i][1] then
+        local allowed, remaining, reset, expires = decide(i, view(op), op, now, 0, counted)
+        out[i] = { allowed, remaining, reset, expires }
+      end
     end
   end
-  for i, op in ipairs(ops) do
-    if not op.neg and op.h > 0 and out[i][1] then
-      local allowed, remaining, reset, expires = decide(i, view(op), op, now, 0, counted)
-      out[i] = { allowed, remaining, reset, expires }
-    end
+
+  for _, v in pairs(views) do
+    write(v, now)
   end
-end
 
-for _, v in pairs(views) do
-  write(v, now)
+  local reply = {}
+  for i = 1, nops do
+    local o = out[i]
+    reply[#reply + 1] = o[1] and 1 or 0
+    reply[#reply + 1] = min(o[2], U32MAX)
+    reply[#reply + 1] = min(max(o[3], 0), MAXT)
+    reply[#reply + 1] = min(max(o[4] - now, 0), MAXT)
+  end
+  return reply
 end
-
-local reply = {}
-for i = 1, nops do
-  local o = out[i]
-  reply[#reply + 1] = o[1] and 1 or 0
-  reply[#reply + 1] = min(o[2], U32MAX)
-  reply[#reply + 1] = min(max(o[3], 0), MAXT)
-  reply[#reply + 1] = min(max(o[4] - now, 0), MAXT)
-end
-return reply
