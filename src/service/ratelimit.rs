@@ -5,6 +5,7 @@ use crate::rules::{self, Rule, RuleSet, RuleStats, StatsRegistry};
 use crate::storage::{CounterOp, Storage, StorageError};
 use crate::telemetry::ServiceMetrics;
 use arc_swap::ArcSwap;
+use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry as PbEntry;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
@@ -268,9 +269,28 @@ impl RateLimitEngine {
             };
             statuses.push(status);
         }
+        // Envoy adds these to its 429: clients learn when to come back (the longest wait
+        // among the limits that rejected, in whole seconds, rounded up).
+        let response_headers_to_add = if overall == Code::OverLimit {
+            let wait = statuses
+                .iter()
+                .filter(|s| s.code == Code::OverLimit as i32)
+                .filter_map(|s| s.duration_until_reset.as_ref())
+                .map(|d| d.seconds.max(0) as u64 + u64::from(d.nanos > 0))
+                .max()
+                .unwrap_or(0);
+            vec![HeaderValue {
+                key: "retry-after".into(),
+                value: wait.to_string(),
+                raw_value: Vec::new(),
+            }]
+        } else {
+            Vec::new()
+        };
         Ok(RateLimitResponse {
             overall_code: overall as i32,
             statuses,
+            response_headers_to_add,
             ..Default::default()
         })
     }

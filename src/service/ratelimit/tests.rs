@@ -119,6 +119,13 @@ fn fixed_window_counts_down_and_resets_at_the_window_edge() {
     assert_eq!(r.overall_code, Code::OverLimit as i32);
     assert_eq!(r.statuses[0].code, Code::OverLimit as i32);
     assert_eq!(r.statuses[0].limit_remaining, 0);
+    // Envoy puts this on its 429.
+    let retry: Vec<(&str, &str)> = r
+        .response_headers_to_add
+        .iter()
+        .map(|h| (h.key.as_str(), h.value.as_str()))
+        .collect();
+    assert_eq!(retry, vec![("retry-after", "1")]);
     h.clock.advance(std::time::Duration::from_millis(1000));
     assert!(ok(&h.one("basic", &[("api_key", "a")])));
 }
