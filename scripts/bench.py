@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""Runs every benchmark of ratethrottle and prints one table.
+
+Started by scripts/bench.sh (which provides Redis, Redis Cluster and Envoy through the
+environment, like the test command). Rows:
+  1. cargo bench (criterion): decisions/s per algorithm, one hot key and 1M distinct keys.
+  2. gRPC ShouldRateLimit with h2load: an OK-only tonic server (the ceiling), ratethrottle on
+     memory, Redis and Redis Cluster. The grpc-status of a probe is checked first (h2load
+     counts HTTP 200s even when gRPC fails) and decisions are counted from the server's own
+     metrics.
+  3. HTTP through Envoy with wrk: Envoy alone, Envoy + ratethrottle, Envoy + the OK-only
+     service (the ceiling for the filter's own cost).
+CPU seconds per request = CPU time the server processes (sidecar, Redis, Envoy) used during
+the run / requests.
+"""
+import os, re, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target/release/ratethrottle")
+OK_RLS = os.path.join(ROOT, "target/release/examples/ok_rls")
+SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
+TICK = os.sysconf("SC_CLK_TCK")
+ROWS = []
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / TICK
+
+
+def redis_pids():
+    out = subprocess.run(["pgrep", "-f", "redis-server"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def wait_port(port, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"port {port} did not open")
+
+
+def metric(admin, name):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def grpc_body(value):
+    def varint(n):
+        out = b""
+        while True:
+            b, n = n & 0x7F, n >> 7
+            if n:
+                out += bytes([b | 0x80])
+            else:
+                return out + bytes([b])
+
+    def field(num, payload):
+        return varint((num << 3) | 2) + varint(len(payload)) + payload
+
+    entry = field(1, b"api_key") + field(2, value.encode())
+    req = field(1, b"bench") + field(2, field(1, entry))
+    return b"\x00" + len(req).to_bytes(4, "big") + req
+
+
+def percentiles(latencies_us):
+    if not latencies_us:
+        return 0, 0
+    latencies_us.sort()
+    p = lambda q: latencies_us[min(len(latencies_us) - 1, int(len(latencies_us) * q))] / 1000
+    return p(0.5), p(0.99)
+
+
+def h2load(port, body_path, log_path, streams=32, conns=16):
+    cmd = ["h2load", "-D", str(SECONDS), "-c", str(conns), "-m", str(streams), "-t", "1",
+           "-d", body_path, "-H", "content-type: application/grpc", "-H", "te: trailers",
+           f"--log-file={log_path}",
+           f"http://127.0.0.1:{port}/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"]
+    out = subprocess.run(cmd, capture_output=True, text=True).stdout
+    m = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out)
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
+    lat = []
+    with open(log_path) as f:
+        for line in f:
+            parts = line.split("\t")
+            if len(parts) >= 3 and parts[1] == "200":
+                lat.append(int(parts[2]))
+    return float(m.group(1)) if m else 0.0, int(done.group(2)) if done else 0, lat
+
+
+def start(cmd, port):
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return p
+
+
+def stop(p):
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(5)
+    except subprocess.TimeoutExpired:
+        p.kill()
+
+
+def settings(tmp, storage):
+    path = os.path.join(tmp, f"bench-{abs(hash(storage))}.yaml")
+    with open(path, "w") as f:
+        f.write(
+            "settings:\n"
+            f"  storage: \"{storage}\"\n"
+            "  redis: {timeout: 1s, prefix: \"bench:\"}\n"
+            "domains:\n"
+            "  - domain: bench\n    descriptors:\n"
+            "      - key: api_key\n        rate_limit: {unit: hour, requests_per_unit: 1000000000}\n"
+            "  - domain: example\n    descriptors:\n"
+            "      - key: api_key\n        rate_limit: {unit: hour, requests_per_unit: 1000000000}\n"
+            "      - key: remote_address\n        rate_limit: {unit: hour, requests_per_unit: 1000000000}\n"
+        )
+    return path
+
+
+def sidecar(tmp, storage):
+    grpc, admin = free_port(), free_port()
+    p = start([BIN, "serve", "--config", settings(tmp, storage), "--grpc-addr", f"127.0.0.1:{grpc}",
+               "--admin-addr", f"127.0.0.1:{admin}"], grpc)
+    return p, grpc, admin
+
+
+def probe(port, domain="bench"):
+    out = subprocess.run([BIN, "check", "--addr", f"127.0.0.1:{port}", "--domain", domain,
+                          "--descriptor", "api_key=probe"], capture_output=True, text=True)
+    if "overall_code: OK" not in out.stdout:
+        raise SystemExit(f"probe on {port} failed: {out.stdout} {out.stderr}")
+
+
+def grpc_rows(tmp):
+    body = os.path.join(tmp, "req.bin")
+    with open(body, "wb") as f:
+        f.write(grpc_body("bench-key"))
+    log = os.path.join(tmp, "h2load.log")
+    servers = [("OK-only tonic server (ceiling)", None)]
+    servers.append(("ratethrottle, memory", "memory"))
+    for label, var in [("ratethrottle, Redis", "RATETHROTTLE_TEST_REDIS_URL"),
+                       ("ratethrottle, Redis Cluster", "RATETHROTTLE_TEST_REDIS_CLUSTER_URL")]:
+        if os.environ.get(var):
+            servers.append((label, os.environ[var]))
+    for label, storage in servers:
+        if storage is None:
+            port = free_port()
+            p = start([OK_RLS, f"127.0.0.1:{port}"], port)
+            admin = None
+        else:
+            p, port, admin = sidecar(tmp, storage)
+        probe(port)
+        pids = [p.pid] + (redis_pids() if storage and storage != "memory" else [])
+        before_cpu = cpu_seconds(pids)
+        before = metric(admin, "ratelimit_service_should_rate_limit_total") if admin else 0
+        cmds0 = metric(admin, "ratethrottle_redis_commands_total") if admin else 0
+        rps, ok, lat = h2load(port, body, log)
+        cpu = cpu_seconds(pids) - before_cpu
+        decided = (metric(admin, "ratelimit_service_should_rate_limit_total") - before) if admin else ok
+        cmds = (metric(admin, "ratethrottle_redis_commands_total") - cmds0) if admin else 0
+        fallbacks = metric(admin, "ratethrottle_redis_failure_mode_answers_total") if admin else 0
+        stop(p)
+        p50, p99 = percentiles(lat)
+        note = f"{cmds / max(decided, 1):.2f} Redis cmd/req" if storage and storage != "memory" else ""
+        if fallbacks:
+            note += f" ({int(fallbacks)} failure-mode answers!)"
+        ROWS.append(("gRPC ShouldRateLimit (h2load 16x32)", label, rps, p50, p99,
+                     cpu / max(decided, 1) * 1e6, note))
+
+
+def envoy_config(tmp, mode, rls_port):
+    src = open(os.path.join(ROOT, "k8s/examples/envoy/http-ratelimit.yaml")).read()
+    listen, upstream, admin = free_port(), free_port(), free_port()
+    text = (src.replace("port_value: 10000", f"port_value: {listen}")
+            .replace("port_value: 10001", f"port_value: {upstream}")
+            .replace("port_value: 9901", f"port_value: {admin}")
+            .replace("port_value: 8081", f"port_value: {rls_port or 1}")
+            .replace("address: 0.0.0.0", "address: 127.0.0.1"))
+    if mode == "alone":
+        # Drop the rate limit filter: Envoy and its upstream only.
+        text = re.sub(r"                  - name: envoy.filters.http.ratelimit\n(?:                    .*\n)+", "", text)
+    path = os.path.join(tmp, f"envoy-{mode}.yaml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path, listen, admin
+
+
+def wrk(port):
+    out = subprocess.run(["wrk", "-t1", "-c32", f"-d{SECONDS}s", "--latency", "-H", "x-api-key: bench",
+                          f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+
+    def lat(q):
+        m = re.search(rf"\s{q}%\s+([\d.]+)(us|ms|s)", out)
+        v, unit = float(m.group(1)), m.group(2)
+        return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+
+    return rps, total, lat(50), lat(99), int(non2xx.group(1)) if non2xx else 0
+
+
+def envoy_rows(tmp):
+    envoy = os.environ.get("RATETHROTTLE_TEST_ENVOY")
+    if not envoy:
+        return
+    for label, mode in [("Envoy alone", "alone"), ("Envoy + OK-only RLS (ceiling)", "ok"),
+                        ("Envoy + ratethrottle (memory)", "ratethrottle")]:
+        side, rls_port = None, None
+        if mode == "ok":
+            rls_port = free_port()
+            side = start([OK_RLS, f"127.0.0.1:{rls_port}"], rls_port)
+        elif mode == "ratethrottle":
+            side, rls_port, _ = sidecar(tmp, "memory")
+            probe(rls_port, "example")
+        path, listen, admin = envoy_config(tmp, mode, rls_port)
+        e = start([envoy, "-c", path, "--concurrency", "1", "--use-dynamic-base-id", "-l", "error"], listen)
+        time.sleep(0.5)
+        pids = [e.pid] + ([side.pid] if side else [])
+        c0 = cpu_seconds(pids)
+        rps, total, p50, p99, bad = wrk(listen)
+        cpu = cpu_seconds(pids) - c0
+        stop(e)
+        if side:
+            stop(side)
+        ROWS.append(("HTTP through Envoy (wrk 32 conns)", label, rps, p50, p99, cpu / max(total, 1) * 1e6,
+                     f"{bad} non-2xx" if bad else ""))
+
+
+def criterion_rows():
+    out = subprocess.run(["cargo", "bench", "--bench", "decisions", "--", "--warm-up-time", "1",
+                          "--measurement-time", str(max(2, SECONDS // 3)), "--output-format", "bencher"],
+                         cwd=ROOT, capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        m = re.match(r"test (\S+)\s+\.\.\. bench:\s+([\d,.]+) ns/iter", line)
+        if m:
+            ns = float(m.group(2).replace(",", ""))
+            ROWS.append(("in-process decisions (1 thread)", m.group(1), 1e9 / ns, None, None, None, f"{ns:.1f} ns"))
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix="ratethrottle-bench.")
+    try:
+        print(f"benchmarks: {SECONDS}s per row, {os.cpu_count()} cores", flush=True)
+        criterion_rows()
+        grpc_rows(tmp)
+        envoy_rows(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print()
+    print(f"| {'suite':<36} | {'row':<44} | {'req/s':>10} | {'p50 ms':>7} | {'p99 ms':>7} | {'CPU µs/req':>10} | note")
+    print(f"|{'-'*38}|{'-'*46}|{'-'*12}|{'-'*9}|{'-'*9}|{'-'*12}|------")
+    for suite, row, rps, p50, p99, cpu, note in ROWS:
+        f = lambda v, spec: format(v, spec) if v is not None else "-"
+        print(f"| {suite:<36} | {row:<44} | {rps:>10,.0f} | {f(p50, '>7.2f')} | {f(p99, '>7.2f')} | {f(cpu, '>10.1f')} | {note}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The benchmark suite: one command, one table, measured in one run so ratios are meaningful
+# on a noisy machine. Installs its tools (Debian nghttp2-client for h2load, wrk), starts Redis
+# and Envoy like the test command does, and runs scripts/bench.py.
+#   bash scripts/bench.sh            # full run (a few minutes)
+#   BENCH_SECONDS=3 bash scripts/bench.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+missing=()
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+if [ ${#missing[@]} -gt 0 ]; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 ||
+            { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; }
+    else
+        echo "error: install ${missing[*]} (Debian packages)" >&2
+        exit 1
+    fi
+fi
+cargo build --release --bin ratethrottle --example ok_rls
+exec bash scripts/test.sh python3 scripts/bench.py "$@"
