@@ -104,3 +104,29 @@ async fn check_prints_the_answer_of_a_running_server() {
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(text.contains("overall_code: OVER_LIMIT"), "{text}");
 }
+
+#[test]
+fn serve_refuses_a_storage_url_it_cannot_use() {
+    for url in [
+        "memcached://x:1",
+        "redis://h:notaport",
+        "redis-sentinel://h:1",
+    ] {
+        let out = Command::new(BIN)
+            .args([
+                "serve",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+            ])
+            .args(["--storage", url])
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(64), "{url}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("storage"),
+            "{url}"
+        );
+    }
+}

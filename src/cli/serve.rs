@@ -1,6 +1,7 @@
 //! `ratethrottle serve`.
 
-use crate::server::{BoundServer, ServerOptions};
+use crate::server::{BoundServer, ServerError, ServerOptions};
+use crate::storage::StorageError;
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -108,7 +109,12 @@ pub fn run(args: ServeArgs) -> ExitCode {
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            // A storage URL that cannot work is a configuration error, like a bad rule.
+            if matches!(e, ServerError::Storage(StorageError::Config(_))) {
+                ExitCode::from(super::EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
