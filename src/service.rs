@@ -8,4 +8,4 @@
 pub mod grpc;
 pub mod ratelimit;
 
-pub use ratelimit::{RateLimitEngine, RequestError};
+pub use ratelimit::{Descriptor, RateLimitEngine, RequestError, Verdict, VerdictLimit, Verdicts};

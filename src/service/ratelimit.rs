@@ -1,13 +1,15 @@
 //! `ShouldRateLimit`: envoyproxy/ratelimit's answers, plus our algorithms and semantics.
 
-use crate::limiter::{Clock, Limit, Outcome, Unit};
+use crate::limiter::{Clock, Limit, Nanos, Outcome, Unit};
 use crate::rules::{self, Rule, RuleSet, RuleStats, StatsRegistry};
 use crate::storage::{CounterOp, Storage, StorageError};
 use crate::telemetry::ServiceMetrics;
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry as PbEntry;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{
+    Entry as PbEntry, RateLimitOverride,
+};
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
     Code, DescriptorStatus, RateLimit, rate_limit::Unit as PbUnit,
 };
@@ -78,6 +80,79 @@ enum Plan<'a> {
 /// Most requests carry a handful of descriptors, each with one or two limits.
 type Ops = SmallVec<[CounterOp; 8]>;
 
+/// A request descriptor as the rule engine reads it, whoever built it: a `ShouldRateLimit`
+/// descriptor as it arrived, or one ext_authz built from request attributes (borrowing the
+/// request's strings, so nothing is copied).
+pub trait Descriptor {
+    type Entry: rules::Entry;
+    fn entries(&self) -> &[Self::Entry];
+    /// Hits of this descriptor; `None` takes the request's.
+    fn hits(&self) -> Option<u32> {
+        None
+    }
+    /// Envoy's `is_negative_hits`: give the hits back.
+    fn is_negative(&self) -> bool {
+        false
+    }
+    /// Envoy's per-descriptor limit override.
+    fn limit_override(&self) -> Option<&RateLimitOverride> {
+        None
+    }
+}
+
+impl Descriptor for RateLimitDescriptor {
+    type Entry = PbEntry;
+    fn entries(&self) -> &[PbEntry] {
+        &self.entries
+    }
+    fn hits(&self) -> Option<u32> {
+        self.hits_addend
+            .as_ref()
+            .map(|h| u32::try_from(h.value).unwrap_or(u32::MAX))
+    }
+    fn is_negative(&self) -> bool {
+        self.is_negative_hits
+    }
+    fn limit_override(&self) -> Option<&RateLimitOverride> {
+        self.limit.as_ref()
+    }
+}
+
+/// The limit a verdict reports.
+#[derive(Debug, Clone)]
+pub struct VerdictLimit {
+    /// The `name` from config, if any.
+    pub name: Option<Arc<str>>,
+    pub limit: Limit,
+}
+
+/// What the engine decided for one descriptor.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    /// An enforced limit rejected this descriptor (shadow-mode rejections are not).
+    pub over_limit: bool,
+    /// `None`: no limit applies (unmatched, whitelisted, replaced or unlimited).
+    pub limit: Option<VerdictLimit>,
+    /// Requests still admissible (u32::MAX for `unlimited`).
+    pub remaining: u32,
+    /// Nanoseconds until the reported limit resets (see `limiter::Outcome`).
+    pub reset_after: Nanos,
+}
+
+impl Verdict {
+    fn no_limit(remaining: u32) -> Verdict {
+        Verdict {
+            over_limit: false,
+            limit: None,
+            remaining,
+            reset_after: 0,
+        }
+    }
+}
+
+/// One verdict per descriptor; inline for the usual handful.
+pub type Verdicts = SmallVec<[Verdict; 4]>;
+
 impl RateLimitEngine {
     pub fn new(
         rules: Arc<ArcSwap<RuleSet>>,
@@ -126,149 +201,38 @@ impl RateLimitEngine {
 
     async fn decide(&self, req: &RateLimitRequest) -> Result<RateLimitResponse, RequestError> {
         validate(req)?;
-        let rules = self.rules.load();
-        let settings = &rules.settings;
-        let matcher = rules.domain(&req.domain);
         // The reference reads an unset (zero) request-level hits_addend as one hit.
         let request_hits = if req.hits_addend == 0 {
             1
         } else {
             req.hits_addend
         };
-
-        let found: SmallVec<[Option<&Arc<Rule>>; 8]> = req
-            .descriptors
-            .iter()
-            .map(|d| matcher.and_then(|m| m.find(&d.entries)))
+        let mut verdicts = Verdicts::new();
+        let over = self
+            .evaluate(&req.domain, &req.descriptors, request_hits, &mut verdicts)
+            .await?;
+        let statuses: Vec<DescriptorStatus> = verdicts
+            .into_iter()
+            .map(|v| match v.limit {
+                None => ok_status(v.remaining),
+                Some(l) => DescriptorStatus {
+                    code: if v.over_limit {
+                        Code::OverLimit as i32
+                    } else {
+                        Code::Ok as i32
+                    },
+                    current_limit: Some(RateLimit {
+                        name: l.name.as_deref().unwrap_or_default().to_string(),
+                        requests_per_unit: l.limit.requests_per_unit,
+                        unit: unit_to_pb(l.limit.unit) as i32,
+                    }),
+                    limit_remaining: v.remaining,
+                    duration_until_reset: Some(duration(v.reset_after)),
+                    quota: None,
+                },
+            })
             .collect();
-        let replaced = replaced_names(&found);
-
-        let mut ops = Ops::new();
-        let mut plans: SmallVec<[Plan<'_>; 8]> = SmallVec::new();
-        for (i, d) in req.descriptors.iter().enumerate() {
-            let hits = d
-                .hits_addend
-                .as_ref()
-                .map_or(request_hits, |h| u32::try_from(h.value).unwrap_or(u32::MAX));
-            let start = ops.len();
-            // Envoy's per-descriptor override (from dynamic metadata) wins over config, as
-            // in the reference, but only inside a configured domain.
-            if let (Some(o), Some(_)) = (&d.limit, matcher) {
-                let unit = unit_from_pb(o.unit).ok_or(RequestError::BadOverrideUnit(i))?;
-                let limit = Limit {
-                    algorithm: settings.default_algorithm,
-                    requests_per_unit: o.requests_per_unit,
-                    unit,
-                    burst: settings
-                        .default_algorithm
-                        .default_burst(o.requests_per_unit)
-                        .max(1),
-                    block_duration: 0,
-                };
-                let fp = rules::override_fingerprint(&req.domain, &limit);
-                let mut op = CounterOp::new(entry_key(fp, d), limit, hits, false);
-                op.negative = d.is_negative_hits;
-                ops.push(op);
-                plans.push(Plan::Limits {
-                    rule: None,
-                    ops: start..ops.len(),
-                    hits,
-                });
-                continue;
-            }
-            let plan = match found[i] {
-                None => Plan::NoLimit,
-                Some(rule) if rule.unlimited => Plan::Unlimited,
-                Some(rule) => {
-                    for l in &rule.limits {
-                        if is_replaced(&replaced, l.name.as_deref()) {
-                            continue;
-                        }
-                        let key = entry_key(l.fingerprint, d);
-                        let mut op = CounterOp::new(key, l.limit, hits, rule.shadow_mode);
-                        op.negative = d.is_negative_hits;
-                        ops.push(op);
-                    }
-                    if ops.len() == start {
-                        Plan::NoLimit
-                    } else {
-                        Plan::Limits {
-                            rule: Some(rule),
-                            ops: start..ops.len(),
-                            hits,
-                        }
-                    }
-                }
-            };
-            plans.push(plan);
-        }
-
-        let now = self.clock.now();
-        if !ops.is_empty() {
-            self.storage
-                .check_and_update(&mut ops, now, settings.rejected_hits)
-                .await?;
-        }
-
-        let mut overall = Code::Ok;
-        let mut statuses = Vec::with_capacity(plans.len());
-        for (plan, d) in plans.iter().zip(&req.descriptors) {
-            let status = match plan {
-                Plan::NoLimit => ok_status(0),
-                Plan::Unlimited => ok_status(u32::MAX),
-                Plan::Limits {
-                    rule,
-                    ops: range,
-                    hits,
-                } => {
-                    let ops = &ops[range.clone()];
-                    let (j, outcome) = reported(ops);
-                    let op = &ops[j];
-                    let shadow = rule.is_some_and(|r| r.shadow_mode);
-                    let rejected = ops.iter().any(|o| o.outcome.is_some_and(|x| !x.allowed));
-                    let stats = rule.map_or(rules.override_stats(), |r| &r.stats);
-                    self.record(
-                        stats,
-                        rule,
-                        d,
-                        *hits,
-                        rejected,
-                        shadow,
-                        &outcome,
-                        &op.limit,
-                        settings.near_limit_ratio,
-                    );
-                    let code = if rejected && !shadow {
-                        overall = Code::OverLimit;
-                        Code::OverLimit
-                    } else {
-                        Code::Ok
-                    };
-                    // Ops were pushed for the rule's non-replaced limits, in order.
-                    let name = rule
-                        .and_then(|r| {
-                            r.limits
-                                .iter()
-                                .filter(|l| !is_replaced(&replaced, l.name.as_deref()))
-                                .nth(j)
-                        })
-                        .and_then(|l| l.name.as_deref())
-                        .unwrap_or_default();
-                    DescriptorStatus {
-                        code: code as i32,
-                        current_limit: Some(RateLimit {
-                            name: name.to_string(),
-                            requests_per_unit: op.limit.requests_per_unit,
-                            unit: unit_to_pb(op.limit.unit) as i32,
-                        }),
-                        limit_remaining: outcome.remaining,
-                        duration_until_reset: Some(duration(outcome.reset_after)),
-                        quota: None,
-                    }
-                }
-            };
-            statuses.push(status);
-        }
+        let overall = if over { Code::OverLimit } else { Code::Ok };
         // Envoy adds these to its 429: clients learn when to come back (the longest wait
         // among the limits that rejected, in whole seconds, rounded up).
         let response_headers_to_add = if overall == Code::OverLimit {
@@ -295,12 +259,153 @@ impl RateLimitEngine {
         })
     }
 
+    /// Decides the descriptors of one request in `domain` against the rules in force: the
+    /// rule engine shared by `ShouldRateLimit` and ext_authz. Fills one `Verdict` per
+    /// descriptor, in order, and returns whether any enforced limit rejected the request.
+    /// All counters of the request are decided in one storage call, so a rejected request
+    /// consumes nothing (unless `count_rejected_hits`).
+    pub async fn evaluate<D: Descriptor>(
+        &self,
+        domain: &str,
+        descriptors: &[D],
+        request_hits: u32,
+        verdicts: &mut Verdicts,
+    ) -> Result<bool, RequestError> {
+        let rules = self.rules.load();
+        let settings = &rules.settings;
+        let matcher = rules.domain(domain);
+
+        let found: SmallVec<[Option<&Arc<Rule>>; 8]> = descriptors
+            .iter()
+            .map(|d| matcher.and_then(|m| m.find(d.entries())))
+            .collect();
+        let replaced = replaced_names(&found);
+
+        let mut ops = Ops::new();
+        let mut plans: SmallVec<[Plan<'_>; 8]> = SmallVec::new();
+        for (i, d) in descriptors.iter().enumerate() {
+            let hits = d.hits().unwrap_or(request_hits);
+            let start = ops.len();
+            // Envoy's per-descriptor override (from dynamic metadata) wins over config, as
+            // in the reference, but only inside a configured domain.
+            if let (Some(o), Some(_)) = (d.limit_override(), matcher) {
+                let unit = unit_from_pb(o.unit).ok_or(RequestError::BadOverrideUnit(i))?;
+                let limit = Limit {
+                    algorithm: settings.default_algorithm,
+                    requests_per_unit: o.requests_per_unit,
+                    unit,
+                    burst: settings
+                        .default_algorithm
+                        .default_burst(o.requests_per_unit)
+                        .max(1),
+                    block_duration: 0,
+                };
+                let fp = rules::override_fingerprint(domain, &limit);
+                let mut op = CounterOp::new(entry_key(fp, d.entries()), limit, hits, false);
+                op.negative = d.is_negative();
+                ops.push(op);
+                plans.push(Plan::Limits {
+                    rule: None,
+                    ops: start..ops.len(),
+                    hits,
+                });
+                continue;
+            }
+            let plan = match found[i] {
+                None => Plan::NoLimit,
+                Some(rule) if rule.unlimited => Plan::Unlimited,
+                Some(rule) => {
+                    for l in &rule.limits {
+                        if is_replaced(&replaced, l.name.as_deref()) {
+                            continue;
+                        }
+                        let key = entry_key(l.fingerprint, d.entries());
+                        let mut op = CounterOp::new(key, l.limit, hits, rule.shadow_mode);
+                        op.negative = d.is_negative();
+                        ops.push(op);
+                    }
+                    if ops.len() == start {
+                        Plan::NoLimit
+                    } else {
+                        Plan::Limits {
+                            rule: Some(rule),
+                            ops: start..ops.len(),
+                            hits,
+                        }
+                    }
+                }
+            };
+            plans.push(plan);
+        }
+
+        let now = self.clock.now();
+        if !ops.is_empty() {
+            self.storage
+                .check_and_update(&mut ops, now, settings.rejected_hits)
+                .await?;
+        }
+
+        let mut over = false;
+        verdicts.clear();
+        for (plan, d) in plans.iter().zip(descriptors) {
+            let verdict = match plan {
+                Plan::NoLimit => Verdict::no_limit(0),
+                Plan::Unlimited => Verdict::no_limit(u32::MAX),
+                Plan::Limits {
+                    rule,
+                    ops: range,
+                    hits,
+                } => {
+                    let ops = &ops[range.clone()];
+                    let (j, outcome) = reported(ops);
+                    let op = &ops[j];
+                    let shadow = rule.is_some_and(|r| r.shadow_mode);
+                    let rejected = ops.iter().any(|o| o.outcome.is_some_and(|x| !x.allowed));
+                    let stats = rule.map_or(rules.override_stats(), |r| &r.stats);
+                    self.record(
+                        stats,
+                        rule,
+                        d.entries(),
+                        *hits,
+                        rejected,
+                        shadow,
+                        &outcome,
+                        &op.limit,
+                        settings.near_limit_ratio,
+                    );
+                    let over_limit = rejected && !shadow;
+                    over |= over_limit;
+                    // Ops were pushed for the rule's non-replaced limits, in order.
+                    let name = rule
+                        .and_then(|r| {
+                            r.limits
+                                .iter()
+                                .filter(|l| !is_replaced(&replaced, l.name.as_deref()))
+                                .nth(j)
+                        })
+                        .and_then(|l| l.name.clone());
+                    Verdict {
+                        over_limit,
+                        limit: Some(VerdictLimit {
+                            name,
+                            limit: op.limit,
+                        }),
+                        remaining: outcome.remaining,
+                        reset_after: outcome.reset_after,
+                    }
+                }
+            };
+            verdicts.push(verdict);
+        }
+        Ok(over)
+    }
+
     #[allow(clippy::too_many_arguments)]
-    fn record(
+    fn record<E: rules::Entry>(
         &self,
         stats: &RuleStats,
         rule: &Option<&Arc<Rule>>,
-        d: &RateLimitDescriptor,
+        entries: &[E],
         hits: u32,
         rejected: bool,
         shadow: bool,
@@ -331,14 +436,14 @@ impl RateLimitEngine {
         {
             let mut key = String::from(&*r.stat_key);
             key.push('|');
-            for (i, e) in d.entries.iter().enumerate() {
+            for (i, e) in entries.iter().enumerate() {
                 if i > 0 {
                     key.push('.');
                 }
-                key.push_str(&e.key);
+                key.push_str(e.key());
                 key.push('_');
                 // Bound label size: values can be megabytes long.
-                key.push_str(truncate(&e.value, 128));
+                key.push_str(truncate(e.value(), 128));
             }
             if let Some(s) = self.stats.get_detailed(&key) {
                 apply(&s);
@@ -395,11 +500,8 @@ fn is_replaced(replaced: &[&str], name: Option<&str>) -> bool {
     name.is_some_and(|n| replaced.contains(&n))
 }
 
-fn entry_key(fingerprint: u64, d: &RateLimitDescriptor) -> rules::CounterKey {
-    rules::counter_key(
-        fingerprint,
-        d.entries.iter().map(|e| (e.key.as_str(), e.value.as_str())),
-    )
+fn entry_key<E: rules::Entry>(fingerprint: u64, entries: &[E]) -> rules::CounterKey {
+    rules::counter_key(fingerprint, entries.iter().map(|e| (e.key(), e.value())))
 }
 
 /// Among several limits of one descriptor, the one to report: a rejecting limit with the
