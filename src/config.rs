@@ -10,6 +10,7 @@
 //! reading the config files. Watching for changes is `reload`'s alone: it calls `load`
 //! again and swaps the result in only when loading succeeded.
 
+pub mod authz;
 mod decode;
 mod error;
 mod load;
@@ -17,6 +18,7 @@ mod model;
 pub mod reload;
 
 pub use error::{ConfigError, ConfigErrors};
+pub use decode::canonical_entry;
 pub use load::{load, parse_str};
 pub use model::{
     Config, DescriptorConfig, DomainConfig, FailureMode, RateLimitConfig, RedisSettings, Settings,

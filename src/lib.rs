@@ -1,10 +1,12 @@
-//! ratethrottle: an Envoy rate limit (and, later, external authorization) sidecar.
+//! ratethrottle: an Envoy rate limit and external authorization sidecar.
 //!
 //! Data flows one way: config → rules → limiter → storage, with `service` the thin gRPC face
 //! and `admin` the HTTP one. See each module's top comment for what it owns.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod authz;
+pub mod blocklist;
 pub mod cli;
 pub mod config;
 pub mod limiter;

@@ -10,12 +10,17 @@
 //! (`value: 0800` stays `"0800"`), booleans accept `yes`/`no`/`on`/`off`, integers accept
 //! `1_000`, null means "absent", and `<<` merge keys work.
 
+mod authz;
+
+pub use authz::canonical_entry;
+
 use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::path::Path;
 
 use saphyr::{LoadableYamlNode, MarkedYaml, Scalar, YamlData};
 
+use super::authz::AuthzConfig;
 use super::error::ConfigError;
 use super::model::{
     DescriptorConfig, DomainConfig, FailureMode, RateLimitConfig, RedisSettings, Settings,
@@ -40,11 +45,13 @@ pub(crate) struct FileOutput {
     /// `burst` keys on limits without an explicit algorithm: valid only if the default
     /// algorithm, known once all files are read, is a bucket.
     pub bursts_on_default: Vec<Loc>,
+    /// Every `authz` block of the file (more than one in all files is an error).
+    pub authz: Vec<(AuthzConfig, Loc)>,
     pub errors: Vec<ConfigError>,
 }
 
 const DOMAIN_KEYS: &[&str] = &["domain", "descriptors"];
-const SETTINGS_DOC_KEYS: &[&str] = &["settings", "domains"];
+const SETTINGS_DOC_KEYS: &[&str] = &["settings", "domains", "authz"];
 const DESCRIPTOR_KEYS: &[&str] = &[
     "key",
     "value",
@@ -75,6 +82,7 @@ const SETTINGS_KEYS: &[&str] = &[
     "admin_addr",
     "storage",
     "redis",
+    "admin_token",
 ];
 const REDIS_KEYS: &[&str] = &[
     "prefix",
@@ -376,6 +384,11 @@ impl Decoder<'_> {
             let loc = Self::loc(field.key, f.path("settings"));
             self.out.settings.push((settings, loc));
         }
+        if let Some(field) = f.raw("authz") {
+            let authz = self.authz(field.value, &f.path("authz"));
+            let loc = Self::loc(field.key, f.path("authz"));
+            self.out.authz.push((authz, loc));
+        }
         if let Some(field) = f.get("domains") {
             let path = f.path("domains");
             if let Some(items) = self.sequence(field.value, &path, "a list of domains") {
@@ -432,6 +445,7 @@ impl Decoder<'_> {
             ("grpc_addr", &mut s.grpc_addr),
             ("admin_addr", &mut s.admin_addr),
             ("storage", &mut s.storage),
+            ("admin_token", &mut s.admin_token),
         ] {
             if let Some(field) = f.get(name) {
                 let path = f.path(name);

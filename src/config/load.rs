@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use super::decode::{Loc, decode_file, uses_burst};
 use super::error::{ConfigError, ConfigErrors};
+use super::authz::AuthzConfig;
 use super::model::{Config, Settings};
 
 /// Loads the configuration at `path`: one YAML file, or every regular file directly inside
@@ -107,6 +108,7 @@ fn assemble(
     let mut domains = Vec::new();
     let mut seen: HashMap<String, (PathBuf, usize)> = HashMap::new();
     let mut bursts_on_default: Vec<(PathBuf, Loc)> = Vec::new();
+    let mut authz: Option<(AuthzConfig, PathBuf, Loc)> = None;
 
     for (file, bytes) in &sources {
         let text = match std::str::from_utf8(bytes) {
@@ -127,6 +129,20 @@ fn assemble(
                     loc,
                     format!(
                         "only one settings block is allowed; the first is at {}:{}",
+                        first_file.display(),
+                        first.line
+                    ),
+                )),
+            }
+        }
+        for (block, loc) in out.authz {
+            match &authz {
+                None => authz = Some((block, file.clone(), loc)),
+                Some((_, first_file, first)) => errors.push(located(
+                    file,
+                    loc,
+                    format!(
+                        "only one authz block is allowed; the first is at {}:{}",
                         first_file.display(),
                         first.line
                     ),
@@ -165,6 +181,20 @@ fn assemble(
         }
     }
 
+    if let Some((a, file, loc)) = &authz
+        && !a.policies.is_empty()
+        && !seen.contains_key(&a.domain)
+    {
+        let message = format!(
+            "policies count in domain {:?}, which no file defines (add it under domains, or \
+             set authz.domain)",
+            a.domain
+        );
+        let mut loc = loc.clone();
+        loc.key.push_str(".domain");
+        errors.push(located(file, loc, message));
+    }
+
     if !errors.is_empty() {
         // Directory files are read in name order, so path order is reading order.
         errors.sort_by(|a, b| {
@@ -178,6 +208,7 @@ fn assemble(
     Ok(Config {
         settings,
         domains,
+        authz: authz.map(|(a, _, _)| a),
         files: sources.into_iter().map(|(file, _)| file).collect(),
         version,
     })

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Serialize, Serializer};
 
+use super::authz::AuthzConfig;
 use crate::limiter::{Algorithm, Nanos, RejectedHits, Unit};
 
 /// Everything loaded from one `load`/`parse_str` call.
@@ -17,6 +18,8 @@ pub struct Config {
     pub settings: Settings,
     /// Every domain of every file, in file order then document order. Domain names are unique.
     pub domains: Vec<DomainConfig>,
+    /// The settings file's `authz:` block, if any.
+    pub authz: Option<AuthzConfig>,
     /// The files read, in the order they were loaded (what a reload watcher should watch).
     #[serde(serialize_with = "ser_paths")]
     pub files: Vec<PathBuf>,
@@ -47,6 +50,10 @@ pub struct Settings {
     pub storage: Option<String>,
     /// How the Redis store behaves (ignored by the memory store).
     pub redis: RedisSettings,
+    /// Bearer token of the admin list endpoints; `--admin-token`/`RATETHROTTLE_ADMIN_TOKEN`
+    /// override it. Without one, list management is disabled. Never shown.
+    #[serde(serialize_with = "ser_secret")]
+    pub admin_token: Option<String>,
 }
 
 /// What a request gets when Redis cannot answer in time.
@@ -136,6 +143,7 @@ impl Default for Settings {
             admin_addr: None,
             storage: None,
             redis: RedisSettings::default(),
+            admin_token: None,
         }
     }
 }
@@ -206,6 +214,13 @@ impl RateLimitConfig {
     /// The algorithm that decides this limit once the settings' default is applied.
     pub fn effective_algorithm(&self, settings: &Settings) -> Algorithm {
         self.algorithm.unwrap_or(settings.default_algorithm)
+    }
+}
+
+fn ser_secret<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_some("<redacted>"),
+        None => s.serialize_none(),
     }
 }
 

@@ -1,0 +1,381 @@
+//! ext_authz: Envoy's `envoy.service.auth.v3.Authorization/Check`, as plain Rust.
+//!
+//! One Check runs these stages, each its own module, in this order:
+//! 1. `request` + `identity`: is the CheckRequest judgeable, who is calling (header, JWT,
+//!    mTLS principal, client IP with trusted `x-forwarded-for` hops);
+//! 2. `lists`: allowlisted callers skip everything below, blocklisted ones get 403;
+//! 3. `policy`: policies matching the request produce descriptors;
+//! 4. `graphql` and `websocket`: protocol guards — query depth and complexity (a cost
+//!    descriptor charged with the complexity), WebSocket upgrades (a connection descriptor);
+//!
+//! then every descriptor of stages 3 and 4 is decided in one call to the shared rule engine
+//! (`RateLimitEngine::evaluate`: the same rules, six algorithms and storage as
+//! `ShouldRateLimit`, and a rejected request consumes nothing), and `answer` words the
+//! result. Owns: that order, the compiled `authz:` settings (swapped whole on reload) and
+//! the per-stage metrics. Must not touch: gRPC (service::grpc adapts), list storage
+//! (blocklist), counting (service, storage).
+
+pub mod answer;
+pub mod cidr;
+pub mod graphql;
+pub mod identity;
+pub mod jwt;
+pub mod lists;
+pub mod metrics;
+pub mod policy;
+pub mod request;
+pub mod websocket;
+
+use crate::blocklist::{self, Lists};
+use crate::config::Config;
+use crate::config::authz::{AuthzConfig, AuthzFailureMode};
+use crate::limiter::Clock;
+use crate::service::{RateLimitEngine, RequestError, Verdict, Verdicts};
+use answer::{Denial, Quota};
+use arc_swap::ArcSwap;
+use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use graphql::GraphqlGuard;
+use identity::{IdentityResolver, SourceKind};
+use metrics::{AuthzMetrics, Outcome, Stage};
+use policy::{AuthzDescriptor, DescriptorTemplate, Facts, Policy};
+use request::{Malformed, RequestView};
+use smallvec::SmallVec;
+use std::sync::Arc;
+use websocket::WebsocketGuard;
+
+/// The `authz:` settings, compiled.
+#[derive(Debug)]
+pub struct AuthzState {
+    domain: String,
+    failure_mode: AuthzFailureMode,
+    max_header_bytes: usize,
+    rate_limit_headers: bool,
+    identity: IdentityResolver,
+    policies: Vec<Policy>,
+    graphql: Option<(GraphqlGuard, DescriptorTemplate)>,
+    websocket: Option<WebsocketGuard>,
+}
+
+impl AuthzState {
+    pub fn compile(c: &AuthzConfig) -> AuthzState {
+        AuthzState {
+            domain: c.domain.clone(),
+            failure_mode: c.failure_mode,
+            max_header_bytes: c.max_header_bytes,
+            rate_limit_headers: c.rate_limit_headers,
+            identity: IdentityResolver::new(&c.identity),
+            policies: c.policies.iter().map(Policy::new).collect(),
+            graphql: c.graphql.as_ref().map(|g| {
+                (
+                    GraphqlGuard::new(g),
+                    DescriptorTemplate::new(&g.cost_descriptor),
+                )
+            }),
+            websocket: c.websocket.as_ref().map(WebsocketGuard::new),
+        }
+    }
+}
+
+/// Decides Check requests.
+#[derive(Clone)]
+pub struct AuthzEngine {
+    state: Arc<ArcSwap<AuthzState>>,
+    limits: RateLimitEngine,
+    lists: Arc<Lists>,
+    metrics: Arc<AuthzMetrics>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for AuthzEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthzEngine")
+            .field("domain", &self.state.load().domain)
+            .field("lists", &self.lists)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which descriptor of a request came from where (to word a 429).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Policy,
+    GraphqlCost,
+    Websocket,
+}
+
+impl AuthzEngine {
+    pub fn new(
+        limits: RateLimitEngine,
+        lists: Arc<Lists>,
+        metrics: Arc<AuthzMetrics>,
+        clock: Arc<dyn Clock>,
+    ) -> AuthzEngine {
+        AuthzEngine {
+            state: Arc::new(ArcSwap::from_pointee(AuthzState::compile(
+                &AuthzConfig::default(),
+            ))),
+            limits,
+            lists,
+            metrics,
+            clock,
+        }
+    }
+
+    /// Puts a loaded configuration's `authz:` block in force (defaults without one).
+    pub fn install(&self, config: &Config) {
+        let default = AuthzConfig::default();
+        let c = config.authz.as_ref().unwrap_or(&default);
+        self.state.store(Arc::new(AuthzState::compile(c)));
+        self.lists.set_config(
+            blocklist::config_entries(&c.lists.allow),
+            blocklist::config_entries(&c.lists.block),
+        );
+    }
+
+    pub fn lists(&self) -> &Arc<Lists> {
+        &self.lists
+    }
+
+    pub fn metrics(&self) -> &Arc<AuthzMetrics> {
+        &self.metrics
+    }
+
+    /// One Check. Always answers: problems become denials or, with `failure_mode: allow`,
+    /// an OK.
+    pub async fn check(&self, req: &CheckRequest) -> CheckResponse {
+        let st = self.state.load_full();
+        let view = match RequestView::new(req, st.max_header_bytes) {
+            Ok(v) => v,
+            Err(m) => return self.malformed(&st, m, false),
+        };
+        let grpc = view
+            .header("content-type")
+            .is_some_and(|c| c.starts_with("application/grpc"));
+
+        // 1. Identity.
+        let ip = st.identity.client_ip(&view);
+        let identity = match st.identity.resolve(&view, ip) {
+            Ok(id) => id,
+            Err(e) => {
+                self.metrics.stage(Stage::IdentityInvalidToken);
+                self.metrics.outcome(Outcome::Unauthenticated);
+                return Denial::unauthenticated(&e.to_string()).into_response(grpc);
+            }
+        };
+        self.metrics.stage(match identity.kind {
+            SourceKind::Header => Stage::IdentityHeader,
+            SourceKind::Jwt => Stage::IdentityJwt,
+            SourceKind::Mtls => Stage::IdentityMtls,
+            SourceKind::ClientIp => Stage::IdentityClientIp,
+            SourceKind::Anonymous => Stage::IdentityAnonymous,
+        });
+
+        // 2. Lists: the client IP and the identity, allow first.
+        let listed = {
+            let lists = self.lists.snapshot();
+            let now_ms = self.clock.now() / 1_000_000;
+            let hit = |l: &lists::CompiledList| {
+                ip.and_then(|a| l.match_addr(a, now_ms))
+                    .or_else(|| l.match_identity(&identity.value, now_ms))
+                    .map(|e| e.public_code().to_string())
+            };
+            if hit(&lists.allow).is_some() {
+                Some(None)
+            } else {
+                hit(&lists.block).map(Some)
+            }
+        };
+        match listed {
+            Some(None) => {
+                self.metrics.stage(Stage::ListAllow);
+                self.metrics.outcome(Outcome::Allowlisted);
+                return self.allowed(&st, Some(&identity.value), None);
+            }
+            Some(Some(code)) => {
+                self.metrics.stage(Stage::ListBlock);
+                self.metrics.outcome(Outcome::Blocked);
+                return Denial::blocked(&code).into_response(grpc);
+            }
+            None => {}
+        }
+
+        // 3. Policies, 4. guards: collect the templates that apply.
+        let mut templates: SmallVec<[(&DescriptorTemplate, u32, Origin); 8]> = SmallVec::new();
+        for p in st.policies.iter().filter(|p| p.matches(&view)) {
+            templates.extend(p.descriptors.iter().map(|d| (d, p.hits, Origin::Policy)));
+        }
+        let mut graphql_request = false;
+        if let Some((guard, cost)) = &st.graphql
+            && guard.applies(&view)
+        {
+            graphql_request = true;
+            if let Err(m) = view.body() {
+                return self.malformed(&st, m, grpc);
+            }
+            match guard.check(&view) {
+                Ok(a) => {
+                    self.metrics.stage(Stage::GraphqlAnalysed);
+                    if a.complexity > 0 {
+                        let hits = u32::try_from(a.complexity).unwrap_or(u32::MAX);
+                        templates.push((cost, hits, Origin::GraphqlCost));
+                    }
+                }
+                Err(e) => {
+                    self.metrics.stage(match e.code {
+                        "QUERY_TOO_DEEP" => Stage::GraphqlTooDeep,
+                        "QUERY_TOO_COMPLEX" => Stage::GraphqlTooComplex,
+                        _ => Stage::GraphqlParseError,
+                    });
+                    self.metrics.outcome(Outcome::GraphqlRejected);
+                    return Denial::graphql(e.to_json()).into_response(grpc);
+                }
+            }
+        }
+        if let Some(ws) = &st.websocket
+            && websocket::is_upgrade(&view)
+        {
+            self.metrics.stage(Stage::WebsocketUpgrade);
+            templates.push((&ws.descriptor, 1, Origin::Websocket));
+        }
+        if templates.is_empty() {
+            self.metrics.outcome(Outcome::Allowed);
+            return self.allowed(&st, Some(&identity.value), None);
+        }
+
+        // Descriptors borrow the request, the identity and the config: nothing is copied.
+        let mut facts = Facts::new(&view, &identity.value, ip);
+        for (t, _, _) in &templates {
+            t.prepare(&mut facts);
+        }
+        let mut descriptors: SmallVec<[AuthzDescriptor<'_>; 4]> = SmallVec::new();
+        let mut origins: SmallVec<[Origin; 4]> = SmallVec::new();
+        for (t, hits, origin) in &templates {
+            if let Some(d) = t.build(&facts, *hits) {
+                descriptors.push(d);
+                origins.push(*origin);
+            }
+        }
+        if descriptors.is_empty() {
+            self.metrics.outcome(Outcome::Allowed);
+            return self.allowed(&st, Some(&identity.value), None);
+        }
+        self.metrics.stage(Stage::LimitsEvaluated);
+        let mut verdicts = Verdicts::new();
+        match self
+            .limits
+            .evaluate(&st.domain, &descriptors, 1, &mut verdicts)
+            .await
+        {
+            Ok(false) => {
+                self.metrics.outcome(Outcome::Allowed);
+                let quota = st
+                    .rate_limit_headers
+                    .then(|| closest(&verdicts))
+                    .flatten();
+                self.allowed(&st, Some(&identity.value), quota)
+            }
+            Ok(true) => {
+                self.metrics.stage(Stage::LimitsOver);
+                // The rejecting limit with the longest wait is the one to report.
+                let (i, q) = rejecting(&verdicts);
+                let origin = origins.get(i).copied().unwrap_or(Origin::Policy);
+                match origin {
+                    Origin::GraphqlCost => self.metrics.stage(Stage::GraphqlBudgetExceeded),
+                    Origin::Websocket => self.metrics.stage(Stage::WebsocketLimited),
+                    Origin::Policy => {}
+                }
+                self.metrics.outcome(Outcome::RateLimited);
+                let graphql_body = graphql_request && origin == Origin::GraphqlCost;
+                Denial::rate_limited(q, graphql_body).into_response(grpc)
+            }
+            Err(e) => {
+                self.metrics.stage(Stage::LimitsStorageError);
+                tracing::warn!("ext_authz limits: {e}");
+                self.failed(&st, &e, Some(&identity.value), grpc)
+            }
+        }
+    }
+
+    fn allowed(&self, st: &AuthzState, identity: Option<&str>, quota: Option<Quota>) -> CheckResponse {
+        answer::allowed(
+            &st.identity.header,
+            identity,
+            &st.identity.strip_headers,
+            quota,
+        )
+    }
+
+    fn malformed(&self, st: &AuthzState, m: Malformed, grpc: bool) -> CheckResponse {
+        self.metrics.stage(match m {
+            Malformed::NoAttributes | Malformed::NoHttpRequest => Stage::MalformedMissing,
+            Malformed::HeadersTooLarge(_) => Stage::MalformedHeaders,
+            Malformed::BodyNotUtf8 => Stage::MalformedBody,
+        });
+        match st.failure_mode {
+            AuthzFailureMode::Allow => {
+                self.metrics.outcome(Outcome::FailedOpen);
+                // Still never forward a forged identity.
+                self.allowed(st, None, None)
+            }
+            AuthzFailureMode::Deny => {
+                self.metrics.outcome(Outcome::BadRequest);
+                Denial::malformed(m.code(), matches!(m, Malformed::HeadersTooLarge(_)))
+                    .into_response(grpc)
+            }
+        }
+    }
+
+    fn failed(
+        &self,
+        st: &AuthzState,
+        _e: &RequestError,
+        identity: Option<&str>,
+        grpc: bool,
+    ) -> CheckResponse {
+        match st.failure_mode {
+            AuthzFailureMode::Allow => {
+                self.metrics.outcome(Outcome::FailedOpen);
+                self.allowed(st, identity, None)
+            }
+            AuthzFailureMode::Deny => {
+                self.metrics.outcome(Outcome::Unavailable);
+                Denial::unavailable().into_response(grpc)
+            }
+        }
+    }
+}
+
+fn quota_of(v: &Verdict) -> Option<Quota> {
+    v.limit.as_ref().map(|l| Quota {
+        limit: l.limit.requests_per_unit,
+        remaining: v.remaining,
+        reset_after: v.reset_after,
+    })
+}
+
+/// The limit closest to rejecting (least remaining), for the optional upstream headers.
+fn closest(verdicts: &[Verdict]) -> Option<Quota> {
+    verdicts
+        .iter()
+        .filter_map(quota_of)
+        .min_by_key(|q| (q.remaining, std::cmp::Reverse(q.reset_after)))
+}
+
+/// The rejecting verdict with the longest wait, and its index.
+fn rejecting(verdicts: &[Verdict]) -> (usize, Quota) {
+    verdicts
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.over_limit)
+        .filter_map(|(i, v)| quota_of(v).map(|q| (i, q)))
+        .max_by_key(|(_, q)| q.reset_after)
+        .unwrap_or((
+            0,
+            Quota {
+                limit: 0,
+                remaining: 0,
+                reset_after: 1_000_000_000,
+            },
+        ))
+}
+

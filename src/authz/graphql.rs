@@ -1,0 +1,886 @@
+//! Stage 4, GraphQL: how deep and how expensive a query is, before it reaches the server.
+//!
+//! Owns: reading the query out of a request (JSON `{"query", "variables", "operationName"}`,
+//! a JSON batch, `application/graphql`, or a GET `?query=`), a parser for GraphQL executable
+//! documents (operations, fragments, inline fragments, arguments, variables, directives —
+//! type-system definitions are refused), and the analysis: depth counted through fragment
+//! spreads and inline fragments (a spread does not reset the depth, which is how the seed
+//! library was bypassed), and complexity — every field costs its weight, and a field with a
+//! list argument (`first`, `limit`, ...) multiplies the cost of its selection by the
+//! argument's value (a literal, or the request's variable). Fragments are analysed once
+//! each (memoised) and cycles are errors, so hostile documents cost linear time; nesting is
+//! bounded, so no input can exhaust the stack.
+//!
+//! Must not touch: limits (the complexity is charged by the caller as the hits of the
+//! cost-budget descriptor) and answers beyond the GraphQL-style error it describes.
+
+use super::request::RequestView;
+use crate::config::authz::GraphqlConfig;
+use std::collections::HashMap;
+
+/// Deeper syntactic nesting than this is refused before anything recurses further.
+const MAX_NESTING: usize = 256;
+
+/// Why a query is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphqlError {
+    pub message: String,
+    /// 1-based position in the query text, when the error has one.
+    pub location: Option<(usize, usize)>,
+    /// `extensions.code`: GRAPHQL_PARSE_FAILED, BAD_REQUEST, QUERY_TOO_DEEP, QUERY_TOO_COMPLEX.
+    pub code: &'static str,
+}
+
+impl GraphqlError {
+    fn bad_request(message: impl Into<String>) -> GraphqlError {
+        GraphqlError {
+            message: message.into(),
+            location: None,
+            code: "BAD_REQUEST",
+        }
+    }
+
+    /// The body a GraphQL client understands: `{"errors":[{message, locations, extensions}]}`.
+    pub fn to_json(&self) -> String {
+        let mut e = serde_json::json!({
+            "message": self.message,
+            "extensions": {"code": self.code},
+        });
+        if let Some((line, column)) = self.location {
+            e["locations"] = serde_json::json!([{"line": line, "column": column}]);
+        }
+        serde_json::json!({ "errors": [e] }).to_string()
+    }
+}
+
+/// What a query costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Analysis {
+    pub depth: u32,
+    pub complexity: u64,
+}
+
+/// Compiled `authz.graphql`.
+#[derive(Debug)]
+pub struct GraphqlGuard {
+    paths: Vec<String>,
+    pub max_depth: u32,
+    pub max_complexity: u64,
+    default_cost: u64,
+    costs: HashMap<String, u64>,
+    list_arguments: Vec<String>,
+    default_list_size: u64,
+    max_body_bytes: usize,
+}
+
+impl GraphqlGuard {
+    pub fn new(c: &GraphqlConfig) -> GraphqlGuard {
+        GraphqlGuard {
+            paths: c.paths.clone(),
+            max_depth: c.max_depth,
+            max_complexity: c.max_complexity,
+            default_cost: c.default_field_cost,
+            costs: c.field_costs.iter().cloned().collect(),
+            list_arguments: c.list_arguments.clone(),
+            default_list_size: c.default_list_size,
+            max_body_bytes: c.max_body_bytes,
+        }
+    }
+
+    /// Whether `req` goes to a GraphQL endpoint (POST, or GET with a `query` parameter).
+    pub fn applies(&self, req: &RequestView<'_>) -> bool {
+        self.paths.iter().any(|p| p == req.path)
+            && (req.method == "POST" || (req.method == "GET" && req.query_param("query").is_some()))
+    }
+
+    /// Reads, parses and analyses the request's query, and enforces the maximums.
+    pub fn check(&self, req: &RequestView<'_>) -> Result<Analysis, GraphqlError> {
+        let a = self.analyse_request(req)?;
+        if a.depth > self.max_depth {
+            return Err(GraphqlError {
+                message: format!(
+                    "Query depth {} exceeds the maximum of {}.",
+                    a.depth, self.max_depth
+                ),
+                location: None,
+                code: "QUERY_TOO_DEEP",
+            });
+        }
+        if a.complexity > self.max_complexity {
+            return Err(GraphqlError {
+                message: format!(
+                    "Query complexity {} exceeds the maximum of {}.",
+                    a.complexity, self.max_complexity
+                ),
+                location: None,
+                code: "QUERY_TOO_COMPLEX",
+            });
+        }
+        Ok(a)
+    }
+
+    fn analyse_request(&self, req: &RequestView<'_>) -> Result<Analysis, GraphqlError> {
+        if req.method == "GET" {
+            let query = percent_decode(req.query_param("query").unwrap_or_default());
+            let variables = req
+                .query_param("variables")
+                .map(|v| serde_json::from_str(&percent_decode(v)))
+                .transpose()
+                .map_err(|_| GraphqlError::bad_request("Variables are invalid JSON."))?;
+            let op = req.query_param("operationName").map(percent_decode);
+            return self.analyse(&query, variables.as_ref(), op.as_deref());
+        }
+        if req.body_truncated() {
+            return Err(GraphqlError::bad_request(format!(
+                "The request body is larger than the proxy buffers ({} bytes analysed at most).",
+                self.max_body_bytes
+            )));
+        }
+        let body = req
+            .body()
+            .map_err(|_| GraphqlError::bad_request("The request body is not UTF-8."))?;
+        if body.len() > self.max_body_bytes {
+            return Err(GraphqlError::bad_request(format!(
+                "The request body exceeds {} bytes.",
+                self.max_body_bytes
+            )));
+        }
+        if body.trim().is_empty() {
+            return Err(GraphqlError::bad_request(
+                "Must provide query string (is the proxy sending the body? set with_request_body).",
+            ));
+        }
+        let content_type = req.header("content-type").unwrap_or_default();
+        if content_type.starts_with("application/graphql") {
+            return self.analyse(body, None, None);
+        }
+        let json: serde_json::Value = serde_json::from_str(body)
+            .map_err(|e| GraphqlError::bad_request(format!("Body is not valid JSON: {e}.")))?;
+        match &json {
+            serde_json::Value::Array(batch) if !batch.is_empty() => {
+                let mut total = Analysis {
+                    depth: 0,
+                    complexity: 0,
+                };
+                for item in batch {
+                    let a = self.analyse_json(item)?;
+                    total.depth = total.depth.max(a.depth);
+                    total.complexity = total.complexity.saturating_add(a.complexity);
+                }
+                Ok(total)
+            }
+            other => self.analyse_json(other),
+        }
+    }
+
+    fn analyse_json(&self, v: &serde_json::Value) -> Result<Analysis, GraphqlError> {
+        let Some(query) = v.get("query").and_then(|q| q.as_str()) else {
+            return Err(GraphqlError::bad_request("Must provide query string."));
+        };
+        let op = v.get("operationName").and_then(|o| o.as_str());
+        self.analyse(query, v.get("variables"), op)
+    }
+
+    /// Parses and analyses one document.
+    pub fn analyse(
+        &self,
+        query: &str,
+        variables: Option<&serde_json::Value>,
+        operation: Option<&str>,
+    ) -> Result<Analysis, GraphqlError> {
+        let doc = Parser::new(query, &self.list_arguments).document()?;
+        let ops: Vec<&Operation<'_>> = match operation {
+            Some(name) => {
+                let op = doc.operations.iter().find(|o| o.name == Some(name));
+                vec![op.ok_or_else(|| {
+                    GraphqlError::bad_request(format!("Unknown operation named \"{name}\"."))
+                })?]
+            }
+            // Several operations and no name: the server refuses it, but take the worst.
+            None => doc.operations.iter().collect(),
+        };
+        if ops.is_empty() {
+            return Err(GraphqlError::bad_request("The document has no operation."));
+        }
+        let mut analyser = Analyser {
+            guard: self,
+            fragments: &doc.fragments,
+            variables,
+            memo: HashMap::new(),
+            stack: 0,
+        };
+        let mut out = Analysis {
+            depth: 0,
+            complexity: 0,
+        };
+        for op in ops {
+            let (d, c) = analyser.set(&op.selection)?;
+            out.depth = out.depth.max(d);
+            out.complexity = out.complexity.max(c);
+        }
+        Ok(out)
+    }
+}
+
+/// `%XX` and `+` decoding of a query parameter (invalid escapes are kept as written).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                match (hex(b[i + 1]), hex(b[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+// ---- The document ----
+
+#[derive(Debug)]
+enum Selection<'a> {
+    Field {
+        name: &'a str,
+        multiplier: Multiplier<'a>,
+        children: Vec<Selection<'a>>,
+    },
+    Spread(&'a str),
+    Inline(Vec<Selection<'a>>),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Multiplier<'a> {
+    One,
+    Literal(u64),
+    Variable(&'a str),
+}
+
+#[derive(Debug)]
+struct Operation<'a> {
+    name: Option<&'a str>,
+    selection: Vec<Selection<'a>>,
+}
+
+#[derive(Debug)]
+struct Document<'a> {
+    operations: Vec<Operation<'a>>,
+    fragments: HashMap<&'a str, Vec<Selection<'a>>>,
+}
+
+// ---- Analysis ----
+
+#[derive(Clone, Copy)]
+enum Memo {
+    Visiting,
+    Done(u32, u64),
+}
+
+struct Analyser<'g, 'd, 'a> {
+    guard: &'g GraphqlGuard,
+    fragments: &'d HashMap<&'a str, Vec<Selection<'a>>>,
+    variables: Option<&'d serde_json::Value>,
+    memo: HashMap<&'a str, Memo>,
+    stack: usize,
+}
+
+impl<'a> Analyser<'_, '_, 'a> {
+    /// (depth, complexity) of a selection set.
+    fn set(&mut self, set: &[Selection<'a>]) -> Result<(u32, u64), GraphqlError> {
+        self.stack += 1;
+        if self.stack > MAX_NESTING * 2 {
+            return Err(GraphqlError::bad_request("Query nesting is too deep."));
+        }
+        let mut depth = 0u32;
+        let mut complexity = 0u64;
+        for s in set {
+            let (d, c) = match s {
+                Selection::Field {
+                    name,
+                    multiplier,
+                    children,
+                } => {
+                    let (cd, cc) = if children.is_empty() {
+                        (0, 0)
+                    } else {
+                        self.set(children)?
+                    };
+                    let cost = match self.guard.costs.get(*name) {
+                        Some(c) => *c,
+                        None if name.starts_with("__") => 0,
+                        None => self.guard.default_cost,
+                    };
+                    let m = self.multiplier(*multiplier);
+                    (cd + 1, m.saturating_mul(cost.saturating_add(cc)))
+                }
+                Selection::Spread(name) => self.fragment(name)?,
+                Selection::Inline(children) => self.set(children)?,
+            };
+            depth = depth.max(d);
+            complexity = complexity.saturating_add(c);
+        }
+        self.stack -= 1;
+        Ok((depth, complexity))
+    }
+
+    fn fragment(&mut self, name: &'a str) -> Result<(u32, u64), GraphqlError> {
+        match self.memo.get(name) {
+            Some(Memo::Done(d, c)) => return Ok((*d, *c)),
+            Some(Memo::Visiting) => {
+                return Err(GraphqlError {
+                    message: format!("Cannot spread fragment \"{name}\" within itself."),
+                    location: None,
+                    code: "GRAPHQL_VALIDATION_FAILED",
+                });
+            }
+            None => {}
+        }
+        let fragments = self.fragments;
+        let Some(set) = fragments.get(name) else {
+            return Err(GraphqlError {
+                message: format!("Unknown fragment \"{name}\"."),
+                location: None,
+                code: "GRAPHQL_VALIDATION_FAILED",
+            });
+        };
+        self.memo.insert(name, Memo::Visiting);
+        let r = self.set(set)?;
+        self.memo.insert(name, Memo::Done(r.0, r.1));
+        Ok(r)
+    }
+
+    fn multiplier(&self, m: Multiplier<'_>) -> u64 {
+        match m {
+            Multiplier::One => 1,
+            Multiplier::Literal(n) => n.max(1),
+            Multiplier::Variable(v) => self
+                .variables
+                .and_then(|vars| vars.get(v))
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(self.guard.default_list_size)
+                .max(1),
+        }
+    }
+}
+
+// ---- Lexer ----
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tok<'a> {
+    Punct(u8),
+    Spread,
+    Name(&'a str),
+    Int(&'a str),
+    Float,
+    Str,
+    Eof,
+}
+
+impl Tok<'_> {
+    fn describe(&self) -> String {
+        match self {
+            Tok::Punct(c) => format!("\"{}\"", *c as char),
+            Tok::Spread => "\"...\"".into(),
+            Tok::Name(n) => format!("Name \"{n}\""),
+            Tok::Int(i) => format!("Int \"{i}\""),
+            Tok::Float => "Float".into(),
+            Tok::Str => "String".into(),
+            Tok::Eof => "<EOF>".into(),
+        }
+    }
+}
+
+struct Parser<'a> {
+    src: &'a str,
+    /// Arguments whose integer value multiplies a field's cost.
+    list_args: &'a [String],
+    pos: usize,
+    tok: Tok<'a>,
+    tok_start: usize,
+    nesting: usize,
+}
+
+type PResult<T> = Result<T, GraphqlError>;
+
+impl<'a> Parser<'a> {
+    fn new(src: &'a str, list_args: &'a [String]) -> Parser<'a> {
+        Parser {
+            src,
+            list_args,
+            pos: 0,
+            tok: Tok::Eof,
+            tok_start: 0,
+            nesting: 0,
+        }
+    }
+
+    fn error_at(&self, offset: usize, message: String) -> GraphqlError {
+        let before = self.src.get(..offset).unwrap_or(self.src);
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        GraphqlError {
+            message: format!("Syntax Error: {message}"),
+            location: Some((line, column)),
+            code: "GRAPHQL_PARSE_FAILED",
+        }
+    }
+
+    fn unexpected(&self, wanted: &str) -> GraphqlError {
+        self.error_at(
+            self.tok_start,
+            format!("Expected {wanted}, found {}.", self.tok.describe()),
+        )
+    }
+
+    /// Moves to the next token.
+    fn advance(&mut self) -> PResult<()> {
+        let b = self.src.as_bytes();
+        // Skip ignored tokens: whitespace, commas, line terminators, BOM, comments.
+        loop {
+            match b.get(self.pos) {
+                Some(b' ' | b'\t' | b'\n' | b'\r' | b',') => self.pos += 1,
+                Some(b'#') => {
+                    while let Some(&c) = b.get(self.pos) {
+                        if c == b'\n' || c == b'\r' {
+                            break;
+                        }
+                        self.pos += 1;
+                    }
+                }
+                Some(0xEF) if b.get(self.pos..self.pos + 3) == Some(&[0xEF, 0xBB, 0xBF]) => {
+                    self.pos += 3
+                }
+                _ => break,
+            }
+        }
+        self.tok_start = self.pos;
+        let Some(&c) = b.get(self.pos) else {
+            self.tok = Tok::Eof;
+            return Ok(());
+        };
+        self.tok = match c {
+            b'!' | b'$' | b'&' | b'(' | b')' | b':' | b'=' | b'@' | b'[' | b']' | b'{' | b'|'
+            | b'}' => {
+                self.pos += 1;
+                Tok::Punct(c)
+            }
+            b'.' => {
+                if b.get(self.pos..self.pos + 3) == Some(b"...") {
+                    self.pos += 3;
+                    Tok::Spread
+                } else {
+                    return Err(self.error_at(self.pos, "Unexpected \".\".".into()));
+                }
+            }
+            b'_' | b'a'..=b'z' | b'A'..=b'Z' => {
+                let start = self.pos;
+                while matches!(b.get(self.pos), Some(b'_' | b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9'))
+                {
+                    self.pos += 1;
+                }
+                Tok::Name(&self.src[start..self.pos])
+            }
+            b'-' | b'0'..=b'9' => self.number()?,
+            b'"' => {
+                self.string()?;
+                Tok::Str
+            }
+            _ => {
+                let ch = self.src[self.pos..].chars().next().unwrap_or('?');
+                return Err(self.error_at(self.pos, format!("Unexpected character {ch:?}.")));
+            }
+        };
+        Ok(())
+    }
+
+    fn digits(&mut self) -> usize {
+        let b = self.src.as_bytes();
+        let start = self.pos;
+        while matches!(b.get(self.pos), Some(b'0'..=b'9')) {
+            self.pos += 1;
+        }
+        self.pos - start
+    }
+
+    fn number(&mut self) -> PResult<Tok<'a>> {
+        let b = self.src.as_bytes();
+        let start = self.pos;
+        if b.get(self.pos) == Some(&b'-') {
+            self.pos += 1;
+        }
+        let int_start = self.pos;
+        if self.digits() == 0 {
+            return Err(self.error_at(start, "Invalid number, expected digit.".into()));
+        }
+        if b.get(int_start) == Some(&b'0') && self.pos - int_start > 1 {
+            return Err(self.error_at(start, "Invalid number, unexpected digit after 0.".into()));
+        }
+        let mut float = false;
+        if b.get(self.pos) == Some(&b'.') {
+            self.pos += 1;
+            float = true;
+            if self.digits() == 0 {
+                return Err(self.error_at(start, "Invalid number, expected digit.".into()));
+            }
+        }
+        if matches!(b.get(self.pos), Some(b'e' | b'E')) {
+            self.pos += 1;
+            float = true;
+            if matches!(b.get(self.pos), Some(b'+' | b'-')) {
+                self.pos += 1;
+            }
+            if self.digits() == 0 {
+                return Err(self.error_at(start, "Invalid number, expected digit.".into()));
+            }
+        }
+        if matches!(b.get(self.pos), Some(b'_' | b'a'..=b'z' | b'A'..=b'Z' | b'.')) {
+            return Err(self.error_at(self.pos, "Invalid number.".into()));
+        }
+        Ok(if float {
+            Tok::Float
+        } else {
+            Tok::Int(&self.src[start..self.pos])
+        })
+    }
+
+    fn string(&mut self) -> PResult<()> {
+        let b = self.src.as_bytes();
+        let start = self.pos;
+        if b.get(self.pos..self.pos + 3) == Some(b"\"\"\"") {
+            self.pos += 3;
+            loop {
+                match b.get(self.pos) {
+                    None => return Err(self.error_at(start, "Unterminated string.".into())),
+                    Some(b'\\') if b.get(self.pos + 1..self.pos + 4) == Some(b"\"\"\"") => {
+                        self.pos += 4
+                    }
+                    Some(b'"') if b.get(self.pos..self.pos + 3) == Some(b"\"\"\"") => {
+                        self.pos += 3;
+                        return Ok(());
+                    }
+                    Some(_) => self.pos += 1,
+                }
+            }
+        }
+        self.pos += 1;
+        loop {
+            match b.get(self.pos) {
+                None | Some(b'\n' | b'\r') => {
+                    return Err(self.error_at(start, "Unterminated string.".into()));
+                }
+                Some(b'"') => {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                Some(b'\\') => {
+                    match b.get(self.pos + 1) {
+                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
+                            self.pos += 2
+                        }
+                        Some(b'u') => {
+                            let hex = b.get(self.pos + 2..self.pos + 6);
+                            if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                                return Err(self.error_at(
+                                    self.pos,
+                                    "Invalid Unicode escape sequence.".into(),
+                                ));
+                            }
+                            self.pos += 6;
+                        }
+                        _ => {
+                            return Err(
+                                self.error_at(self.pos, "Invalid character escape sequence.".into())
+                            );
+                        }
+                    }
+                }
+                Some(_) => self.pos += 1,
+            }
+        }
+    }
+
+    fn expect(&mut self, c: u8) -> PResult<()> {
+        if self.tok == Tok::Punct(c) {
+            self.advance()
+        } else {
+            Err(self.unexpected(&format!("\"{}\"", c as char)))
+        }
+    }
+
+    fn name(&mut self) -> PResult<&'a str> {
+        match self.tok {
+            Tok::Name(n) => {
+                self.advance()?;
+                Ok(n)
+            }
+            _ => Err(self.unexpected("Name")),
+        }
+    }
+
+    fn enter(&mut self) -> PResult<()> {
+        self.nesting += 1;
+        if self.nesting > MAX_NESTING {
+            return Err(self.error_at(self.tok_start, "Document nesting is too deep.".into()));
+        }
+        Ok(())
+    }
+
+    fn document(mut self) -> PResult<Document<'a>> {
+        self.advance()?;
+        let mut doc = Document {
+            operations: Vec::new(),
+            fragments: HashMap::new(),
+        };
+        if self.tok == Tok::Eof {
+            return Err(self.unexpected("a query"));
+        }
+        while self.tok != Tok::Eof {
+            match self.tok {
+                Tok::Punct(b'{') => doc.operations.push(Operation {
+                    name: None,
+                    selection: self.selection_set()?,
+                }),
+                Tok::Name("query" | "mutation" | "subscription") => {
+                    self.advance()?;
+                    let name = match self.tok {
+                        Tok::Name(n) => {
+                            self.advance()?;
+                            Some(n)
+                        }
+                        _ => None,
+                    };
+                    if self.tok == Tok::Punct(b'(') {
+                        self.variable_definitions()?;
+                    }
+                    self.directives()?;
+                    doc.operations.push(Operation {
+                        name,
+                        selection: self.selection_set()?,
+                    });
+                }
+                Tok::Name("fragment") => {
+                    self.advance()?;
+                    let at = self.tok_start;
+                    let name = self.name()?;
+                    if name == "on" {
+                        return Err(self.error_at(at, "Unexpected Name \"on\".".into()));
+                    }
+                    match self.tok {
+                        Tok::Name("on") => self.advance()?,
+                        _ => return Err(self.unexpected("\"on\"")),
+                    }
+                    self.name()?;
+                    self.directives()?;
+                    let set = self.selection_set()?;
+                    if doc.fragments.insert(name, set).is_some() {
+                        return Err(GraphqlError {
+                            message: format!("There can be only one fragment named \"{name}\"."),
+                            location: None,
+                            code: "GRAPHQL_VALIDATION_FAILED",
+                        });
+                    }
+                }
+                Tok::Name(_) => {
+                    return Err(self.error_at(
+                        self.tok_start,
+                        format!(
+                            "Unexpected {} (only queries, mutations, subscriptions and fragments \
+                             can be executed).",
+                            self.tok.describe()
+                        ),
+                    ));
+                }
+                _ => return Err(self.unexpected("a definition")),
+            }
+        }
+        Ok(doc)
+    }
+
+    fn selection_set(&mut self) -> PResult<Vec<Selection<'a>>> {
+        self.enter()?;
+        self.expect(b'{')?;
+        let mut out = Vec::new();
+        while self.tok != Tok::Punct(b'}') {
+            out.push(self.selection()?);
+        }
+        if out.is_empty() {
+            return Err(self.unexpected("Name"));
+        }
+        self.advance()?;
+        self.nesting -= 1;
+        Ok(out)
+    }
+
+    fn selection(&mut self) -> PResult<Selection<'a>> {
+        if self.tok == Tok::Spread {
+            self.advance()?;
+            return match self.tok {
+                Tok::Name(n) if n != "on" => {
+                    self.advance()?;
+                    self.directives()?;
+                    Ok(Selection::Spread(n))
+                }
+                Tok::Name(_) => {
+                    self.advance()?;
+                    self.name()?;
+                    self.directives()?;
+                    Ok(Selection::Inline(self.selection_set()?))
+                }
+                _ => {
+                    self.directives()?;
+                    Ok(Selection::Inline(self.selection_set()?))
+                }
+            };
+        }
+        let mut name = self.name()?;
+        if self.tok == Tok::Punct(b':') {
+            self.advance()?;
+            name = self.name()?;
+        }
+        let mut multiplier = Multiplier::One;
+        if self.tok == Tok::Punct(b'(') {
+            multiplier = self.arguments()?;
+        }
+        self.directives()?;
+        let children = if self.tok == Tok::Punct(b'{') {
+            self.selection_set()?
+        } else {
+            Vec::new()
+        };
+        Ok(Selection::Field {
+            name,
+            multiplier,
+            children,
+        })
+    }
+
+    /// Field arguments; returns the multiplier from the largest list argument.
+    fn arguments(&mut self) -> PResult<Multiplier<'a>> {
+        self.expect(b'(')?;
+        let mut m = Multiplier::One;
+        if self.tok == Tok::Punct(b')') {
+            return Err(self.unexpected("Name"));
+        }
+        while self.tok != Tok::Punct(b')') {
+            let name = self.name()?;
+            self.expect(b':')?;
+            let list_arg = self.list_argument(name);
+            match (list_arg, self.tok) {
+                (true, Tok::Int(i)) => {
+                    let n = i.parse::<u64>().unwrap_or(if i.starts_with('-') { 0 } else { u64::MAX });
+                    m = match m {
+                        Multiplier::Literal(old) => Multiplier::Literal(old.max(n)),
+                        _ => Multiplier::Literal(n),
+                    };
+                    self.advance()?;
+                }
+                (true, Tok::Punct(b'$')) => {
+                    self.advance()?;
+                    let var = self.name()?;
+                    if matches!(m, Multiplier::One) {
+                        m = Multiplier::Variable(var);
+                    }
+                }
+                _ => self.value()?,
+            }
+        }
+        self.advance()?;
+        Ok(m)
+    }
+
+    fn list_argument(&self, name: &str) -> bool {
+        self.list_args.iter().any(|a| a == name)
+    }
+
+    fn value(&mut self) -> PResult<()> {
+        match self.tok {
+            Tok::Punct(b'$') => {
+                self.advance()?;
+                self.name()?;
+            }
+            Tok::Int(_) | Tok::Float | Tok::Str | Tok::Name(_) => self.advance()?,
+            Tok::Punct(b'[') => {
+                self.enter()?;
+                self.advance()?;
+                while self.tok != Tok::Punct(b']') {
+                    if self.tok == Tok::Eof {
+                        return Err(self.unexpected("\"]\""));
+                    }
+                    self.value()?;
+                }
+                self.advance()?;
+                self.nesting -= 1;
+            }
+            Tok::Punct(b'{') => {
+                self.enter()?;
+                self.advance()?;
+                while self.tok != Tok::Punct(b'}') {
+                    self.name()?;
+                    self.expect(b':')?;
+                    self.value()?;
+                }
+                self.advance()?;
+                self.nesting -= 1;
+            }
+            _ => return Err(self.unexpected("a value")),
+        }
+        Ok(())
+    }
+
+    fn directives(&mut self) -> PResult<()> {
+        while self.tok == Tok::Punct(b'@') {
+            self.advance()?;
+            self.name()?;
+            if self.tok == Tok::Punct(b'(') {
+                self.arguments()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn variable_definitions(&mut self) -> PResult<()> {
+        self.expect(b'(')?;
+        if self.tok == Tok::Punct(b')') {
+            return Err(self.unexpected("\"$\""));
+        }
+        while self.tok != Tok::Punct(b')') {
+            self.expect(b'$')?;
+            self.name()?;
+            self.expect(b':')?;
+            self.type_ref()?;
+            if self.tok == Tok::Punct(b'=') {
+                self.advance()?;
+                self.value()?;
+            }
+            self.directives()?;
+        }
+        self.advance()
+    }
+
+    fn type_ref(&mut self) -> PResult<()> {
+        if self.tok == Tok::Punct(b'[') {
+            self.enter()?;
+            self.advance()?;
+            self.type_ref()?;
+            self.expect(b']')?;
+            self.nesting -= 1;
+        } else {
+            self.name()?;
+        }
+        if self.tok == Tok::Punct(b'!') {
+            self.advance()?;
+        }
+        Ok(())
+    }
+}
