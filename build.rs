@@ -11,7 +11,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 /// Only services this build serves: reflection must not advertise what isn't there.
-const ROOTS: &[&str] = &["envoy/service/ratelimit/v3/rls.proto"];
+const ROOTS: &[&str] = &[
+    "envoy/service/ratelimit/v3/rls.proto",
+    "envoy/service/auth/v3/external_auth.proto",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -146,6 +146,7 @@ async fn start_sidecar(
         admin_addr: "127.0.0.1:0".parse().expect("addr"),
         reload_interval: Duration::from_secs(60),
         storage: Some(storage.to_string()),
+        admin_token: None,
     })
     .await
     .expect("bind");

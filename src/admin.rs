@@ -5,7 +5,10 @@
 //! the same engine as gRPC) or config loading (it reads the reloader's status).
 
 mod json;
+mod lists;
 
+use crate::authz::AuthzEngine;
+use crate::authz::lists::ListKind;
 use crate::config::FailureMode;
 use crate::config::reload::ReloadStatus;
 use crate::rules::StatsRegistry;
@@ -16,7 +19,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use parking_lot::RwLock;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -28,6 +31,9 @@ pub struct AdminState {
     pub metrics: Arc<ServiceMetrics>,
     pub stats: Arc<StatsRegistry>,
     pub reload: Arc<RwLock<ReloadStatus>>,
+    pub authz: AuthzEngine,
+    /// Bearer token of `/v1/lists`; `None` disables list management.
+    pub admin_token: Option<Arc<str>>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -38,6 +44,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/json", post(json_check))
         .route("/v1/config", get(config))
+        .route("/v1/lists", get(lists::all))
+        .route("/v1/lists/{list}", get(lists::one).post(lists::add))
+        .route("/v1/lists/{list}/{*value}", delete(lists::remove))
         .with_state(state)
 }
 
@@ -89,11 +98,15 @@ async fn metrics(State(s): State<AdminState>) -> Response {
             local_cache_hits: r.cache().map_or(0, |c| c.hits()),
         }),
     };
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        telemetry::render(&s.metrics, &s.stats, &gauges),
-    )
-        .into_response()
+    let mut text = telemetry::render(&s.metrics, &s.stats, &gauges);
+    let lists = s.authz.lists().snapshot();
+    telemetry::render_authz(
+        &mut text,
+        s.authz.metrics(),
+        lists.list(ListKind::Allow).len(),
+        lists.list(ListKind::Block).len(),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn json_check(State(s): State<AdminState>, body: Bytes) -> Response {

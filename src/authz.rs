@@ -268,10 +268,7 @@ impl AuthzEngine {
         {
             Ok(false) => {
                 self.metrics.outcome(Outcome::Allowed);
-                let quota = st
-                    .rate_limit_headers
-                    .then(|| closest(&verdicts))
-                    .flatten();
+                let quota = st.rate_limit_headers.then(|| closest(&verdicts)).flatten();
                 self.allowed(&st, Some(&identity.value), quota)
             }
             Ok(true) => {
@@ -296,7 +293,12 @@ impl AuthzEngine {
         }
     }
 
-    fn allowed(&self, st: &AuthzState, identity: Option<&str>, quota: Option<Quota>) -> CheckResponse {
+    fn allowed(
+        &self,
+        st: &AuthzState,
+        identity: Option<&str>,
+        quota: Option<Quota>,
+    ) -> CheckResponse {
         answer::allowed(
             &st.identity.header,
             identity,
@@ -378,4 +380,3 @@ fn rejecting(verdicts: &[Verdict]) -> (usize, Quota) {
             },
         ))
 }
-

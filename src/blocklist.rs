@@ -119,7 +119,10 @@ impl Lists {
                 );
                 v
             };
-            (of(ListKind::Allow, &config.0), of(ListKind::Block, &config.1))
+            (
+                of(ListKind::Allow, &config.0),
+                of(ListKind::Block, &config.1),
+            )
         };
         self.snapshot.store(Arc::new(ListSet {
             allow: CompiledList::build(allow),
@@ -152,16 +155,18 @@ impl Lists {
         if let Some(c) = code
             && (c.is_empty()
                 || c.len() > 64
-                || !c
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'))
+                || !c.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                }))
         {
             return Err(ListError::Invalid(format!(
                 "{c:?} is not a reason code (1-64 of a-z, 0-9, _ and -)"
             )));
         }
         if reason.len() > 1024 {
-            return Err(ListError::Invalid("reason is longer than 1024 bytes".into()));
+            return Err(ListError::Invalid(
+                "reason is longer than 1024 bytes".into(),
+            ));
         }
         if self.is_config_entry(kind, &value) {
             return Err(ListError::FromConfig(value));
@@ -347,7 +352,13 @@ mod tests {
         );
         block_on(async {
             let e = lists
-                .add(ListKind::Block, "2001:DB8::/32", Some(Duration::from_secs(60)), "abuse", Some("abuse"))
+                .add(
+                    ListKind::Block,
+                    "2001:DB8::/32",
+                    Some(Duration::from_secs(60)),
+                    "abuse",
+                    Some("abuse"),
+                )
                 .await
                 .unwrap();
             assert_eq!(e.value, "2001:db8::/32");
@@ -363,14 +374,21 @@ mod tests {
                 Err(ListError::FromConfig(_))
             ));
             assert!(matches!(
-                lists.add(ListKind::Block, "10.0.0.1/8", None, "", None).await,
+                lists
+                    .add(ListKind::Block, "10.0.0.1/8", None, "", None)
+                    .await,
                 Err(ListError::Invalid(_))
             ));
             assert!(matches!(
-                lists.add(ListKind::Block, "user:x", None, "", Some("Bad Code")).await,
+                lists
+                    .add(ListKind::Block, "user:x", None, "", Some("Bad Code"))
+                    .await,
                 Err(ListError::Invalid(_))
             ));
-            lists.add(ListKind::Allow, "user:ops", None, "", None).await.unwrap();
+            lists
+                .add(ListKind::Allow, "user:ops", None, "", None)
+                .await
+                .unwrap();
             assert!(lists.remove(ListKind::Allow, "user:ops").await.unwrap());
             assert!(!lists.remove(ListKind::Allow, "user:ops").await.unwrap());
         });

@@ -1,9 +1,10 @@
-//! The `ratethrottle` command line: `serve`, `config validate`, `check`.
+//! The `ratethrottle` command line: `serve`, `config validate`, `check`, `manage`.
 //!
 //! Owns: argument parsing (every flag also from a `RATETHROTTLE_*` env var), exit codes, and
 //! reporting errors with context. Must not touch: decisions or config semantics.
 
 mod check;
+mod manage;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +36,8 @@ pub enum Command {
     },
     /// Send one ShouldRateLimit to a running server and print the answer.
     Check(check::CheckArgs),
+    /// Add, remove and list runtime allow/block entries of a running server.
+    Manage(manage::ManageArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -54,6 +57,7 @@ pub fn main() -> ExitCode {
             command: ConfigCommand::Validate { path },
         } => validate(&path),
         Command::Check(args) => check::run(args),
+        Command::Manage(args) => manage::run(args),
     }
 }
 

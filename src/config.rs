@@ -17,8 +17,8 @@ mod load;
 mod model;
 pub mod reload;
 
-pub use error::{ConfigError, ConfigErrors};
 pub use decode::canonical_entry;
+pub use error::{ConfigError, ConfigErrors};
 pub use load::{load, parse_str};
 pub use model::{
     Config, DescriptorConfig, DomainConfig, FailureMode, RateLimitConfig, RedisSettings, Settings,

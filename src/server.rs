@@ -4,15 +4,19 @@
 //! every server task together — if one ends, the process ends. Must not touch: decisions.
 
 use crate::admin::{self, AdminState};
+use crate::authz::AuthzEngine;
+use crate::authz::metrics::AuthzMetrics;
+use crate::blocklist::{Lists, RedisLists};
 use crate::config::Config;
 use crate::config::reload::{ReloadStatus, Reloader};
 use crate::limiter::{Clock, SystemClock};
 use crate::rules::{RuleSet, StatsRegistry};
 use crate::service::RateLimitEngine;
-use crate::service::grpc::RateLimitGrpc;
+use crate::service::grpc::{AuthorizationGrpc, RateLimitGrpc};
 use crate::storage::Storage;
 use crate::telemetry::ServiceMetrics;
 use arc_swap::ArcSwap;
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use parking_lot::RwLock;
 use std::future::Future;
@@ -35,6 +39,8 @@ pub struct ServerOptions {
     pub reload_interval: Duration,
     /// `memory` or a Redis URL; `None` takes `settings.storage`, then `memory`.
     pub storage: Option<String>,
+    /// Bearer token of the admin list endpoints; `None` takes `settings.admin_token`.
+    pub admin_token: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +69,7 @@ pub struct BoundServer {
     grpc: tokio::net::TcpListener,
     admin: tokio::net::TcpListener,
     engine: RateLimitEngine,
+    authz: AuthzEngine,
     admin_state: AdminState,
     reloader: Option<Reloader>,
     reload_interval: Duration,
@@ -87,15 +94,39 @@ impl BoundServer {
         let storage = Arc::new(Storage::connect(&url, &settings).await?);
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
 
+        let engine = RateLimitEngine::new(
+            rules.clone(),
+            storage.clone(),
+            clock.clone(),
+            stats.clone(),
+            metrics.clone(),
+        );
+        // Runtime allow/block entries live where the counters do: shared through Redis when
+        // the counters are, so every replica sees the same lists.
+        let lists = Arc::new(match storage.redis() {
+            Some(r) => Lists::redis(
+                RedisLists::new(r.pool().clone(), &settings.redis.prefix),
+                clock.clone(),
+            ),
+            None => Lists::memory(clock.clone()),
+        });
+        let authz = AuthzEngine::new(
+            engine.clone(),
+            lists,
+            Arc::new(AuthzMetrics::default()),
+            clock.clone(),
+        );
         let reloader = match (&opts.config_path, &opts.config) {
             (Some(path), Some(config)) => {
+                let hook = authz.clone();
                 let r = Reloader::new(
                     path.clone(),
                     rules.clone(),
                     stats.clone(),
                     metrics.clone(),
                     status.clone(),
-                );
+                )
+                .on_install(move |c| hook.install(c));
                 r.install(config);
                 Some(r)
             }
@@ -107,7 +138,12 @@ impl BoundServer {
             }
         };
 
-        let engine = RateLimitEngine::new(rules, storage, clock, stats.clone(), metrics.clone());
+        let admin_token = opts
+            .admin_token
+            .clone()
+            .or_else(|| settings.admin_token.clone())
+            .filter(|t| !t.is_empty())
+            .map(Arc::from);
         let bind = |what, addr| async move {
             tokio::net::TcpListener::bind(addr)
                 .await
@@ -129,8 +165,11 @@ impl BoundServer {
                 metrics,
                 stats,
                 reload: status,
+                authz: authz.clone(),
+                admin_token,
             },
             engine,
+            authz,
             reloader,
             reload_interval: opts.reload_interval,
         })
@@ -140,6 +179,10 @@ impl BoundServer {
         &self.engine
     }
 
+    pub fn authz(&self) -> &AuthzEngine {
+        &self.authz
+    }
+
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -147,6 +190,9 @@ impl BoundServer {
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
             .set_serving::<RateLimitServiceServer<RateLimitGrpc>>()
+            .await;
+        health_reporter
+            .set_serving::<AuthorizationServer<AuthorizationGrpc>>()
             .await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(REFLECTION)
@@ -165,6 +211,9 @@ impl BoundServer {
             .add_service(RateLimitServiceServer::new(RateLimitGrpc::new(
                 self.engine.clone(),
             )))
+            .add_service(AuthorizationServer::new(AuthorizationGrpc::new(
+                self.authz.clone(),
+            )))
             .add_service(health_service)
             .add_service(reflection)
             .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
@@ -177,6 +226,7 @@ impl BoundServer {
             .reloader
             .map(|r| tokio::spawn(r.run(self.reload_interval)));
         let sweeper = tokio::spawn(sweep(self.engine.storage().clone()));
+        let lists = tokio::spawn(self.authz.lists().clone().run());
         let health = self.engine.storage().redis().is_some().then(|| {
             let storage = self.engine.storage().clone();
             tokio::spawn(async move {
@@ -213,6 +263,7 @@ impl BoundServer {
             t.abort();
         }
         sweeper.abort();
+        lists.abort();
         if let Some(t) = health {
             t.abort();
         }

@@ -188,6 +188,38 @@ pub fn render(metrics: &ServiceMetrics, stats: &StatsRegistry, gauges: &Gauges) 
     out
 }
 
+/// The ext_authz series: checks by outcome, stage results, list sizes.
+pub fn render_authz(
+    out: &mut String,
+    m: &crate::authz::metrics::AuthzMetrics,
+    allow_entries: usize,
+    block_entries: usize,
+) {
+    let name = "ratethrottle_authz_checks_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} ext_authz Check calls by outcome.\n# TYPE {name} counter"
+    );
+    for (outcome, v) in m.outcomes() {
+        let _ = writeln!(out, "{name}{{outcome=\"{outcome}\"}} {v}");
+    }
+    let name = "ratethrottle_authz_stage_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} ext_authz pipeline stage results.\n# TYPE {name} counter"
+    );
+    for (stage, result, v) in m.stages() {
+        let _ = writeln!(out, "{name}{{stage=\"{stage}\",result=\"{result}\"}} {v}");
+    }
+    let name = "ratethrottle_authz_list_entries";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Allow and block list entries in force (settings file and runtime).\n# TYPE {name} gauge"
+    );
+    let _ = writeln!(out, "{name}{{list=\"allow\"}} {allow_entries}");
+    let _ = writeln!(out, "{name}{{list=\"block\"}} {block_entries}");
+}
+
 fn escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")

@@ -76,7 +76,12 @@ pub fn allowed(
                 q.reset_after.div_ceil(1_000_000_000).to_string(),
             ),
         ] {
-            ok.add_header(k, v, Some(HeaderAppendAction::OverwriteIfExistsOrAdd), false);
+            ok.add_header(
+                k,
+                v,
+                Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
+                false,
+            );
         }
     }
     let mut r = CheckResponse::with_status(tonic::Status::ok(""));

@@ -48,7 +48,10 @@ pub fn parse_addr(s: &str) -> Option<Addr> {
     }
     if let Some(rest) = s.strip_prefix('[') {
         let (inner, _) = rest.split_once(']')?;
-        return inner.parse::<Ipv6Addr>().ok().map(|v6| addr(IpAddr::V6(v6)));
+        return inner
+            .parse::<Ipv6Addr>()
+            .ok()
+            .map(|v6| addr(IpAddr::V6(v6)));
     }
     let (host, port) = s.rsplit_once(':')?;
     if port.bytes().all(|b| b.is_ascii_digit()) && !port.is_empty() {
@@ -361,10 +364,7 @@ mod tests {
             IpNet::parse("::/129"),
             Err(NetError::BadLength(_))
         ));
-        assert!(matches!(
-            IpNet::parse("bob"),
-            Err(NetError::BadAddress(_))
-        ));
+        assert!(matches!(IpNet::parse("bob"), Err(NetError::BadAddress(_))));
     }
 
     #[test]
@@ -404,9 +404,15 @@ mod tests {
     #[test]
     fn trie_finds_every_containing_network_in_order() {
         let mut t = PrefixTrie::default();
-        for (i, s) in ["10.0.0.0/8", "10.1.0.0/16", "10.1.2.3", "2001:db8::/32", "0.0.0.0/0"]
-            .iter()
-            .enumerate()
+        for (i, s) in [
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "10.1.2.3",
+            "2001:db8::/32",
+            "0.0.0.0/0",
+        ]
+        .iter()
+        .enumerate()
         {
             assert!(t.insert(net(s), i).is_none());
         }

@@ -485,8 +485,10 @@ impl<'a> Parser<'a> {
             }
             b'_' | b'a'..=b'z' | b'A'..=b'Z' => {
                 let start = self.pos;
-                while matches!(b.get(self.pos), Some(b'_' | b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9'))
-                {
+                while matches!(
+                    b.get(self.pos),
+                    Some(b'_' | b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9')
+                ) {
                     self.pos += 1;
                 }
                 Tok::Name(&self.src[start..self.pos])
@@ -544,7 +546,10 @@ impl<'a> Parser<'a> {
                 return Err(self.error_at(start, "Invalid number, expected digit.".into()));
             }
         }
-        if matches!(b.get(self.pos), Some(b'_' | b'a'..=b'z' | b'A'..=b'Z' | b'.')) {
+        if matches!(
+            b.get(self.pos),
+            Some(b'_' | b'a'..=b'z' | b'A'..=b'Z' | b'.')
+        ) {
             return Err(self.error_at(self.pos, "Invalid number.".into()));
         }
         Ok(if float {
@@ -583,28 +588,23 @@ impl<'a> Parser<'a> {
                     self.pos += 1;
                     return Ok(());
                 }
-                Some(b'\\') => {
-                    match b.get(self.pos + 1) {
-                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
-                            self.pos += 2
-                        }
-                        Some(b'u') => {
-                            let hex = b.get(self.pos + 2..self.pos + 6);
-                            if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
-                                return Err(self.error_at(
-                                    self.pos,
-                                    "Invalid Unicode escape sequence.".into(),
-                                ));
-                            }
-                            self.pos += 6;
-                        }
-                        _ => {
+                Some(b'\\') => match b.get(self.pos + 1) {
+                    Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => self.pos += 2,
+                    Some(b'u') => {
+                        let hex = b.get(self.pos + 2..self.pos + 6);
+                        if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
                             return Err(
-                                self.error_at(self.pos, "Invalid character escape sequence.".into())
+                                self.error_at(self.pos, "Invalid Unicode escape sequence.".into())
                             );
                         }
+                        self.pos += 6;
                     }
-                }
+                    _ => {
+                        return Err(
+                            self.error_at(self.pos, "Invalid character escape sequence.".into())
+                        );
+                    }
+                },
                 Some(_) => self.pos += 1,
             }
         }
@@ -778,7 +778,9 @@ impl<'a> Parser<'a> {
             let list_arg = self.list_argument(name);
             match (list_arg, self.tok) {
                 (true, Tok::Int(i)) => {
-                    let n = i.parse::<u64>().unwrap_or(if i.starts_with('-') { 0 } else { u64::MAX });
+                    let n =
+                        i.parse::<u64>()
+                            .unwrap_or(if i.starts_with('-') { 0 } else { u64::MAX });
                     m = match m {
                         Multiplier::Literal(old) => Multiplier::Literal(old.max(n)),
                         _ => Multiplier::Literal(n),

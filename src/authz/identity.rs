@@ -234,13 +234,23 @@ mod tests {
         let none = resolver(0, vec![ip.clone()]);
         // Envoy's docs, example 1: no trusted hops, XFF ignored.
         assert_eq!(
-            ip_of(&none, "192.0.2.5", Some("203.0.113.128, 203.0.113.10, 203.0.113.1")).as_deref(),
+            ip_of(
+                &none,
+                "192.0.2.5",
+                Some("203.0.113.128, 203.0.113.10, 203.0.113.1")
+            )
+            .as_deref(),
             Some("192.0.2.5")
         );
         // Example 3: two trusted hops: the second to last XFF address.
         let two = resolver(2, vec![ip.clone()]);
         assert_eq!(
-            ip_of(&two, "192.0.2.5", Some("203.0.113.128, 203.0.113.10, 203.0.113.1")).as_deref(),
+            ip_of(
+                &two,
+                "192.0.2.5",
+                Some("203.0.113.128, 203.0.113.10, 203.0.113.1")
+            )
+            .as_deref(),
             Some("203.0.113.10")
         );
         let one = resolver(1, vec![ip.clone()]);
@@ -254,8 +264,14 @@ mod tests {
             Some("198.51.100.7")
         );
         // Too few entries, garbage, or none at all: the source address.
-        assert_eq!(ip_of(&two, "10.0.0.2", Some("198.51.100.7")).as_deref(), Some("10.0.0.2"));
-        assert_eq!(ip_of(&one, "10.0.0.2", Some("nonsense")).as_deref(), Some("10.0.0.2"));
+        assert_eq!(
+            ip_of(&two, "10.0.0.2", Some("198.51.100.7")).as_deref(),
+            Some("10.0.0.2")
+        );
+        assert_eq!(
+            ip_of(&one, "10.0.0.2", Some("nonsense")).as_deref(),
+            Some("10.0.0.2")
+        );
         assert_eq!(ip_of(&one, "10.0.0.2", None).as_deref(), Some("10.0.0.2"));
         assert_eq!(
             ip_of(&one, "10.0.0.2", Some("2001:DB8::7")).as_deref(),
@@ -273,7 +289,9 @@ mod tests {
                     header: "x-api-key".into(),
                     name: "api_key".into(),
                 },
-                IdentitySource::Mtls { name: "spiffe".into() },
+                IdentitySource::Mtls {
+                    name: "spiffe".into(),
+                },
                 IdentitySource::ClientIp { name: "ip".into() },
             ],
         );
@@ -282,11 +300,17 @@ mod tests {
             r.resolve(&v, r.client_ip(&v)).unwrap()
         };
         let id = resolve(&req("1.2.3.4", &[("x-api-key", "k1")], "spiffe://a"));
-        assert_eq!((id.value.as_str(), id.kind), ("api_key:k1", SourceKind::Header));
+        assert_eq!(
+            (id.value.as_str(), id.kind),
+            ("api_key:k1", SourceKind::Header)
+        );
         let id = resolve(&req("1.2.3.4", &[("x-api-key", "  ")], "spiffe://a"));
         assert_eq!(id.value, "spiffe:spiffe://a");
         let id = resolve(&req("::ffff:1.2.3.4", &[], ""));
-        assert_eq!((id.value.as_str(), id.kind), ("ip:1.2.3.4", SourceKind::ClientIp));
+        assert_eq!(
+            (id.value.as_str(), id.kind),
+            ("ip:1.2.3.4", SourceKind::ClientIp)
+        );
         let id = resolve(&req("", &[], ""));
         assert_eq!(id.kind, SourceKind::Anonymous);
     }

@@ -84,8 +84,11 @@ impl std::fmt::Debug for JwtVerifier {
     }
 }
 
+/// A key with its `kid` and the algorithms it may verify.
+pub type KeyWithAlgorithms = (Option<String>, DecodingKey, &'static [Algorithm]);
+
 /// The keys of a JWKS document with the algorithms each may verify.
-pub fn parse_jwks(json: &str) -> Result<Vec<(Option<String>, DecodingKey, &'static [Algorithm])>, String> {
+pub fn parse_jwks(json: &str) -> Result<Vec<KeyWithAlgorithms>, String> {
     let set: JwkSet = serde_json::from_str(json).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     for jwk in &set.keys {
@@ -129,8 +132,10 @@ impl JwtVerifier {
         };
         let mut keys = Vec::new();
         for k in &c.keys {
-            let built: Result<Vec<(Option<String>, DecodingKey, &[Algorithm])>, String> = match k {
-                JwtKey::Hs256 { secret } => Ok(vec![(None, DecodingKey::from_secret(secret), HMAC)]),
+            let built: Result<Vec<KeyWithAlgorithms>, String> = match k {
+                JwtKey::Hs256 { secret } => {
+                    Ok(vec![(None, DecodingKey::from_secret(secret), HMAC)])
+                }
                 JwtKey::RsaPem { pem, .. } => DecodingKey::from_rsa_pem(pem)
                     .map(|key| vec![(None, key, RSA)])
                     .map_err(|e| e.to_string()),
@@ -224,7 +229,10 @@ impl JwtVerifier {
         Err(best.unwrap_or(JwtError::NoKey))
     }
 
-    fn claim_of(&self, claims: &serde_json::Map<String, serde_json::Value>) -> Result<String, JwtError> {
+    fn claim_of(
+        &self,
+        claims: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, JwtError> {
         match claims.get(&self.claim) {
             Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(s.clone()),
             Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
@@ -287,15 +295,25 @@ mod tests {
         }]));
         let good = serde_json::json!({"sub": "alice", "iss": "https://issuer.test", "aud": "api", "exp": now() + 60});
         assert_eq!(v.verify(&hs(b"s3cret", good.clone())), Ok("alice".into()));
-        assert_eq!(v.verify(&hs(b"other", good.clone())), Err(JwtError::BadSignature));
+        assert_eq!(
+            v.verify(&hs(b"other", good.clone())),
+            Err(JwtError::BadSignature)
+        );
         let expired = serde_json::json!({"sub": "alice", "iss": "https://issuer.test", "aud": "api", "exp": now() - 120});
         assert_eq!(v.verify(&hs(b"s3cret", expired)), Err(JwtError::Expired));
-        let wrong_aud = serde_json::json!({"sub": "alice", "iss": "https://issuer.test", "aud": "web"});
-        assert_eq!(v.verify(&hs(b"s3cret", wrong_aud)), Err(JwtError::BadAudience));
+        let wrong_aud =
+            serde_json::json!({"sub": "alice", "iss": "https://issuer.test", "aud": "web"});
+        assert_eq!(
+            v.verify(&hs(b"s3cret", wrong_aud)),
+            Err(JwtError::BadAudience)
+        );
         let no_iss = serde_json::json!({"sub": "alice", "aud": "api"});
         assert_eq!(v.verify(&hs(b"s3cret", no_iss)), Err(JwtError::BadIssuer));
         let no_sub = serde_json::json!({"iss": "https://issuer.test", "aud": "api"});
-        assert_eq!(v.verify(&hs(b"s3cret", no_sub)), Err(JwtError::MissingClaim));
+        assert_eq!(
+            v.verify(&hs(b"s3cret", no_sub)),
+            Err(JwtError::MissingClaim)
+        );
         let future = serde_json::json!({"sub": "a", "iss": "https://issuer.test", "aud": "api", "nbf": now() + 600});
         assert_eq!(v.verify(&hs(b"s3cret", future)), Err(JwtError::NotYetValid));
         assert_eq!(v.verify("not.a.jwt"), Err(JwtError::Malformed));

@@ -157,9 +157,7 @@ impl CompiledList {
             return None;
         }
         let &i = self.identities.get(identity)?;
-        self.entries
-            .get(i as usize)
-            .filter(|e| e.is_active(now_ms))
+        self.entries.get(i as usize).filter(|e| e.is_active(now_ms))
     }
 
     pub fn entries(&self) -> &[ListEntry] {
@@ -216,7 +214,10 @@ mod tests {
             entry("2001:db8::/32", None),
             entry("user:mallory", Some(5_000)),
         ]);
-        let at = |ip: &str, now: u64| l.match_addr(parse_addr(ip).unwrap(), now).map(|e| e.value.as_str());
+        let at = |ip: &str, now: u64| {
+            l.match_addr(parse_addr(ip).unwrap(), now)
+                .map(|e| e.value.as_str())
+        };
         assert_eq!(at("10.1.2.3", 0), Some("10.1.2.3"));
         assert_eq!(at("10.1.9.9", 999), Some("10.1.0.0/16"));
         // Expired: the less specific network still applies.
@@ -245,7 +246,12 @@ mod tests {
     #[test]
     fn tens_of_thousands_of_networks_stay_fast() {
         let entries: Vec<ListEntry> = (0..50_000u32)
-            .map(|i| entry(&format!("{}.{}.{}.0/24", 1 + i / 65_536, (i / 256) % 256, i % 256), None))
+            .map(|i| {
+                entry(
+                    &format!("{}.{}.{}.0/24", 1 + i / 65_536, (i / 256) % 256, i % 256),
+                    None,
+                )
+            })
             .collect();
         let l = CompiledList::build(entries);
         let probe = parse_addr("1.0.200.77").unwrap();
@@ -256,6 +262,10 @@ mod tests {
         }
         assert_eq!(hits, 100_000);
         // A scan of 50k entries per lookup would take seconds; the trie takes milliseconds.
-        assert!(start.elapsed() < std::time::Duration::from_secs(2), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

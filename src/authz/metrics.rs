@@ -98,19 +98,10 @@ pub const STAGES: [(&str, &str); 21] = [
     ("websocket", "limited"),
 ];
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct AuthzMetrics {
     outcomes: [AtomicU64; Outcome::ALL.len()],
     stages: [AtomicU64; STAGES.len()],
-}
-
-impl Default for AuthzMetrics {
-    fn default() -> Self {
-        AuthzMetrics {
-            outcomes: Default::default(),
-            stages: Default::default(),
-        }
-    }
 }
 
 impl AuthzMetrics {

@@ -12,7 +12,9 @@
 
 use super::cidr::{Addr, AddrText, IpNet};
 use super::request::RequestView;
-use crate::config::authz::{ActionConfig, HeaderMatchConfig, MatchConfig, PolicyConfig, StringMatch};
+use crate::config::authz::{
+    ActionConfig, HeaderMatchConfig, MatchConfig, PolicyConfig, StringMatch,
+};
 use crate::rules::Wildcard;
 use crate::service::Descriptor;
 use regex::Regex;
@@ -100,17 +102,46 @@ enum Host {
 
 #[derive(Debug)]
 enum Action {
-    Generic { key: String, value: String },
-    Header { header: String, key: String, skip: bool },
+    Generic {
+        key: String,
+        value: String,
+    },
+    Header {
+        header: String,
+        key: String,
+        skip: bool,
+    },
     RemoteAddress,
-    Masked { v4: u8, v6: u8 },
-    HeaderValueMatch { key: String, value: String, expect: bool, headers: Vec<HeaderMatcher> },
-    Query { name: String, key: String, skip: bool },
-    Identity { key: String },
-    GrpcService { key: String },
-    GrpcMethod { key: String },
-    Path { key: String },
-    Method { key: String },
+    Masked {
+        v4: u8,
+        v6: u8,
+    },
+    HeaderValueMatch {
+        key: String,
+        value: String,
+        expect: bool,
+        headers: Vec<HeaderMatcher>,
+    },
+    Query {
+        name: String,
+        key: String,
+        skip: bool,
+    },
+    Identity {
+        key: String,
+    },
+    GrpcService {
+        key: String,
+    },
+    GrpcMethod {
+        key: String,
+    },
+    Path {
+        key: String,
+    },
+    Method {
+        key: String,
+    },
 }
 
 impl Action {
@@ -310,7 +341,10 @@ impl Policy {
             methods: m.methods.clone(),
             path: m.path.as_ref().map(Matcher::new),
             headers: m.headers.iter().map(HeaderMatcher::new).collect(),
-            grpc: m.grpc.as_ref().map(|g| (g.service.clone(), g.method.clone())),
+            grpc: m
+                .grpc
+                .as_ref()
+                .map(|g| (g.service.clone(), g.method.clone())),
             descriptors: p
                 .descriptors
                 .iter()
@@ -340,7 +374,8 @@ impl Policy {
         }
         if let Some((service, method)) = &self.grpc {
             let Some((s, m)) = req.grpc else { return false };
-            if service.as_deref().is_some_and(|x| x != s) || method.as_deref().is_some_and(|x| x != m)
+            if service.as_deref().is_some_and(|x| x != s)
+                || method.as_deref().is_some_and(|x| x != m)
             {
                 return false;
             }

@@ -60,7 +60,10 @@ pub struct RequestView<'a> {
 }
 
 impl<'a> RequestView<'a> {
-    pub fn new(req: &'a CheckRequest, max_header_bytes: usize) -> Result<RequestView<'a>, Malformed> {
+    pub fn new(
+        req: &'a CheckRequest,
+        max_header_bytes: usize,
+    ) -> Result<RequestView<'a>, Malformed> {
         let attrs = req.attributes.as_ref().ok_or(Malformed::NoAttributes)?;
         let http = attrs
             .request
@@ -180,7 +183,9 @@ impl<'a> RequestView<'a> {
 
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
-        return host.split_once(']').map_or(host, |(h, _)| &host[..h.len() + 1]);
+        return host
+            .split_once(']')
+            .map_or(host, |(h, _)| &host[..h.len() + 1]);
     }
     match host.rsplit_once(':') {
         Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !h.contains(':') => h,

@@ -36,8 +36,11 @@ pub fn is_upgrade(req: &RequestView<'_>) -> bool {
             .is_some_and(|p| p.eq_ignore_ascii_case("websocket"));
     }
     // Envoy may drop hop-by-hop `connection` before ext_authz; `upgrade` alone suffices.
-    req.header("upgrade").is_some_and(|u| has_token(u, "websocket"))
-        && req.header("connection").is_none_or(|c| has_token(c, "upgrade"))
+    req.header("upgrade")
+        .is_some_and(|u| has_token(u, "websocket"))
+        && req
+            .header("connection")
+            .is_none_or(|c| has_token(c, "upgrade"))
 }
 
 #[cfg(test)]
@@ -68,12 +71,27 @@ mod tests {
 
     #[test]
     fn recognises_upgrades() {
-        assert!(check("GET", &[("upgrade", "websocket"), ("connection", "Upgrade")]));
-        assert!(check("GET", &[("upgrade", "WebSocket"), ("connection", "keep-alive, upgrade")]));
+        assert!(check(
+            "GET",
+            &[("upgrade", "websocket"), ("connection", "Upgrade")]
+        ));
+        assert!(check(
+            "GET",
+            &[
+                ("upgrade", "WebSocket"),
+                ("connection", "keep-alive, upgrade")
+            ]
+        ));
         assert!(check("GET", &[("upgrade", "websocket")]));
         assert!(check("CONNECT", &[(":protocol", "websocket")]));
-        assert!(!check("GET", &[("upgrade", "h2c"), ("connection", "upgrade")]));
-        assert!(!check("GET", &[("upgrade", "websocket"), ("connection", "close")]));
+        assert!(!check(
+            "GET",
+            &[("upgrade", "h2c"), ("connection", "upgrade")]
+        ));
+        assert!(!check(
+            "GET",
+            &[("upgrade", "websocket"), ("connection", "close")]
+        ));
         assert!(!check("GET", &[]));
     }
 }

@@ -75,12 +75,17 @@ impl RedisLists {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<R, ListError> {
-        match tokio::time::timeout(TIMEOUT, self.pool.next().eval::<R, _, _, _>(script, keys, args))
-            .await
+        match tokio::time::timeout(
+            TIMEOUT,
+            self.pool.next().eval::<R, _, _, _>(script, keys, args),
+        )
+        .await
         {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(ListError::Unavailable(e.to_string())),
-            Err(_) => Err(ListError::Unavailable(format!("no answer within {TIMEOUT:?}"))),
+            Err(_) => Err(ListError::Unavailable(format!(
+                "no answer within {TIMEOUT:?}"
+            ))),
         }
     }
 
@@ -107,7 +112,9 @@ impl RedisLists {
 
     /// Every runtime entry, when the version moved since the last load.
     pub async fn load_if_changed(&self) -> Result<Option<Vec<(ListKind, ListEntry)>>, ListError> {
-        let version: String = self.call(VERSION, vec![self.version.clone()], vec![]).await?;
+        let version: String = self
+            .call(VERSION, vec![self.version.clone()], vec![])
+            .await?;
         if self.seen.lock().as_deref() == Some(version.as_str()) {
             return Ok(None);
         }
@@ -121,10 +128,7 @@ impl RedisLists {
         let mut it = flat.into_iter();
         let loaded_version = it.next().unwrap_or_default();
         let mut out = Vec::new();
-        loop {
-            let (Some(kind), Some(field), Some(json)) = (it.next(), it.next(), it.next()) else {
-                break;
-            };
+        while let (Some(kind), Some(field), Some(json)) = (it.next(), it.next(), it.next()) {
             let Some(kind) = ListKind::parse(&kind) else {
                 continue;
             };

@@ -24,6 +24,10 @@ pub struct ServeArgs {
     /// (TLS), `redis-sentinel://host:port,host:port/<service>`, `redis-cluster://host:port,…`.
     #[arg(long, env = "RATETHROTTLE_STORAGE")]
     storage: Option<String>,
+    /// Bearer token of the admin list endpoints (`/v1/lists`); without one (here or in
+    /// `settings.admin_token`) list management is disabled.
+    #[arg(long, env = "RATETHROTTLE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// How often the config is re-read even without a file event.
     #[arg(long, env = "RATETHROTTLE_RELOAD_INTERVAL_MS", default_value_t = 2000)]
     reload_interval_ms: u64,
@@ -99,6 +103,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         admin_addr,
         reload_interval: Duration::from_millis(args.reload_interval_ms.max(100)),
         storage: args.storage,
+        admin_token: args.admin_token,
     };
     let result = rt.block_on(async move {
         let server = BoundServer::bind(opts).await?;

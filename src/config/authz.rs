@@ -92,9 +92,7 @@ pub struct IdentityConfig {
 impl Default for IdentityConfig {
     fn default() -> Self {
         IdentityConfig {
-            sources: vec![IdentitySource::ClientIp {
-                name: "ip".into(),
-            }],
+            sources: vec![IdentitySource::ClientIp { name: "ip".into() }],
             xff_num_trusted_hops: 0,
             header: "x-ratethrottle-identity".into(),
             strip_headers: Vec::new(),

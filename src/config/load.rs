@@ -10,9 +10,9 @@ use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use super::authz::AuthzConfig;
 use super::decode::{Loc, decode_file, uses_burst};
 use super::error::{ConfigError, ConfigErrors};
-use super::authz::AuthzConfig;
 use super::model::{Config, Settings};
 
 /// Loads the configuration at `path`: one YAML file, or every regular file directly inside

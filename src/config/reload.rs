@@ -30,14 +30,27 @@ pub struct ReloadStatus {
     pub config: serde_json::Value,
 }
 
+/// Called with every configuration put in force (after the rules), e.g. to compile the
+/// `authz:` block.
+pub type InstallHook = Box<dyn Fn(&Config) + Send + Sync>;
+
 /// Loads a path into the shared rule set, now and whenever it changes.
-#[derive(Debug)]
 pub struct Reloader {
     path: PathBuf,
     rules: Arc<ArcSwap<RuleSet>>,
     stats: Arc<StatsRegistry>,
     metrics: Arc<ServiceMetrics>,
     status: Arc<RwLock<ReloadStatus>>,
+    hooks: Vec<InstallHook>,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader")
+            .field("path", &self.path)
+            .field("hooks", &self.hooks.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Reloader {
@@ -54,13 +67,23 @@ impl Reloader {
             stats,
             metrics,
             status,
+            hooks: Vec::new(),
         }
+    }
+
+    /// Also runs `hook` with every configuration put in force.
+    pub fn on_install(mut self, hook: impl Fn(&Config) + Send + Sync + 'static) -> Self {
+        self.hooks.push(Box::new(hook));
+        self
     }
 
     /// Publishes an already loaded config (the one `serve` validated before binding).
     pub fn install(&self, config: &Config) {
         let compiled = RuleSet::compile(config, &self.stats);
         self.rules.store(Arc::new(compiled));
+        for hook in &self.hooks {
+            hook(config);
+        }
         self.metrics.config_load_success.fetch_add(1, Relaxed);
         let mut st = self.status.write();
         st.loaded = true;

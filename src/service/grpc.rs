@@ -1,6 +1,9 @@
 //! tonic adapters: decode, call the engine, map errors to gRPC codes in one place.
 
 use super::{RateLimitEngine, RequestError};
+use crate::authz::AuthzEngine;
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
+use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use tonic::{Request, Response, Status};
@@ -37,5 +40,28 @@ pub fn to_status(e: RequestError) -> Status {
     match e {
         RequestError::Storage(e) => Status::unavailable(e.to_string()),
         e => Status::invalid_argument(e.to_string()),
+    }
+}
+
+/// `envoy.service.auth.v3.Authorization` over the ext_authz engine. Check always answers
+/// with a CheckResponse (denials included); it never fails the RPC.
+#[derive(Debug, Clone)]
+pub struct AuthorizationGrpc {
+    engine: AuthzEngine,
+}
+
+impl AuthorizationGrpc {
+    pub fn new(engine: AuthzEngine) -> Self {
+        AuthorizationGrpc { engine }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for AuthorizationGrpc {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        Ok(Response::new(self.engine.check(request.get_ref()).await))
     }
 }

@@ -190,6 +190,11 @@ impl RedisStore {
         &self.url
     }
 
+    /// The connection pool, shared with the runtime allow/block lists.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
     /// Loads the function library (or, on a Redis without functions, the script).
     async fn load_script(&self) -> Result<(), String> {
         let client = self.pool.next();

@@ -124,7 +124,20 @@ pub(crate) fn parse_rfc3339_utc(s: &str) -> Option<u64> {
     let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
     let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    let days_in_month = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    let days_in_month = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
     if !(1..=12).contains(&m) || d < 1 || d > days_in_month[(m - 1) as usize] {
         return None;
     }
@@ -270,8 +283,7 @@ impl Decoder<'_> {
         };
         if let Some(field) = f.get("sources") {
             let path = f.path("sources");
-            if let Some(items) = self.sequence(field.value, &path, "a list of identity sources")
-            {
+            if let Some(items) = self.sequence(field.value, &path, "a list of identity sources") {
                 c.sources.clear();
                 for (i, item) in items.iter().enumerate() {
                     let item_path = index(&path, i);
@@ -380,7 +392,11 @@ impl Decoder<'_> {
             YamlData::Mapping(m) if m.is_empty() => {}
             _ => {
                 let found = self.describe(node);
-                self.error(node, path, format!("takes no options ({{}}), found {found}"));
+                self.error(
+                    node,
+                    path,
+                    format!("takes no options ({{}}), found {found}"),
+                );
             }
         }
     }
@@ -577,8 +593,10 @@ impl Decoder<'_> {
                 let item_path = index(&path, i);
                 if let Some(e) = self.list_entry(item, &item_path) {
                     if let Some(first) = out.iter().find(|x| x.value == e.value) {
-                        let message =
-                            format!("duplicate entry {:?}; the first is at line {}", e.value, first.line);
+                        let message = format!(
+                            "duplicate entry {:?}; the first is at line {}",
+                            e.value, first.line
+                        );
                         self.error(item, &item_path, message);
                     } else {
                         out.push(e);
@@ -619,7 +637,9 @@ impl Decoder<'_> {
         };
         let Some(f) = f else { return Some(e) };
         if let Some(field) = f.get("reason") {
-            e.reason = self.string(field.value, &f.path("reason")).unwrap_or_default();
+            e.reason = self
+                .string(field.value, &f.path("reason"))
+                .unwrap_or_default();
         }
         if let Some(field) = f.get("code") {
             let path = f.path("code");
@@ -679,8 +699,7 @@ impl Decoder<'_> {
             match f.get("descriptors") {
                 Some(field) => {
                     let dpath = f.path("descriptors");
-                    if let Some(ds) = self.sequence(field.value, &dpath, "a list of descriptors")
-                    {
+                    if let Some(ds) = self.sequence(field.value, &dpath, "a list of descriptors") {
                         for (j, d) in ds.iter().enumerate() {
                             let actions = self.actions(d, &index(&dpath, j));
                             if !actions.is_empty() {
@@ -830,7 +849,9 @@ impl Decoder<'_> {
                 ),
             }
             let invert = match f.get("invert") {
-                Some(field) => self.boolean(field.value, &f.path("invert")).unwrap_or(false),
+                Some(field) => self
+                    .boolean(field.value, &f.path("invert"))
+                    .unwrap_or(false),
                 None => false,
             };
             if let Some(name) = name {
@@ -904,7 +925,10 @@ impl Decoder<'_> {
             }
         };
         let flag = |d: &mut Self, name: &str, default: bool| -> bool {
-            match f.as_ref().and_then(|f| f.get(name).map(|x| (x.value, f.path(name)))) {
+            match f
+                .as_ref()
+                .and_then(|f| f.get(name).map(|x| (x.value, f.path(name))))
+            {
                 Some((v, p)) => d.boolean(v, &p).unwrap_or(default),
                 None => default,
             }
@@ -1075,7 +1099,9 @@ pub fn canonical_entry(raw: &str) -> Result<String, String> {
         || raw.parse::<std::net::IpAddr>().is_ok()
         || (raw.contains('.') && raw.bytes().all(|b| b.is_ascii_digit() || b == b'.'));
     if looks_like_ip {
-        return IpNet::parse(raw).map(|n| n.to_string()).map_err(|e| e.to_string());
+        return IpNet::parse(raw)
+            .map(|n| n.to_string())
+            .map_err(|e| e.to_string());
     }
     if raw.is_empty() || raw.len() > 1024 || raw.chars().any(char::is_control) {
         return Err(format!(
@@ -1092,8 +1118,14 @@ mod tests {
     #[test]
     fn rfc3339() {
         assert_eq!(parse_rfc3339_utc("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_rfc3339_utc("2030-01-01T00:00:00Z"), Some(1_893_456_000));
-        assert_eq!(parse_rfc3339_utc("2024-02-29T12:30:15Z"), Some(1_709_209_815));
+        assert_eq!(
+            parse_rfc3339_utc("2030-01-01T00:00:00Z"),
+            Some(1_893_456_000)
+        );
+        assert_eq!(
+            parse_rfc3339_utc("2024-02-29T12:30:15Z"),
+            Some(1_709_209_815)
+        );
         assert_eq!(parse_rfc3339_utc("2023-02-29T00:00:00Z"), None);
         assert_eq!(parse_rfc3339_utc("2030-01-01 00:00:00Z"), None);
         assert_eq!(parse_rfc3339_utc("2030-01-01T24:00:00Z"), None);
@@ -1102,7 +1134,10 @@ mod tests {
     #[test]
     fn entries_are_canonical() {
         assert_eq!(canonical_entry("10.0.0.0/8").as_deref(), Ok("10.0.0.0/8"));
-        assert_eq!(canonical_entry("2001:DB8::/32").as_deref(), Ok("2001:db8::/32"));
+        assert_eq!(
+            canonical_entry("2001:DB8::/32").as_deref(),
+            Ok("2001:db8::/32")
+        );
         assert_eq!(canonical_entry(" user:alice ").as_deref(), Ok("user:alice"));
         assert!(canonical_entry("10.0.0.1/8").is_err());
         assert!(canonical_entry("300.1.1.1").is_err());

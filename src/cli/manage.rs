@@ -1,0 +1,276 @@
+//! `ratethrottle manage`: the runtime allow/block lists of a running server, through its
+//! admin API (`/v1/lists`).
+
+use clap::{ArgGroup, Args};
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("action").required(true).args([
+    "blocklist_add", "blocklist_remove", "allowlist_add", "allowlist_remove", "list"
+])))]
+pub struct ManageArgs {
+    /// Admin HTTP address of a running `ratethrottle serve`.
+    #[arg(
+        long,
+        env = "RATETHROTTLE_ADMIN_ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
+    admin_addr: String,
+    /// The server's admin token.
+    #[arg(long, env = "RATETHROTTLE_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Block an IP, a CIDR or an identity (`user:alice`).
+    #[arg(long, value_name = "IP|CIDR|ID")]
+    blocklist_add: Option<String>,
+    #[arg(long, value_name = "IP|CIDR|ID")]
+    blocklist_remove: Option<String>,
+    /// Let an IP, a CIDR or an identity bypass lists and limits.
+    #[arg(long, value_name = "IP|CIDR|ID")]
+    allowlist_add: Option<String>,
+    #[arg(long, value_name = "IP|CIDR|ID")]
+    allowlist_remove: Option<String>,
+    /// Print both lists.
+    #[arg(long)]
+    list: bool,
+    /// With an add: the entry expires after this many seconds (default: never).
+    #[arg(long, value_name = "SECS")]
+    duration: Option<u64>,
+    /// With an add: why (shown to operators, never to callers).
+    #[arg(long, default_value = "")]
+    reason: String,
+    /// With an add: the public reason code blocked callers see (a-z, 0-9, _ and -).
+    #[arg(long)]
+    code: Option<String>,
+}
+
+pub fn run(args: ManageArgs) -> ExitCode {
+    let (method, path, body) = if let Some(v) = &args.blocklist_add {
+        (
+            "POST",
+            "/v1/lists/block".to_string(),
+            Some(add_body(&args, v)),
+        )
+    } else if let Some(v) = &args.allowlist_add {
+        (
+            "POST",
+            "/v1/lists/allow".to_string(),
+            Some(add_body(&args, v)),
+        )
+    } else if let Some(v) = &args.blocklist_remove {
+        ("DELETE", format!("/v1/lists/block/{}", encode(v)), None)
+    } else if let Some(v) = &args.allowlist_remove {
+        ("DELETE", format!("/v1/lists/allow/{}", encode(v)), None)
+    } else {
+        ("GET", "/v1/lists".to_string(), None)
+    };
+    if args.duration == Some(0) {
+        eprintln!("error: --duration must be greater than 0");
+        return ExitCode::from(super::EXIT_CONFIG);
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = args
+        .admin_addr
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
+    let result = rt.block_on(request(
+        addr,
+        method,
+        &path,
+        args.token.as_deref(),
+        body.as_deref(),
+    ));
+    let (status, body) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    if !(200..300).contains(&status) {
+        let msg = json["error"].as_str().unwrap_or(body.trim());
+        eprintln!("error: {status}: {msg}");
+        return ExitCode::FAILURE;
+    }
+    if args.list {
+        print_lists(&json);
+    } else if let Some(e) = json.get("entry") {
+        println!(
+            "added to {}list: {}{}",
+            json["list"].as_str().unwrap_or_default(),
+            e["value"].as_str().unwrap_or_default(),
+            match e["expires_at_ms"].as_u64() {
+                Some(ms) => format!(" (expires in {}s)", args.duration.unwrap_or(ms / 1000)),
+                None => String::new(),
+            }
+        );
+    } else {
+        println!(
+            "removed from {}list: {}",
+            json["list"].as_str().unwrap_or_default(),
+            json["removed"].as_str().unwrap_or_default()
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn add_body(args: &ManageArgs, value: &str) -> String {
+    let mut b = serde_json::json!({ "value": value, "reason": args.reason });
+    if let Some(d) = args.duration {
+        b["ttl_seconds"] = d.into();
+    }
+    if let Some(c) = &args.code {
+        b["code"] = c.as_str().into();
+    }
+    b.to_string()
+}
+
+fn print_lists(json: &serde_json::Value) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    println!(
+        "{:<6} {:<40} {:<8} {:>10} {:<18} REASON",
+        "LIST", "VALUE", "SOURCE", "EXPIRES", "CODE"
+    );
+    for list in ["allow", "block"] {
+        for e in json[list].as_array().into_iter().flatten() {
+            let expires = match e["expires_at_ms"].as_u64() {
+                Some(ms) => format!("{}s", ms.saturating_sub(now_ms).div_ceil(1000)),
+                None => "never".into(),
+            };
+            println!(
+                "{:<6} {:<40} {:<8} {:>10} {:<18} {}",
+                list,
+                e["value"].as_str().unwrap_or_default(),
+                e["source"].as_str().unwrap_or_default(),
+                expires,
+                e["code"].as_str().unwrap_or("-"),
+                e["reason"].as_str().unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// Percent-encodes what a path segment cannot carry (a CIDR's `/` stays: the server's route
+/// takes the rest of the path).
+fn encode(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~:/@".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// One HTTP/1.1 request (connection closed after it): status and body.
+async fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Result<(u16, String), String> {
+    let work = async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connecting: {e}"))?;
+        let body = body.unwrap_or_default();
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+            body.len()
+        );
+        if let Some(t) = token {
+            req.push_str(&format!("authorization: Bearer {t}\r\n"));
+        }
+        req.push_str("\r\n");
+        req.push_str(body);
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("sending: {e}"))?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)
+            .await
+            .map_err(|e| format!("reading: {e}"))?;
+        parse_response(&buf)
+    };
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .map_err(|_| "no answer within 10s".to_string())?
+}
+
+fn parse_response(buf: &[u8]) -> Result<(u16, String), String> {
+    let text = String::from_utf8_lossy(buf);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or("malformed HTTP response")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or("malformed HTTP status line")?;
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            let (Some(chunk), Some(next)) = (after.get(..n), after.get(n..)) else {
+                break;
+            };
+            if n == 0 {
+                break;
+            }
+            out.push_str(chunk);
+            rest = next.trim_start_matches("\r\n");
+        }
+        out
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_values_for_the_path() {
+        assert_eq!(encode("10.0.0.0/8"), "10.0.0.0/8");
+        assert_eq!(encode("2001:db8::/32"), "2001:db8::/32");
+        assert_eq!(encode("user:a b?"), "user:a%20b%3F");
+    }
+
+    #[test]
+    fn parses_plain_and_chunked_responses() {
+        assert_eq!(
+            parse_response(b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}"),
+            Ok((201, "{}".into()))
+        );
+        assert_eq!(
+            parse_response(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+            ),
+            Ok((200, "abcde".into()))
+        );
+        assert!(parse_response(b"garbage").is_err());
+    }
+}
