@@ -99,12 +99,12 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         }),
     };
     let mut text = telemetry::render(&s.metrics, &s.stats, &gauges);
-    let lists = s.authz.lists().snapshot();
+    let lists = s.authz.lists();
     telemetry::render_authz(
         &mut text,
         s.authz.metrics(),
-        lists.list(ListKind::Allow).len(),
-        lists.list(ListKind::Block).len(),
+        lists.entries(ListKind::Allow).len(),
+        lists.entries(ListKind::Block).len(),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -886,3 +886,186 @@ impl<'a> Parser<'a> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard() -> GraphqlGuard {
+        GraphqlGuard::new(&GraphqlConfig {
+            max_depth: 4,
+            max_complexity: 100,
+            field_costs: vec![("expensive".into(), 10)],
+            ..GraphqlConfig::default()
+        })
+    }
+
+    fn analyse(q: &str) -> Result<Analysis, GraphqlError> {
+        guard().analyse(q, None, None)
+    }
+
+    fn depth(q: &str) -> u32 {
+        analyse(q).unwrap_or_else(|e| panic!("{q}: {e:?}")).depth
+    }
+
+    fn complexity(q: &str) -> u64 {
+        analyse(q)
+            .unwrap_or_else(|e| panic!("{q}: {e:?}"))
+            .complexity
+    }
+
+    #[test]
+    fn depth_counts_fields() {
+        assert_eq!(depth("{ a }"), 1);
+        assert_eq!(depth("{ a { b { c } } d }"), 3);
+        assert_eq!(depth("query Q($id: ID!) { user(id: $id) { name } }"), 2);
+    }
+
+    #[test]
+    fn depth_goes_through_fragments_and_inline_fragments() {
+        // The seed library restarted counting at each fragment: this was depth 2 + 2.
+        let q = "query { a { ...F } } fragment F on A { b { ...G } } fragment G on B { c { d } }";
+        assert_eq!(depth(q), 4);
+        let q = "{ a { ... on A { b { ... { c { d { e } } } } } } }";
+        assert_eq!(depth(q), 5);
+        // Order of definitions does not matter; fragments are analysed once each.
+        let q = "fragment G on B { c { d } } query { a { ...F } } fragment F on A { b { ...G } }";
+        assert_eq!(depth(q), 4);
+    }
+
+    #[test]
+    fn complexity_weights_fields_and_multiplies_by_list_arguments() {
+        assert_eq!(complexity("{ a b c }"), 3);
+        assert_eq!(complexity("{ expensive }"), 10);
+        assert_eq!(complexity("{ __typename a }"), 1);
+        // users(first: 10) { id name } = 10 × (1 + 2)
+        assert_eq!(complexity("{ users(first: 10) { id name } }"), 30);
+        // Nested lists multiply.
+        assert_eq!(
+            complexity("{ users(first: 10) { friends(limit: 5) { name } } }"),
+            10 * (1 + 5 * (1 + 1))
+        );
+        // Through a fragment the multiplier still applies.
+        assert_eq!(
+            complexity("{ users(first: 10) { ...U } } fragment U on User { id name }"),
+            30
+        );
+        // Variables: the request's value, or the default list size when unset.
+        let g = guard();
+        let vars = serde_json::json!({"n": 7});
+        let q = "query($n: Int) { users(first: $n) { id } }";
+        assert_eq!(g.analyse(q, Some(&vars), None).unwrap().complexity, 14);
+        assert_eq!(g.analyse(q, None, None).unwrap().complexity, 20);
+    }
+
+    #[test]
+    fn check_enforces_maximums() {
+        let g = guard();
+        let req_ok = g.analyse("{ a { b { c { d } } } }", None, None).unwrap();
+        assert_eq!(req_ok.depth, 4);
+        let too_deep = "{ a { ...F } } fragment F on A { b { c { d { e } } } }";
+        let a = g.analyse(too_deep, None, None).unwrap();
+        assert!(a.depth > g.max_depth);
+        let huge = "{ users(first: 1000000) { id } }";
+        assert!(g.analyse(huge, None, None).unwrap().complexity > g.max_complexity);
+    }
+
+    #[test]
+    fn malformed_documents_are_errors_with_positions() {
+        let e = analyse("{ a { b }").unwrap_err();
+        assert_eq!(e.code, "GRAPHQL_PARSE_FAILED");
+        assert!(
+            e.message
+                .starts_with("Syntax Error: Expected Name, found <EOF>"),
+            "{}",
+            e.message
+        );
+        assert_eq!(e.location, Some((1, 10)));
+        let e = analyse("query {\n  a(x: ) \n}").unwrap_err();
+        assert_eq!(e.location, Some((2, 8)));
+        for bad in [
+            "",
+            "   ",
+            "{}",
+            "{ a(: 1) }",
+            "{ a \"unterminated }",
+            "{ a(x: 01) }",
+            "{ ... }",
+            "type Query { a: Int }",
+            "fragment on on A { a }",
+            "{ a } }",
+            "query ($a: [Int) { a }",
+            "{ a @ }",
+            "\u{0}",
+            "{ a(x: \"\\q\") }",
+        ] {
+            assert!(analyse(bad).is_err(), "{bad:?} parsed");
+        }
+        let e = analyse("{ ...F }").unwrap_err();
+        assert_eq!(e.message, "Unknown fragment \"F\".");
+        let e = analyse("{ ...F } fragment F on A { ...G } fragment G on A { ...F }").unwrap_err();
+        assert!(e.message.contains("within itself"), "{}", e.message);
+        let body = e.to_json();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(v["errors"][0]["message"].is_string());
+    }
+
+    #[test]
+    fn valid_syntax_corners_parse() {
+        let q = r#"
+            # a comment
+            query Q($a: [Int!]! = [1, 2], $b: In = {x: "y", z: [true, null, ENUM]}) @dir(x: 1.5e3) {
+              alias: field(arg: """block "quoted" string""", other: "esc\"aped\u00e9", n: -0) @skip(if: false)
+              ... on T @include(if: true) { x }
+              ...F @dir
+            }
+            mutation M { m }
+            subscription S { s }
+            fragment F on T { y }
+        "#;
+        let a = guard().analyse(q, None, Some("Q")).unwrap();
+        assert_eq!(a.depth, 1);
+        assert!(guard().analyse(q, None, Some("Nope")).is_err());
+    }
+
+    #[test]
+    fn hostile_nesting_is_refused_not_a_stack_overflow() {
+        let deep = format!("{}{}", "{ a ".repeat(100_000), "}".repeat(100_000));
+        let e = analyse(&deep).unwrap_err();
+        assert!(e.message.contains("too deep"), "{}", e.message);
+        let deep_value = format!(
+            "{{ a(x: {}1{}) }}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert!(analyse(&deep_value).is_err());
+        // A long chain of fragments that each spread the next.
+        let mut q = String::from("{ ...F0 }");
+        for i in 0..5_000 {
+            q.push_str(&format!(" fragment F{i} on A {{ a ...F{} }}", i + 1));
+        }
+        q.push_str(" fragment F5000 on A { z }");
+        assert!(analyse(&q).is_err());
+        // Fan-out: each fragment spreads the next twice; memoised, so this is instant.
+        let mut q = String::from("{ ...F0 }");
+        for i in 0..60 {
+            q.push_str(&format!(
+                " fragment F{i} on A {{ a {{ ...F{n} }} b {{ ...F{n} }} }}",
+                n = i + 1
+            ));
+        }
+        q.push_str(" fragment F60 on A { z }");
+        let start = std::time::Instant::now();
+        let a = analyse(&q).unwrap();
+        assert_eq!(a.depth, 61);
+        assert!(a.complexity > 1 << 60, "{}", a.complexity);
+        assert!(start.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("%7B+a+%7D"), "{ a }");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
+}

@@ -2,6 +2,7 @@
 //! HTTP/gRPC helpers. Every wait has a deadline; every process is killed on drop.
 #![allow(dead_code)]
 
+pub mod check;
 pub mod envoy;
 pub mod redis;
 
@@ -121,6 +122,27 @@ impl Sidecar {
         RateLimitServiceClient::new(channel)
     }
 
+    pub async fn authz(
+        &self,
+    ) -> envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient<Channel>
+    {
+        envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::new(
+            self.channel().await,
+        )
+    }
+
+    /// One Check over gRPC, flattened.
+    pub async fn check(&self, c: &check::Check) -> check::Answer {
+        let r = self
+            .authz()
+            .await
+            .check(c.build())
+            .await
+            .expect("Check answers with a CheckResponse, never an RPC error")
+            .into_inner();
+        check::Answer::of(&r)
+    }
+
     pub async fn channel(&self) -> Channel {
         Channel::from_shared(format!("http://{}", self.grpc))
             .expect("uri")
@@ -150,12 +172,27 @@ impl Drop for Sidecar {
 
 /// A minimal HTTP/1.1 client (one request per connection): status and body.
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    http_with(addr, method, path, body, &[]).await
+}
+
+/// `http` with extra request headers.
+pub async fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(addr)
             .await
             .expect("connect admin");
+        let extra: String = headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}\r\n"))
+            .collect();
         let req = format!(
-            "{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\n\r\n{body}",
             body.len()
         );
         s.write_all(req.as_bytes()).await.expect("write");
