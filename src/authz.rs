@@ -143,14 +143,12 @@ impl AuthzEngine {
     /// One Check. Always answers: problems become denials or, with `failure_mode: allow`,
     /// an OK.
     pub async fn check(&self, req: &CheckRequest) -> CheckResponse {
-        let st = self.state.load_full();
+        let st = self.state.load();
         let view = match RequestView::new(req, st.max_header_bytes) {
             Ok(v) => v,
             Err(m) => return self.malformed(&st, m, false),
         };
-        let grpc = view
-            .header("content-type")
-            .is_some_and(|c| c.starts_with("application/grpc"));
+        let grpc = view.is_grpc;
 
         // 1. Identity.
         let ip = st.identity.client_ip(&view);
@@ -189,7 +187,7 @@ impl AuthzEngine {
             Some(None) => {
                 self.metrics.stage(Stage::ListAllow);
                 self.metrics.outcome(Outcome::Allowlisted);
-                return self.allowed(&st, Some(&identity.value), None);
+                return self.allowed(&st, Some(identity.value), None);
             }
             Some(Some(code)) => {
                 self.metrics.stage(Stage::ListBlock);
@@ -239,37 +237,38 @@ impl AuthzEngine {
         }
         if templates.is_empty() {
             self.metrics.outcome(Outcome::Allowed);
-            return self.allowed(&st, Some(&identity.value), None);
+            return self.allowed(&st, Some(identity.value), None);
         }
 
         // Descriptors borrow the request, the identity and the config: nothing is copied.
-        let mut facts = Facts::new(&view, &identity.value, ip);
-        for (t, _, _) in &templates {
-            t.prepare(&mut facts);
-        }
-        let mut descriptors: SmallVec<[AuthzDescriptor<'_>; 4]> = SmallVec::new();
-        let mut origins: SmallVec<[Origin; 4]> = SmallVec::new();
-        for (t, hits, origin) in &templates {
-            if let Some(d) = t.build(&facts, *hits) {
-                descriptors.push(d);
-                origins.push(*origin);
-            }
-        }
-        if descriptors.is_empty() {
-            self.metrics.outcome(Outcome::Allowed);
-            return self.allowed(&st, Some(&identity.value), None);
-        }
-        self.metrics.stage(Stage::LimitsEvaluated);
         let mut verdicts = Verdicts::new();
-        match self
-            .limits
-            .evaluate(&st.domain, &descriptors, 1, &mut verdicts)
-            .await
-        {
+        let mut origins: SmallVec<[Origin; 4]> = SmallVec::new();
+        let decided = {
+            let mut facts = Facts::new(&view, &identity.value, ip);
+            for (t, _, _) in &templates {
+                t.prepare(&mut facts);
+            }
+            let mut descriptors: SmallVec<[AuthzDescriptor<'_>; 4]> = SmallVec::new();
+            for (t, hits, origin) in &templates {
+                if let Some(d) = t.build(&facts, *hits) {
+                    descriptors.push(d);
+                    origins.push(*origin);
+                }
+            }
+            if descriptors.is_empty() {
+                Ok(false)
+            } else {
+                self.metrics.stage(Stage::LimitsEvaluated);
+                self.limits
+                    .evaluate(&st.domain, &descriptors, 1, &mut verdicts)
+                    .await
+            }
+        };
+        match decided {
             Ok(false) => {
                 self.metrics.outcome(Outcome::Allowed);
                 let quota = st.rate_limit_headers.then(|| closest(&verdicts)).flatten();
-                self.allowed(&st, Some(&identity.value), quota)
+                self.allowed(&st, Some(identity.value), quota)
             }
             Ok(true) => {
                 self.metrics.stage(Stage::LimitsOver);
@@ -288,7 +287,7 @@ impl AuthzEngine {
             Err(e) => {
                 self.metrics.stage(Stage::LimitsStorageError);
                 tracing::warn!("ext_authz limits: {e}");
-                self.failed(&st, &e, Some(&identity.value), grpc)
+                self.failed(&st, &e, Some(identity.value), grpc)
             }
         }
     }
@@ -296,7 +295,7 @@ impl AuthzEngine {
     fn allowed(
         &self,
         st: &AuthzState,
-        identity: Option<&str>,
+        identity: Option<String>,
         quota: Option<Quota>,
     ) -> CheckResponse {
         answer::allowed(
@@ -331,7 +330,7 @@ impl AuthzEngine {
         &self,
         st: &AuthzState,
         _e: &RequestError,
-        identity: Option<&str>,
+        identity: Option<String>,
         grpc: bool,
     ) -> CheckResponse {
         match st.failure_mode {

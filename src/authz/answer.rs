@@ -11,9 +11,7 @@
 //! Must not touch: decisions.
 
 use envoy_types::ext_authz::v3::pb::{HeaderAppendAction, HttpStatusCode};
-use envoy_types::ext_authz::v3::{
-    CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder,
-};
+use envoy_types::ext_authz::v3::{DeniedHttpResponseBuilder, OkHttpResponseBuilder};
 use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
 use envoy_types::pb::google::rpc;
 
@@ -46,7 +44,7 @@ pub enum GrpcCode {
 /// OK: forward upstream with `headers` set and `remove` removed.
 pub fn allowed(
     identity_header: &str,
-    identity: Option<&str>,
+    identity: Option<String>,
     strip: &[String],
     quota: Option<Quota>,
 ) -> CheckResponse {
@@ -84,9 +82,15 @@ pub fn allowed(
             );
         }
     }
-    let mut r = CheckResponse::with_status(tonic::Status::ok(""));
-    r.set_http_response(ok);
-    r
+    CheckResponse {
+        status: Some(rpc::Status::default()),
+        dynamic_metadata: None,
+        http_response: Some(
+            envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse::OkResponse(
+                ok.build(),
+            ),
+        ),
+    }
 }
 
 /// A denial.
@@ -287,7 +291,7 @@ mod tests {
 
     #[test]
     fn allowed_replaces_identity_and_strips() {
-        let r = allowed("x-id", Some("user:a"), &["x-user".into()], None);
+        let r = allowed("x-id", Some("user:a".into()), &["x-user".into()], None);
         assert_eq!(r.status.as_ref().map(|s| s.code), Some(0));
         let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
             panic!("ok")

@@ -215,7 +215,7 @@ pub struct Facts<'a> {
     pub req: &'a RequestView<'a>,
     pub identity: &'a str,
     pub client_ip: Option<Addr>,
-    /// The client IP as text, printed once.
+    /// The client IP as text, printed once if an action needs it.
     pub ip_text: Option<AddrText>,
     /// Masked client addresses the actions asked for, printed once each.
     pub masked: SmallVec<[((u8, u8), AddrText); 2]>,
@@ -227,7 +227,7 @@ impl<'a> Facts<'a> {
             req,
             identity,
             client_ip,
-            ip_text: client_ip.map(AddrText::new),
+            ip_text: None,
             masked: SmallVec::new(),
         }
     }
@@ -236,6 +236,9 @@ impl<'a> Facts<'a> {
     fn prepare(&mut self, actions: &[Action]) {
         let Some(ip) = self.client_ip else { return };
         for a in actions {
+            if matches!(a, Action::RemoteAddress) && self.ip_text.is_none() {
+                self.ip_text = Some(AddrText::new(ip));
+            }
             if let Action::Masked { v4, v6 } = a
                 && !self.masked.iter().any(|(k, _)| *k == (*v4, *v6))
             {

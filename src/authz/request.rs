@@ -55,6 +55,8 @@ pub struct RequestView<'a> {
     pub query: &'a str,
     /// Without the port.
     pub host: &'a str,
+    /// A gRPC request (`content-type: application/grpc*`): denials speak gRPC.
+    pub is_grpc: bool,
     /// (`pkg.Service`, `Method`) of a gRPC request.
     pub grpc: Option<(&'a str, &'a str)>,
 }
@@ -93,6 +95,7 @@ impl<'a> RequestView<'a> {
             path: "",
             query: "",
             host: "",
+            is_grpc: false,
             grpc: None,
         };
         view.method = if http.method.is_empty() {
@@ -116,10 +119,10 @@ impl<'a> RequestView<'a> {
             &http.host
         };
         view.host = strip_port(host);
-        if view
+        view.is_grpc = view
             .header("content-type")
-            .is_some_and(|ct| ct.starts_with("application/grpc"))
-        {
+            .is_some_and(|ct| ct.starts_with("application/grpc"));
+        if view.is_grpc {
             view.grpc = path
                 .strip_prefix('/')
                 .and_then(|p| p.split_once('/'))
