@@ -20,6 +20,19 @@ fn validate_accepts_the_shipped_example() {
 }
 
 #[test]
+fn validate_accepts_the_shipped_authz_example() {
+    let out = Command::new(BIN)
+        .args(["config", "validate", "k8s/examples/authz/ratethrottle.yaml"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn validate_prints_every_error_with_file_line_and_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("bad.yaml");

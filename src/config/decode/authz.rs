@@ -349,7 +349,7 @@ impl Decoder<'_> {
             };
         }
         let f = self.mapping(node, path, SOURCE_KEYS)?;
-        let kind = self.one_kind(&f, SOURCE_KINDS, "identity source")?;
+        let kind = self.one_kind(&f, SOURCE_KINDS, "an identity source")?;
         let name = f
             .get("name")
             .and_then(|field| self.nonempty(field.value, &f.path("name")));
@@ -419,7 +419,7 @@ impl Decoder<'_> {
                 self.error(
                     f.node,
                     &f.path,
-                    format!("a {what} needs one of {}", kinds.join(", ")),
+                    format!("{what} needs one of {}", kinds.join(", ")),
                 );
                 None
             }
@@ -427,7 +427,7 @@ impl Decoder<'_> {
                 self.error(
                     f.node,
                     &child(&f.path, second),
-                    format!("a {what} takes exactly one of {}", kinds.join(", ")),
+                    format!("{what} takes exactly one of {}", kinds.join(", ")),
                 );
                 None
             }
@@ -785,7 +785,7 @@ impl Decoder<'_> {
 
     fn string_match(&mut self, node: &MarkedYaml<'_>, path: &str) -> Option<StringMatch> {
         let f = self.mapping(node, path, STRING_MATCH_KEYS)?;
-        let kind = self.one_kind(&f, STRING_MATCH_KEYS, "match")?;
+        let kind = self.one_kind(&f, STRING_MATCH_KEYS, "a match")?;
         self.string_match_of(&f, kind)
     }
 
@@ -798,7 +798,11 @@ impl Decoder<'_> {
             "prefix" => StringMatch::Prefix(v),
             _ => {
                 if let Err(e) = regex::Regex::new(&v) {
-                    self.error(field.value, &path, format!("invalid regex: {e}"));
+                    // regex's message spans lines (pattern, caret, error): keep the error.
+                    let text = e.to_string();
+                    let last = text.lines().last().unwrap_or_default();
+                    let reason = last.strip_prefix("error: ").unwrap_or(last);
+                    self.error(field.value, &path, format!("invalid regex: {reason}"));
                     return None;
                 }
                 StringMatch::Regex(v)
@@ -876,7 +880,7 @@ impl Decoder<'_> {
             let Some(f) = self.mapping(item, &item_path, ACTION_KINDS) else {
                 continue;
             };
-            let Some(kind) = self.one_kind(&f, ACTION_KINDS, "descriptor action") else {
+            let Some(kind) = self.one_kind(&f, ACTION_KINDS, "a descriptor action") else {
                 continue;
             };
             if let Some(a) = self.action(&f, kind) {
@@ -1129,6 +1133,117 @@ mod tests {
         assert_eq!(parse_rfc3339_utc("2023-02-29T00:00:00Z"), None);
         assert_eq!(parse_rfc3339_utc("2030-01-01 00:00:00Z"), None);
         assert_eq!(parse_rfc3339_utc("2030-01-01T24:00:00Z"), None);
+    }
+
+    fn errors(yaml: &str) -> Vec<String> {
+        match crate::config::parse_str("rt.yaml", yaml) {
+            Ok(c) => panic!("expected errors, loaded {:?}", c.authz),
+            Err(e) => e.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn a_full_block_decodes() {
+        let c = crate::config::parse_str(
+            "rt.yaml",
+            "authz:
+  domain: d
+  failure_mode: allow
+  identity:
+    xff_num_trusted_hops: 2
+    sources: [{header: x-api-key, name: key}, mtls, {client_ip: {}, name: addr}]
+    strip_headers: [x-user]
+  lists:
+    block: [1.2.3.4, {value: 10.0.0.0/8, reason: r, code: c-1, expires: 2030-01-01T00:00:00Z}]
+  policies:
+    - name: p
+      hits: 3
+      match:
+        hosts: [A.example.com]
+        methods: [post]
+        path: {regex: '/v[0-9]+/.*'}
+        headers: [{name: x-tier, exact: free}, {name: x-debug, invert: true}]
+        grpc: {service: s.S}
+      descriptors:
+        - [{generic_key: {descriptor_value: v}}, {masked_remote_address: {v4_prefix_mask_len: 24}}]
+        - [{header_value_match: {descriptor_value: m, headers: [{name: x, prefix: y}]}}, {query_parameters: {query_parameter_name: q, descriptor_key: k}}]
+  graphql: {max_depth: 3, field_costs: {a: 5}}
+  websocket:
+domains:
+  - domain: d
+",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let a = c.authz.unwrap();
+        assert_eq!(a.failure_mode, AuthzFailureMode::Allow);
+        assert_eq!(a.identity.xff_num_trusted_hops, 2);
+        assert_eq!(a.identity.sources.len(), 3);
+        assert_eq!(a.identity.sources[2].name(), "addr");
+        assert_eq!(a.lists.block[1].expires_at, Some(1_893_456_000));
+        assert_eq!(a.lists.block[1].code.as_deref(), Some("c-1"));
+        let p = &a.policies[0];
+        assert_eq!((p.hits, p.line), (3, 11));
+        assert_eq!(p.matcher.hosts, vec!["a.example.com".to_string()]);
+        assert_eq!(p.matcher.methods, vec!["POST".to_string()]);
+        assert_eq!(p.descriptors.len(), 2);
+        assert_eq!(a.graphql.unwrap().field_costs, vec![("a".to_string(), 5)]);
+        assert!(a.websocket.is_some());
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line_and_key_path() {
+        let e = errors(
+            "authz:
+  domian: x
+  identity:
+    sources: [{header: X-Api-Key}, {jwt: {claim: sub}}, {mtls: {}, client_ip: {}}, bogus]
+  lists:
+    block: [10.0.0.1/8, {value: 1.2.3.4, code: Bad Code}, {value: 1.2.3.5, expires: tomorrow}]
+  policies:
+    - name: p
+      match: {path: {regex: '('}}
+      descriptors: [[{generic_key: {}}], [{identity: {}, path: {}}], []]
+    - descriptors: [[{request_headers: {header_name: x}}]]
+  graphql: {max_depth: 0}
+",
+        );
+        let expect = [
+            "rt.yaml:2:3: authz.domian: unknown key \"domian\" (did you mean \"domain\"?)",
+            "rt.yaml:4:24: authz.identity.sources[0].header: \"X-Api-Key\" is not a lower-case header name",
+            "rt.yaml:4:42: authz.identity.sources[1].jwt: needs a key",
+            "authz.identity.sources[2].client_ip: an identity source takes exactly one of",
+            "authz.identity.sources[3]: unknown identity source \"bogus\"",
+            "rt.yaml:6:13: authz.lists.block[0]: \"10.0.0.1/8\" has host bits set (did you mean 10.0.0.0/8?)",
+            "authz.lists.block[1].code: \"Bad Code\" is not a reason code",
+            "authz.lists.block[2].expires: expected a UTC time",
+            "rt.yaml:9:29: authz.policies[0].match.path.regex: invalid regex: unclosed group",
+            "authz.policies[0].descriptors[0][0].generic_key: missing required key \"descriptor_value\"",
+            "authz.policies[0].descriptors[1][0].path: a descriptor action takes exactly one of",
+            "authz.policies[0].descriptors[2]: a descriptor needs at least one action",
+            "authz.policies[1]: missing required key \"name\"",
+            "authz.policies[1].descriptors[0][0].request_headers: missing required key \"descriptor_key\"",
+            "rt.yaml:12:24: authz.graphql.max_depth: must be greater than 0",
+        ];
+        for want in expect {
+            assert!(
+                e.iter().any(|l| l.contains(want)),
+                "missing {want:?} in\n{}",
+                e.join("\n")
+            );
+        }
+        let e = errors("authz:\n  policies: [{name: p, descriptors: [[{identity: {}}]]}]\n");
+        assert!(
+            e[0].contains(
+                "authz.domain: policies count in domain \"ext_authz\", which no file defines"
+            ),
+            "{e:?}"
+        );
+        let e = errors("authz: {}\n---\nauthz: {}\n");
+        assert!(e[0].contains("only one authz block is allowed"), "{e:?}");
+        let e = errors(
+            "authz:\n  identity:\n    sources: [{jwt: {rsa_public_key_file: /nonexistent.pem}}]\n",
+        );
+        assert!(e[0].contains("cannot read /nonexistent.pem"), "{e:?}");
     }
 
     #[test]
