@@ -379,3 +379,6 @@ fn rejecting(verdicts: &[Verdict]) -> (usize, Quota) {
             },
         ))
 }
+
+#[cfg(test)]
+mod tests;
