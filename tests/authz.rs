@@ -601,7 +601,16 @@ async fn grpc_methods_are_limited_and_denials_speak_grpc() {
         Some("8"),
         "RESOURCE_EXHAUSTED for gRPC clients"
     );
-    assert_eq!(a.header("grpc-message"), Some("rate limited"));
+    assert!(
+        a.header("grpc-message")
+            .is_some_and(|m| m.starts_with("rate limited: retry after ")),
+        "{a:?}"
+    );
+    assert_eq!(
+        a.body,
+        a.header("grpc-message").unwrap(),
+        "Envoy makes the body the grpc-message"
+    );
     // Other methods of the service have no rule; other services match no policy.
     for _ in 0..5 {
         assert!(sc.check(&call("View")).await.ok());
@@ -621,6 +630,7 @@ async fn grpc_methods_are_limited_and_denials_speak_grpc() {
         .await;
     assert_eq!(a.header("grpc-status"), Some("7"));
     assert_eq!(a.grpc_code, 7);
+    assert_eq!(a.body, "blocked: abuse");
 }
 
 #[tokio::test]

@@ -100,6 +100,9 @@ pub struct Denial {
     pub grpc: GrpcCode,
     /// For `grpc-message` and `CheckResponse.status.message`: public words only.
     pub message: &'static str,
+    /// Said after `message` to gRPC callers (Envoy turns a denial's body into the
+    /// `grpc-message` of a gRPC request, so gRPC callers get this text as the body).
+    pub detail: String,
     pub body: String,
     pub content_type: &'static str,
     pub headers: Vec<(&'static str, String)>,
@@ -116,6 +119,7 @@ impl Denial {
             http,
             grpc,
             message,
+            detail: String::new(),
             body: body.to_string(),
             content_type: "application/json",
             headers: Vec::new(),
@@ -144,6 +148,7 @@ impl Denial {
                 serde_json::json!({"error": "rate_limited", "retry_after": retry}),
             )
         };
+        d.detail = format!("retry after {retry}s");
         d.headers = vec![
             ("retry-after", retry.to_string()),
             ("x-ratelimit-limit", q.limit.to_string()),
@@ -155,12 +160,14 @@ impl Denial {
 
     /// 403 naming the public reason code of the entry.
     pub fn blocked(code: &str) -> Denial {
-        Denial::json(
+        let mut d = Denial::json(
             HttpStatusCode::Forbidden,
             GrpcCode::PermissionDenied,
             "blocked",
             serde_json::json!({"error": "blocked", "code": code}),
-        )
+        );
+        d.detail = code.to_string();
+        d
     }
 
     /// 401 for a present but invalid token.
@@ -171,6 +178,7 @@ impl Denial {
             "unauthenticated",
             serde_json::json!({"error": "unauthenticated", "code": code}),
         );
+        d.detail = code.to_string();
         d.headers = vec![(
             "www-authenticate",
             format!("Bearer error=\"invalid_token\", error_description=\"{code}\""),
@@ -185,12 +193,14 @@ impl Denial {
         } else {
             HttpStatusCode::BadRequest
         };
-        Denial::json(
+        let mut d = Denial::json(
             http,
             GrpcCode::InvalidArgument,
             "bad request",
             serde_json::json!({"error": "bad_request", "code": code}),
-        )
+        );
+        d.detail = code.to_string();
+        d
     }
 
     /// The limiter could not answer (under `failure_mode: deny`).
@@ -213,8 +223,20 @@ impl Denial {
         )
     }
 
-    /// The CheckResponse; `grpc` adds the gRPC status headers for gRPC requests.
+    /// `message: detail`, what a gRPC caller reads.
+    fn grpc_text(&self) -> String {
+        if self.detail.is_empty() {
+            self.message.to_string()
+        } else {
+            format!("{}: {}", self.message, self.detail)
+        }
+    }
+
+    /// The CheckResponse. For gRPC requests the `grpc-status`/`grpc-message` headers are
+    /// added and the body is the plain message (Envoy's local reply makes the body the
+    /// `grpc-message` of a gRPC request); other requests get the JSON body.
     pub fn into_response(self, grpc: bool) -> CheckResponse {
+        let text = self.grpc_text();
         let mut denied = DeniedHttpResponseBuilder::new();
         denied.set_http_status(self.http);
         let set = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
@@ -224,13 +246,15 @@ impl Denial {
         }
         if grpc {
             denied.add_header("grpc-status", (self.grpc as i32).to_string(), set, false);
-            denied.add_header("grpc-message", self.message, set, false);
+            denied.add_header("grpc-message", text.as_str(), set, false);
+            denied.set_body(text.as_str());
+        } else {
+            denied.set_body(self.body);
         }
-        denied.set_body(self.body);
         CheckResponse {
             status: Some(rpc::Status {
                 code: self.grpc as i32,
-                message: self.message.to_string(),
+                message: text,
                 details: Vec::new(),
             }),
             dynamic_metadata: None,
@@ -253,6 +277,7 @@ fn graphql_error(
         http,
         grpc,
         message,
+        detail: String::new(),
         body,
         content_type: "application/json",
         headers: Vec::new(),
@@ -286,6 +311,14 @@ mod tests {
         assert!(h.contains(&("retry-after".into(), "2".into())), "{h:?}");
         assert!(h.contains(&("x-ratelimit-limit".into(), "5".into())));
         assert!(h.contains(&("grpc-status".into(), "8".into())));
+        assert_eq!(
+            d.body, "rate limited: retry after 2s",
+            "gRPC callers read the body"
+        );
+        let r = Denial::rate_limited(q, false).into_response(false);
+        let Some(HttpResponse::DeniedResponse(d)) = r.http_response else {
+            panic!("denied")
+        };
         assert_eq!(d.body, r#"{"error":"rate_limited","retry_after":2}"#);
     }
 

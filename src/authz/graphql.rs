@@ -499,7 +499,11 @@ impl<'a> Parser<'a> {
                 Tok::Str
             }
             _ => {
-                let ch = self.src.get(self.pos..).and_then(|r| r.chars().next()).unwrap_or('?');
+                let ch = self
+                    .src
+                    .get(self.pos..)
+                    .and_then(|r| r.chars().next())
+                    .unwrap_or('?');
                 return Err(self.error_at(self.pos, format!("Unexpected character {ch:?}.")));
             }
         };
