@@ -821,6 +821,15 @@ async fn admin_list_endpoints_need_the_token_and_changes_apply_at_once() {
         409
     );
 
+    // Secrets never show in the effective configuration.
+    let (code, text) = sc.get("/v1/config").await;
+    assert_eq!(code, 200);
+    assert!(
+        text.contains("\"authz\"") && text.contains("<redacted>"),
+        "{text}"
+    );
+    assert!(!text.contains("s3cret") && !text.contains(TOKEN), "{text}");
+
     // Without a configured token, list management is disabled.
     let dir = config_dir(&CONFIG.replace("  admin_token: t0ken-for-tests\n", "  max_keys: 1000\n"));
     let off = Sidecar::start(Some(&dir.path().join("ratethrottle.yaml")), &[]);
