@@ -161,3 +161,134 @@ async fn a_limited_grpc_call_gets_resource_exhausted_through_envoy() {
         "{err:?}"
     );
 }
+
+/// The shipped config with both filters: ext_authz resolves the identity, the rate limit
+/// filter counts per that identity, blocks and guards answer first.
+const BOTH: &str = r#"
+settings:
+  admin_token: e2e-token
+authz:
+  domain: edge
+  identity:
+    xff_num_trusted_hops: 0
+    sources:
+      - header: x-api-key
+        name: api_key
+      - client_ip
+  lists:
+    allow:
+      - api_key:vip
+  graphql:
+    paths: [/graphql]
+    max_depth: 3
+domains:
+  - domain: edge
+    descriptors: []
+  - domain: example
+    descriptors:
+      - key: identity
+        rate_limit: {unit: minute, requests_per_unit: 3}
+"#;
+
+#[tokio::test]
+async fn both_filters_in_the_recommended_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("ratethrottle.yaml");
+    std::fs::write(&file, BOTH).expect("write");
+    let sc = Sidecar::start(Some(&file), &[]);
+    let envoy = Envoy::start("ratelimit-and-ext-authz.yaml", &[sc.grpc], |t| t);
+    let get = |headers: Vec<(&'static str, &'static str)>| {
+        let addr = envoy.listener;
+        async move { http_request(addr, "GET", "/api/items", &headers, "").await }
+    };
+    // The rate limit filter counts per identity ext_authz resolved; a client's own
+    // x-ratethrottle-identity header cannot pick another counter.
+    let mut statuses = Vec::new();
+    for spoof in ["api_key:a", "api_key:b", "api_key:c", "api_key:d"] {
+        let r = get(vec![
+            ("x-api-key", "dave"),
+            ("x-ratethrottle-identity", spoof),
+        ])
+        .await;
+        statuses.push(r.status);
+    }
+    assert_eq!(statuses, vec![200, 200, 200, 429]);
+    assert_eq!(get(vec![("x-api-key", "erin")]).await.status, 200);
+
+    // GraphQL over the depth limit: a GraphQL error from ext_authz, before any counting.
+    let deep = r#"{"query":"{ a { b { c { d { e } } } } }"}"#;
+    let r = http_request(
+        envoy.listener,
+        "POST",
+        "/graphql",
+        &[("content-type", "application/json"), ("x-api-key", "frank")],
+        deep,
+    )
+    .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    let body: serde_json::Value = serde_json::from_str(&r.body).expect("graphql json");
+    assert!(body["errors"][0]["message"].is_string(), "{body}");
+
+    // Block the client's network: 403 whatever x-forwarded-for it claims.
+    let auth = format!("Bearer {TOKEN}");
+    let (code, _) = http_with(
+        sc.admin,
+        "POST",
+        "/v1/lists/block",
+        r#"{"value": "127.0.0.0/8", "reason": "e2e", "code": "e2e"}"#,
+        &[("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(code, 201);
+    for xff in ["", "1.2.3.4", "8.8.8.8, 9.9.9.9"] {
+        let mut headers = vec![("x-api-key", "grace")];
+        if !xff.is_empty() {
+            headers.push(("x-forwarded-for", xff));
+        }
+        let r = get(headers).await;
+        assert_eq!(r.status, 403, "xff {xff:?}: {r:?}");
+    }
+}
+
+#[tokio::test]
+async fn an_allowlisted_client_is_never_limited() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("ratethrottle.yaml");
+    std::fs::write(
+        &file,
+        SETTINGS.replace(
+            "  graphql:",
+            "  lists:\n    allow:\n      - api_key:vip\n  graphql:",
+        ),
+    )
+    .expect("write");
+    let sc = Sidecar::start(Some(&file), &[]);
+    let envoy = Envoy::start("ext-authz.yaml", &[sc.grpc], |t| t);
+    for _ in 0..10 {
+        let r = http_request(
+            envoy.listener,
+            "GET",
+            "/api/items",
+            &[("x-api-key", "vip")],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    // The same policy limits everyone else at 2.
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(
+            http_request(
+                envoy.listener,
+                "GET",
+                "/api/items",
+                &[("x-api-key", "norm")],
+                "",
+            )
+            .await
+            .status,
+        );
+    }
+    assert_eq!(statuses, vec![200, 200, 429]);
+}
