@@ -93,11 +93,15 @@ def percentiles(latencies_us):
     return p(0.5), p(0.99)
 
 
-def h2load(port, body_path, log_path, streams=32, conns=16):
-    cmd = ["h2load", "-D", str(SECONDS), "-c", str(conns), "-m", str(streams), "-t", "1",
+RLS_PATH = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
+CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"
+
+
+def h2load(port, body_path, log_path, streams=32, conns=16, path=RLS_PATH, requests=None):
+    timing = ["-n", str(requests)] if requests else ["-D", str(SECONDS)]
+    cmd = ["h2load", *timing, "-c", str(conns), "-m", str(streams), "-t", "1",
            "-d", body_path, "-H", "content-type: application/grpc", "-H", "te: trailers",
-           f"--log-file={log_path}",
-           f"http://127.0.0.1:{port}/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"]
+           f"--log-file={log_path}", f"http://127.0.0.1:{port}{path}"]
     out = subprocess.run(cmd, capture_output=True, text=True).stdout
     m = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out)
     done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
@@ -137,6 +141,15 @@ def settings(tmp, storage):
             "  - domain: example\n    descriptors:\n"
             "      - key: api_key\n        rate_limit: {unit: hour, requests_per_unit: 1000000000}\n"
             "      - key: remote_address\n        rate_limit: {unit: hour, requests_per_unit: 1000000000}\n"
+            "      - key: identity\n        rate_limit: {unit: hour, requests_per_unit: 1000000000}\n"
+            "      - key: generic_key\n        value: api\n        descriptors:\n"
+            "          - key: identity\n            rate_limit: {unit: hour, requests_per_unit: 1000000000}\n"
+            "authz:\n"
+            "  domain: example\n"
+            "  identity:\n    sources:\n      - header: x-api-key\n        name: api_key\n      - client_ip\n"
+            "  lists:\n    block:\n      - 203.0.113.0/24\n"
+            "  policies:\n    - name: api\n      match: {path: {prefix: /}}\n"
+            "      descriptors:\n        - [{generic_key: {descriptor_value: api}}, {identity: {}}]\n"
         )
     return path
 
@@ -156,44 +169,58 @@ def probe(port, domain="bench"):
 
 
 def grpc_rows(tmp):
-    body = os.path.join(tmp, "req.bin")
-    with open(body, "wb") as f:
-        f.write(grpc_body("bench-key"))
+    subprocess.run([OK_RLS, "--write-bodies", tmp], check=True)
     log = os.path.join(tmp, "h2load.log")
-    servers = [("OK-only tonic server (ceiling)", None)]
-    servers.append(("ratethrottle, memory", "memory"))
+    servers = [("ShouldRateLimit", "OK-only tonic server (ceiling)", None)]
+    servers.append(("ShouldRateLimit", "ratethrottle, memory", "memory"))
     for label, var in [("ratethrottle, Redis", "RATETHROTTLE_TEST_REDIS_URL"),
                        ("ratethrottle, Redis Cluster", "RATETHROTTLE_TEST_REDIS_CLUSTER_URL")]:
         if os.environ.get(var):
-            servers.append((label, os.environ[var]))
-    for label, storage in servers:
+            servers.append(("ShouldRateLimit", label, os.environ[var]))
+    servers.append(("Check", "OK-only tonic server (ceiling)", None))
+    servers.append(("Check", "ratethrottle, memory", "memory"))
+    for rpc, label, storage in servers:
+        body = os.path.join(tmp, "rls.bin" if rpc == "ShouldRateLimit" else "check.bin")
+        path = RLS_PATH if rpc == "ShouldRateLimit" else CHECK_PATH
+        counter = ("ratelimit_service_should_rate_limit_total" if rpc == "ShouldRateLimit"
+                   else 'ratethrottle_authz_checks_total{outcome="allowed"}')
         if storage is None:
             port = free_port()
             p = start([OK_RLS, f"127.0.0.1:{port}"], port)
             admin = None
         else:
             p, port, admin = sidecar(tmp, storage)
-        probe(port)
+        if rpc == "ShouldRateLimit":
+            probe(port)
+        if admin:
+            # Probe: ten requests must be ten decisions the server itself counted as OK
+            # (h2load counts HTTP 200 even when grpc-status says otherwise).
+            before = metric(admin, counter)
+            h2load(port, body, log, streams=1, conns=1, path=path, requests=10)
+            if metric(admin, counter) - before != 10:
+                raise SystemExit(f"probe failed for {rpc} on {label}")
         pids = [p.pid] + (redis_pids() if storage and storage != "memory" else [])
         before_cpu = cpu_seconds(pids)
-        before = metric(admin, "ratelimit_service_should_rate_limit_total") if admin else 0
+        before = metric(admin, counter) if admin else 0
         cmds0 = metric(admin, "ratethrottle_redis_commands_total") if admin else 0
-        rps, ok, lat = h2load(port, body, log)
+        rps, ok, lat = h2load(port, body, log, path=path)
         cpu = cpu_seconds(pids) - before_cpu
-        decided = (metric(admin, "ratelimit_service_should_rate_limit_total") - before) if admin else ok
+        decided = (metric(admin, counter) - before) if admin else ok
         cmds = (metric(admin, "ratethrottle_redis_commands_total") - cmds0) if admin else 0
         fallbacks = metric(admin, "ratethrottle_redis_failure_mode_answers_total") if admin else 0
         stop(p)
         p50, p99 = percentiles(lat)
         note = f"{cmds / max(decided, 1):.2f} Redis cmd/req" if storage and storage != "memory" else ""
+        if admin and decided < ok * 0.99:
+            note += f" (only {int(decided)} of {ok} counted!)"
         if fallbacks:
             note += f" ({int(fallbacks)} failure-mode answers!)"
-        ROWS.append(("gRPC ShouldRateLimit (h2load 16x32)", label, rps, p50, p99,
+        ROWS.append((f"gRPC {rpc} (h2load 16x32)", label, rps, p50, p99,
                      cpu / max(decided, 1) * 1e6, note))
 
 
-def envoy_config(tmp, mode, rls_port):
-    src = open(os.path.join(ROOT, "k8s/examples/envoy/http-ratelimit.yaml")).read()
+def envoy_config(tmp, mode, rls_port, config="http-ratelimit.yaml"):
+    src = open(os.path.join(ROOT, "k8s/examples/envoy", config)).read()
     listen, upstream, admin = free_port(), free_port(), free_port()
     text = (src.replace("port_value: 10000", f"port_value: {listen}")
             .replace("port_value: 10001", f"port_value: {upstream}")
@@ -203,7 +230,7 @@ def envoy_config(tmp, mode, rls_port):
     if mode == "alone":
         # Drop the rate limit filter: Envoy and its upstream only.
         text = re.sub(r"                  - name: envoy.filters.http.ratelimit\n(?:                    .*\n)+", "", text)
-    path = os.path.join(tmp, f"envoy-{mode}.yaml")
+    path = os.path.join(tmp, f"envoy-{mode}-{config}")
     with open(path, "w") as f:
         f.write(text)
     return path, listen, admin
@@ -228,8 +255,13 @@ def envoy_rows(tmp):
     envoy = os.environ.get("RATETHROTTLE_TEST_ENVOY")
     if not envoy:
         return
-    for label, mode in [("Envoy alone", "alone"), ("Envoy + OK-only RLS (ceiling)", "ok"),
-                        ("Envoy + ratethrottle (memory)", "ratethrottle")]:
+    for label, mode, config in [
+        ("Envoy alone", "alone", "http-ratelimit.yaml"),
+        ("Envoy + OK-only RLS (ceiling)", "ok", "http-ratelimit.yaml"),
+        ("Envoy + ratethrottle RLS (memory)", "ratethrottle", "http-ratelimit.yaml"),
+        ("Envoy + OK-only, both filters (ceiling)", "ok", "ratelimit-and-ext-authz.yaml"),
+        ("Envoy + ratethrottle, both filters", "ratethrottle", "ratelimit-and-ext-authz.yaml"),
+    ]:
         side, rls_port = None, None
         if mode == "ok":
             rls_port = free_port()
@@ -237,7 +269,7 @@ def envoy_rows(tmp):
         elif mode == "ratethrottle":
             side, rls_port, _ = sidecar(tmp, "memory")
             probe(rls_port, "example")
-        path, listen, admin = envoy_config(tmp, mode, rls_port)
+        path, listen, admin = envoy_config(tmp, mode, rls_port, config)
         e = start([envoy, "-c", path, "--concurrency", "1", "--use-dynamic-base-id", "-l", "error"], listen)
         time.sleep(0.5)
         pids = [e.pid] + ([side.pid] if side else [])
