@@ -22,6 +22,18 @@ descriptors:
   - key: path
     value: /grpc.health.v1.Health/Check
     rate_limit: {unit: minute, requests_per_unit: 0}
+  - key: api_key
+    value: fixed-key
+    rate_limit: {unit: minute, requests_per_unit: 2, algorithm: fixed_window}
+  - key: api_key
+    value: log-key
+    rate_limit: {unit: minute, requests_per_unit: 2, algorithm: sliding_window_log}
+  - key: api_key
+    value: counter-key
+    rate_limit: {unit: minute, requests_per_unit: 2, algorithm: sliding_window_counter}
+  - key: api_key
+    value: gcra-key
+    rate_limit: {unit: minute, requests_per_unit: 2, algorithm: gcra}
 "#;
 
 fn rules_dir(text: &str) -> tempfile::TempDir {
@@ -103,6 +115,27 @@ async fn token_bucket_bursts_and_leaky_bucket_smooths_through_envoy() {
         get(&envoy, &[("x-api-key", "smooth-key")]).await.status,
         200
     );
+}
+
+#[tokio::test]
+async fn every_algorithm_limits_through_envoy() {
+    let dir = rules_dir(RULES);
+    let sc = Sidecar::start(Some(dir.path()), &[]);
+    let envoy = Envoy::start("http-ratelimit.yaml", &[sc.grpc], |t| t);
+    for key in ["fixed-key", "log-key", "counter-key", "gcra-key"] {
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let r = get(&envoy, &[("x-api-key", key)]).await;
+            seen.push((
+                r.status,
+                r.header("x-ratelimit-remaining").map(str::to_string),
+            ));
+        }
+        let remaining: Vec<_> = seen.iter().map(|(_, r)| r.as_deref()).collect();
+        let statuses: Vec<u16> = seen.iter().map(|(s, _)| *s).collect();
+        assert_eq!(statuses, vec![200, 200, 429], "{key}");
+        assert_eq!(remaining, vec![Some("1"), Some("0"), Some("0")], "{key}");
+    }
 }
 
 #[tokio::test]
