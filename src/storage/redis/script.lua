@@ -53,6 +53,19 @@
 -- (the later of the algorithm's expiry and blocked_until) + GRACE_MS; a block that lands on
 -- the state of another algorithm only lengthens the TTL that state needs. Like the memory
 -- store's sweep, the expiry drops states that are fresh from then on.
+--
+-- Stored state: hash fields a (the algorithm's code; 0 = none, only a block), b
+-- (blocked_until in µs) and the algorithm's own fields (FIELDS below), each a number as
+-- '%.17g' prints it (Redis 7.2+ prints integers below 1e17 the same); a write sends only the
+-- fields that changed, which leaves the hash as writing them all would. sliding_window_log's
+-- entries are in the zset. Malformed arguments are an error, before anything is written.
+--
+-- Cost: Redis's own work per call and per command dominates, so the common call (one op, or
+-- ops on keys of their own; none negative, each on a fresh key or a state of its own
+-- algorithm, not blocked, starting no block) is decided by FAST / fast_log with plain
+-- arithmetic on the values read, and every other call by the general path (ALGO on state
+-- tables, a view per key of a batch), which is the reference: both give the same replies,
+-- writes and TTLs.
 
 -- Bound on first use: a Redis 7.0 function library may not touch `math` while it loads.
 local floor, max, min, fmod
@@ -70,6 +83,16 @@ local FIXED, LOG, SWC, TOKEN, LEAKY, GCRA = 1, 2, 3, 4, 5, 6
 
 local function fmt(x)
   return string.format('%.17g', x)
+end
+
+-- A number as an argument of redis.call. Redis formats numbers itself, as fmt does (7.0) or as
+-- the same digits (7.2+: integers), which is cheaper than formatting them here; beyond 1e17,
+-- where 7.2+ would spell an integer differently, fmt keeps the stored text the same.
+local function num(x)
+  if x < 1e17 and x > -1e17 then
+    return x
+  end
+  return fmt(x)
 end
 
 -- floor(a / b) for integers |a| < 2^53 and b > 0, corrected for the rounding of the division.
@@ -459,7 +482,7 @@ local function log_expired(lg, s, W, now)
   local nb = lg.hi - lg.lo
   local n = 0
   if nb > 0 then
-    local c = redis.call('ZCOUNT', lg.zk, '-inf', fmt(now - W))
+    local c = redis.call('ZCOUNT', lg.zk, '-inf', num(now - W))
     n = min(max(c - lg.lo, 0), nb)
   end
   if n == nb then
@@ -565,45 +588,196 @@ ALGO[LOG] = {
   end,
 }
 
----------------------------------------------------------------- states of one call
--- A view: one counter's state as this call sees it. v.a algorithm of the state (0 = fresh),
--- v.b blocked_until, v.s the algorithm's fields, v.lim the op whose limit the state follows,
--- v.dirty whether it must be written.
-local views
+---------------------------------------------------------------- reading and writing a state
+-- A counter's state as a call sees it: a the algorithm (0 = fresh), b blocked_until and s the
+-- algorithm's fields (the ALGO functions' state table). As read, s also holds the values of
+-- its fields in its array part, s[k] for FIELDS[a][k], so that a write sends only the fields
+-- that changed.
 
-local function view(op)
-  local v = views[op.hk]
-  if v then
-    return v
+-- Each algorithm's fields in the hash, as its state table keeps them.
+local FIELDS = {
+  [FIXED] = { 's', 'c' },
+  [LOG] = { 'd' },
+  [SWC] = { 's', 'p', 'c' },
+  [TOKEN] = { 'm', 'w', 't' },
+  [LEAKY] = { 'm', 'w', 't' },
+  [GCRA] = { 'g', 'f', 'l', 'e' },
+}
+-- The stored `a` of each algorithm (as written: a number sent to Redis).
+local CODES = { ['0'] = 0, ['1'] = 1, ['2'] = 2, ['3'] = 3, ['4'] = 4, ['5'] = 5, ['6'] = 6 }
+
+-- HMGET of a, b and an algorithm's fields.
+local READ = {
+  [FIXED] = function(k)
+    return redis.call('HMGET', k, 'a', 'b', 's', 'c')
+  end,
+  [LOG] = function(k)
+    return redis.call('HMGET', k, 'a', 'b', 'd')
+  end,
+  [SWC] = function(k)
+    return redis.call('HMGET', k, 'a', 'b', 's', 'p', 'c')
+  end,
+  [GCRA] = function(k)
+    return redis.call('HMGET', k, 'a', 'b', 'g', 'f', 'l', 'e')
+  end,
+}
+local function read_bucket(k)
+  return redis.call('HMGET', k, 'a', 'b', 'm', 'w', 't')
+end
+READ[TOKEN] = read_bucket
+READ[LEAKY] = read_bucket
+
+-- The state table from a READ reply, built whole (no rehash while it fills).
+local STATE = {
+  [FIXED] = function(r)
+    local s, c = tonumber(r[3]), tonumber(r[4])
+    return { s = s, c = c, s, c }
+  end,
+  [LOG] = function(r)
+    local d = tonumber(r[3])
+    return { d = d, d }
+  end,
+  [SWC] = function(r)
+    local s, p, c = tonumber(r[3]), tonumber(r[4]), tonumber(r[5])
+    return { s = s, p = p, c = c, s, p, c }
+  end,
+  [GCRA] = function(r)
+    local g, f, l, e = tonumber(r[3]), tonumber(r[4]), tonumber(r[5]), tonumber(r[6])
+    return { g = g, f = f, l = l, e = e, g, f, l, e }
+  end,
+}
+local function bucket_state(r)
+  local m, w, t = tonumber(r[3]), tonumber(r[4]), tonumber(r[5])
+  return { m = m, w = w, t = t, m, w, t }
+end
+STATE[TOKEN] = bucket_state
+STATE[LEAKY] = bucket_state
+
+-- Reads the state of hash hk (log zset zk) for an op of algorithm `code` (r: its READ reply,
+-- if done). Returns a, b as stored (nil if the hash does not exist) and s.
+local function load(hk, zk, code, r)
+  r = r or READ[code](hk)
+  local a = r[1]
+  a = a and (CODES[a] or tonumber(a)) or 0
+  local s
+  if a == code or a == 0 then
+    s = STATE[code](r)
+  elseif READ[a] then
+    -- Another algorithm's state: its own fields.
+    r = READ[a](hk)
+    s = STATE[a](r)
+  else
+    s = {}
   end
-  local raw = redis.call('HGETALL', op.hk)
-  local s = {}
-  for i = 1, #raw, 2 do
-    s[raw[i]] = tonumber(raw[i + 1])
-  end
-  local a = s.a or 0
-  local b = s.b or 0
-  s.a, s.b = nil, nil
   if a == LOG then
-    s.log = log_new(op.zk, redis.call('ZCARD', op.zk), false)
+    s.log = log_new(zk, redis.call('ZCARD', zk), false)
   end
-  v = { hk = op.hk, zk = op.zk, a = a, orig_a = a, b = b, s = s, dirty = false }
-  views[op.hk] = v
-  return v
+  local b = r[2]
+  if b == '0' then
+    return a, 0, s
+  end
+  return a, tonumber(b), s
 end
 
+-- HSET arguments, reused from call to call (only [1, n] of a call is sent).
+local hset = {}
+
+-- Writes a changed state: algorithm a (orig_a as read), blocked_until b (ob as read, nil if
+-- the hash did not exist), s; lim the op whose limit the state follows, if this call knows
+-- it. Sends the fields that changed (all of them when the algorithm changed, which deletes
+-- the other's fields first). The TTL is the state's remaining life + GRACE_MS when the state
+-- is one this call knows the limit of; a block on another algorithm's state only lengthens
+-- the TTL, which still covers that state.
+local function store(hk, zk, a, orig_a, b, ob, s, lim, now)
+  local known = a == 0 or (lim ~= nil and lim.code == a)
+  local expiry = b
+  if known and a ~= 0 then
+    local x = ALGO[a].expires(lim, s, now)
+    if x > expiry then
+      expiry = x
+    end
+  end
+  expiry = expiry - now
+  if expiry < 0 then
+    expiry = 0
+  elseif expiry > MAXT then
+    expiry = MAXT
+  end
+  local ms = floor((expiry + 999) / 1000) + GRACE_MS
+  if not known then
+    ms = max(ms, redis.call('PTTL', hk))
+  end
+  local n, changed = 0, a ~= orig_a
+  if changed then
+    -- Another algorithm's fields go.
+    redis.call('DEL', hk)
+    ob = nil
+  end
+  if ob == nil then
+    hset[1], hset[2], hset[3], hset[4], n = 'a', a, 'b', b, 4
+  elseif b ~= ob then
+    hset[1], hset[2], n = 'b', b, 2
+  end
+  local fields = FIELDS[a]
+  if fields then
+    for k = 1, #fields do
+      local f = fields[k]
+      local x = s[f]
+      if x ~= nil and (changed or x ~= s[k]) then
+        hset[n + 1] = f
+        hset[n + 2] = num(x)
+        n = n + 2
+      end
+    end
+  end
+  if n > 0 then
+    redis.call('HSET', hk, unpack(hset, 1, n))
+  end
+  redis.call('PEXPIRE', hk, ms)
+  if a == LOG then
+    local lg = s.log
+    if lg.stale or lg.lo > 0 or lg.hi < lg.n or #lg.tail > 0 then
+      if lg.stale then
+        redis.call('DEL', zk)
+      else
+        if lg.hi < lg.n then
+          redis.call('ZREMRANGEBYRANK', zk, lg.hi, -1)
+        end
+        if lg.lo > 0 then
+          redis.call('ZREMRANGEBYRANK', zk, 0, lg.lo - 1)
+        end
+      end
+      local tail = lg.tail
+      if #tail > 0 then
+        local z = {}
+        for i = 1, #tail do
+          local e = tail[i]
+          z[2 * i - 1] = num(e.ts)
+          z[2 * i] = num(e.total)
+        end
+        redis.call('ZADD', zk, unpack(z))
+      end
+      -- Changed by a log op of this call, so `known`; a no-op if the log is now empty.
+      redis.call('PEXPIRE', zk, ms)
+    end
+  elseif orig_a == LOG then
+    redis.call('DEL', zk)
+  end
+end
+
+---------------------------------------------------------------- one op on a state
 local function admits_nothing(op)
   return op.L == 0 or (op.B == 0 and op.code >= TOKEN)
 end
 
--- When the algorithm part of v becomes equivalent to a fresh one, for outcomes that do not
--- run the algorithm (Limit::algo_expires_at).
-local function algo_expires(v, op, now)
+-- When the algorithm part of state (a, s) becomes equivalent to a fresh one, for outcomes
+-- that do not run the algorithm (Limit::algo_expires_at).
+local function algo_expires(a, s, op, now)
   if admits_nothing(op) then
     return now
   end
-  if v.a == op.code then
-    return ALGO[op.code].expires(op, v.s, now)
+  if a == op.code then
+    return ALGO[a].expires(op, s, now)
   end
   if op.code == FIXED or op.code == SWC then
     return ALGO[op.code].expires(op, {}, now)
@@ -611,210 +785,835 @@ local function algo_expires(v, op, now)
   return now
 end
 
-local blocks_started
-
--- Limit::check_and_update on a view. Returns allowed, remaining, reset_after, expires_at.
-local function decide(i, v, op, now, h, counted)
-  if now < v.b then
-    return false, 0, v.b - now, max(algo_expires(v, op, now), v.b)
+-- Limit::check_and_update on state (a, b, s). Returns allowed, remaining, reset_after,
+-- expires_at, then the state after it (a, s, b; s is changed in place when the algorithm is
+-- a's), `follows` (the state follows op's limit from now on), `recorded` (a and s changed)
+-- and `blocked` (a block started: b changed).
+local function check(op, a, b, s, now, h, counted)
+  if now < b then
+    return false, 0, b - now, max(algo_expires(a, s, op, now), b), a, s, b, false, false, false
   end
+  local code = op.code
   local allowed, remaining, reset, expires
+  local follows, recorded = false, false
   if admits_nothing(op) then
     allowed, remaining, expires = h == 0, 0, now
-    if op.code == FIXED or op.code == SWC then
+    if code == FIXED or code == SWC then
       reset = op.W - fmod(now, op.W)
     else
       reset = op.W
     end
   else
-    local s, fresh = v.s, false
-    if v.a ~= op.code then
+    local st = s
+    if a ~= code then
       -- Another algorithm's state (or none): decide on a fresh one, kept only if recorded.
-      s, fresh = {}, true
-      if op.code == LOG then
-        s.log = log_new(op.zk, 0, true)
+      st = {}
+      if code == LOG then
+        st.log = log_new(op.zk, 0, true)
       end
     else
-      v.lim = op
+      follows = true
     end
-    local recorded
-    allowed, remaining, reset, expires, recorded = ALGO[op.code].check(op, s, now, h, counted)
+    allowed, remaining, reset, expires, recorded = ALGO[code].check(op, st, now, h, counted)
     if recorded then
-      if fresh then
-        v.a, v.s = op.code, s
-      end
-      v.lim, v.dirty = op, true
+      a, s, follows = code, st, true
     end
   end
   if not allowed and h > 0 and op.bd > 0 then
-    v.b = min(now + op.bd, MAXT)
-    v.dirty = true
-    blocks_started[i] = v.b
+    b = min(now + op.bd, MAXT)
+    return false, 0, max(reset, op.bd), max(expires, b), a, s, b, follows, recorded, true
+  end
+  return allowed, remaining, reset, expires, a, s, b, follows, recorded, false
+end
+
+-- Limit::refund on state (a, s), in place. Returns whether it applied: a state of another
+-- algorithm is left alone.
+local function refund(op, a, s, now, h)
+  if h == 0 or admits_nothing(op) or a ~= op.code then
+    return false
+  end
+  ALGO[a].refund(op, s, now, h)
+  return true
+end
+
+---------------------------------------------------------------- one op, the general way
+-- A call of one op, without the batch's bookkeeping: the op decides alone, and its rejection
+-- rolls nothing back (it recorded nothing, and the replay would start the same block), except
+-- that the rolled-back state follows no limit then (see the batch below).
+local OP = {}
+
+local function single(KEYS, ARGV, now, counted, r)
+  local code, W = ARGV[3] + 0, ARGV[5] + 0
+  if not (ALGO[code] and W > 0) then
+    return redis.error_reply('ERR ratethrottle script: bad op 1')
+  end
+  local op, hk, zk = OP, KEYS[1], KEYS[2]
+  op.code, op.L, op.W, op.B = code, ARGV[4] + 0, W, ARGV[6] + 0
+  op.bd, op.zk = min(ARGV[7] + 0, MAXT), zk
+  local h = ARGV[8] + 0
+
+  local a, ob, s = load(hk, zk, code, r)
+  local orig, b = a, ob or 0
+  local lim, dirty = nil, false
+  local neg = ARGV[10] == '1'
+  if neg then
+    if refund(op, a, s, now, h) then
+      lim, dirty = op, true
+    end
+    h = 0
+  end
+  local allowed, remaining, reset, expires, follows, recorded, blocked
+  allowed, remaining, reset, expires, a, s, b, follows, recorded, blocked =
+    check(op, a, b, s, now, h, counted)
+  if recorded or blocked then
+    dirty = true
+  end
+  if follows then
+    lim = op
+  end
+  if not allowed and not neg and not counted and ARGV[9] ~= '1' then
+    -- Rolled back: a rejected op records nothing with Free, the replay starts the same block,
+    -- and no refund sets the limit the state follows (see the batch below).
+    lim = nil
+  end
+  if dirty then
+    store(hk, zk, a, orig, b, ob, s, lim, now)
+  end
+  if remaining > U32MAX then
+    remaining = U32MAX
+  end
+  if reset < 0 then
+    reset = 0
+  elseif reset > MAXT then
+    reset = MAXT
+  end
+  expires = expires - now
+  if expires < 0 then
+    expires = 0
+  elseif expires > MAXT then
+    expires = MAXT
+  end
+  return { allowed and 1 or 0, remaining, reset, expires }
+end
+
+---------------------------------------------------------------- the common case, directly
+-- The common op: not negative, on a fresh key or a state of its own algorithm (a bucket kept
+-- in the op's unit, a GCRA TAT kept for the op's rate), not blocked, admitting something and
+-- starting no block. FAST[code] decides it with the arithmetic of ALGO[code].check, without
+-- the tables and calls of the general path. Arguments: r the READ reply of the op's hash
+-- (a state's fields are all there, written together, and converted by arithmetic), the op
+-- at ARGV[j + 1 .. j + 8], hits h (0 for a look), buf for the HSET arguments. Returns nil in
+-- any other case (nothing done: the general path takes over), else allowed, remaining,
+-- reset_after and expires_in as replied, then, when the op records, the write `store` would
+-- do: HSET arguments buf[1 .. n] (the fields that changed; none when, beyond the exact
+-- range, a hit is lost to rounding) and the PEXPIRE in ms (nil: no write). The expiry is the
+-- one ALGO[code].expires gives after the check (a block, which has ended, adds nothing).
+local FAST = {}
+
+-- The PEXPIRE of a state that lives until `expiry` (>= now).
+local function ttl_ms(expiry, now)
+  expiry = expiry - now
+  if expiry > MAXT then
+    expiry = MAXT
+  end
+  return floor((expiry + 999) / 1000) + GRACE_MS
+end
+
+-- b as read, a number; nil if a block is on (or b is unreadable): not the common case.
+local function unblocked(b, now)
+  if b == '0' then
+    return 0
+  end
+  if not b then
+    return false
+  end
+  b = tonumber(b)
+  if b and now >= b then
+    return b
+  end
+  return nil
+end
+
+FAST[FIXED] = function(r, ARGV, j, now, counted, h, buf)
+  local L, W = ARGV[j + 2] + 0, ARGV[j + 3] + 0
+  local a, b = r[1], unblocked(r[2], now)
+  if b == nil or (a ~= '1' and (a or b)) or L == 0 or not (W > 0) then
+    return nil
+  end
+  local start, count = 0, 0
+  if a then
+    start, count = r[3] + 0, r[4] + 0
+  end
+  local at = now
+  if start > now then
+    at = start
+  end
+  local ws = at - fmod(at, W)
+  if ws ~= start then
+    count = 0
+  end
+  local after = count + h
+  local allowed = after <= L
+  local remaining = L - count
+  local n, ms = 0, nil
+  if h > 0 then
+    if not allowed and ARGV[j + 5] ~= '0' then
+      return nil
+    end
+    if allowed or counted then
+      remaining = L - after
+      if not a then
+        buf[1], buf[2], buf[3], buf[4] = 'a', FIXED, 'b', 0
+        buf[5], buf[6], buf[7], buf[8], n = 's', ws, 'c', num(after), 8
+      elseif ws ~= start then
+        buf[1], buf[2], buf[3], buf[4], n = 's', ws, 'c', num(after), 4
+      else
+        buf[1], buf[2], n = 'c', num(after), 2
+      end
+      ms = ttl_ms(ws + W, now)
+    end
+  end
+  if remaining < 0 then
     remaining = 0
-    reset = max(reset, op.bd)
-    expires = max(expires, v.b)
+  elseif remaining > U32MAX then
+    remaining = U32MAX
+  end
+  local reset = ws + W - now
+  if reset > MAXT then
+    reset = MAXT
+  end
+  return allowed, remaining, reset, reset, n, ms
+end
+
+-- sliding_window_counter: the expiry is the end of the window after the current one.
+FAST[SWC] = function(r, ARGV, j, now, counted, h, buf)
+  local L, W = ARGV[j + 2] + 0, ARGV[j + 3] + 0
+  local a, b = r[1], unblocked(r[2], now)
+  if b == nil or (a ~= '3' and (a or b)) or L == 0 or not (W > 0) then
+    return nil
+  end
+  local start, op, oc = 0, 0, 0
+  if a then
+    start, op, oc = r[3] + 0, r[4] + 0, r[5] + 0
+  end
+  local at = now
+  if start > now then
+    at = start
+  end
+  local ws = at - fmod(at, W)
+  local d = ws - start
+  local p, c = 0, 0
+  if d == 0 then
+    p, c = op, oc
+  elseif d == W then
+    p = oc
+  end
+  local elapsed = at - ws
+  local cap = L * W
+  local allowed = p * (W - elapsed) + c * W + h * W <= cap
+  local n, ms = 0, nil
+  if h > 0 then
+    if not allowed and ARGV[j + 5] ~= '0' then
+      return nil
+    end
+    if allowed or counted then
+      c = c + h
+      if not a then
+        buf[1], buf[2], buf[3], buf[4], buf[5], buf[6] = 'a', SWC, 'b', 0, 's', ws
+        buf[7], buf[8], buf[9], buf[10], n = 'p', num(p), 'c', num(c), 10
+      else
+        if ws ~= start then
+          buf[1], buf[2], n = 's', ws, 2
+        end
+        if p ~= op then
+          buf[n + 1] = 'p'
+          buf[n + 2] = num(p)
+          n = n + 2
+        end
+        if c ~= oc then
+          buf[n + 1] = 'c'
+          buf[n + 2] = num(c)
+          n = n + 2
+        end
+      end
+      ms = ttl_ms(ws + 2 * W, now)
+    end
+  end
+  local slack = cap - (p * (W - elapsed) + c * W)
+  if slack < 0 then
+    slack = 0
+  end
+  local remaining = idiv(slack, W)
+  local reset = 0
+  if remaining < L then
+    reset = (at - now) + swc_time_to_grow(W, L, p, c, elapsed, remaining)
+    if reset > MAXT then
+      reset = MAXT
+    end
+  end
+  if remaining > U32MAX then
+    remaining = U32MAX
+  end
+  local expires = ws + 2 * W - now
+  if expires > MAXT then
+    expires = MAXT
+  end
+  return allowed, remaining, reset, expires, n, ms
+end
+
+-- token_bucket and leaky_bucket, in the op's unit: the rate is L units per µs, and the expiry
+-- at + ceil(level / L).
+local function fast_bucket(r, ARGV, j, now, counted, h, buf)
+  local L, W, B = ARGV[j + 2] + 0, ARGV[j + 3] + 0, ARGV[j + 4] + 0
+  local a, b = r[1], unblocked(r[2], now)
+  if b == nil or (a ~= ARGV[j + 1] and (a or b)) or L == 0 or B == 0 or not (W > 0) then
+    return nil
+  end
+  local m, w, t = 0, 0, 0
+  if a then
+    m, w, t = r[3] + 0, r[4] + 0, r[5] + 0
+  end
+  local level = m
+  if w == 0 then
+    level = 0
+  elseif w ~= W and m ~= 0 then
+    -- Kept in another unit: the general path rescales it.
+    return nil
+  end
+  local at = now
+  if t > now then
+    at = t
+  end
+  level = level - (at - t) * L
+  if level < 0 then
+    level = 0
+  end
+  local cap = B * W
+  local allowed = level + h * W <= cap
+  local n, ms = 0, nil
+  if h > 0 then
+    if not allowed and ARGV[j + 5] ~= '0' then
+      return nil
+    end
+    if allowed or counted then
+      level = level + h * W
+      if not a then
+        buf[1], buf[2], buf[3], buf[4], buf[5], buf[6] = 'a', ARGV[j + 1] + 0, 'b', 0, 'm', num(level)
+        buf[7], buf[8], buf[9], buf[10], n = 'w', W, 't', at, 10
+      else
+        if level ~= m then
+          buf[1], buf[2], n = 'm', num(level), 2
+        end
+        if W ~= w then
+          buf[n + 1] = 'w'
+          buf[n + 2] = W
+          n = n + 2
+        end
+        if at ~= t then
+          buf[n + 1] = 't'
+          buf[n + 2] = at
+          n = n + 2
+        end
+      end
+      ms = ttl_ms(at + ceildiv(level, L), now)
+    end
+  end
+  local remaining = cap - level
+  if remaining < 0 then
+    remaining = 0
+  end
+  remaining = idiv(remaining, W)
+  local reset = 0
+  if remaining < 1 then
+    reset = (at - now) + ceildiv(level - (cap - W), L)
+    if reset > MAXT then
+      reset = MAXT
+    end
+  elseif remaining > U32MAX then
+    remaining = U32MAX
+  end
+  local expires = at + ceildiv(level, L) - now
+  if expires > MAXT then
+    expires = MAXT
+  end
+  return allowed, remaining, reset, expires, n, ms
+end
+FAST[TOKEN] = fast_bucket
+FAST[LEAKY] = fast_bucket
+
+-- gcra, with the TAT kept for the op's L: the expiry is the TAT rounded up.
+FAST[GCRA] = function(r, ARGV, j, now, counted, h, buf)
+  local L, W, B = ARGV[j + 2] + 0, ARGV[j + 3] + 0, ARGV[j + 4] + 0
+  local a, b = r[1], unblocked(r[2], now)
+  if b == nil or (a ~= '6' and (a or b)) or L == 0 or B == 0 or not (W > 0) then
+    return nil
+  end
+  local g, f, e = 0, 0, 0
+  if a then
+    if r[5] + 0 ~= L then
+      -- Kept for another rate: the general path rescales it.
+      return nil
+    end
+    g, f, e = r[3] + 0, r[4] + 0, r[6] + 0
+  end
+  local ahead = (g - now) * L + f
+  local pushed = ahead
+  if pushed < 0 then
+    pushed = 0
+  end
+  pushed = pushed + h * W
+  local tol = B * W
+  local allowed = pushed <= tol
+  local n, ms = 0, nil
+  if h > 0 then
+    if not allowed and ARGV[j + 5] ~= '0' then
+      return nil
+    end
+    if allowed or counted then
+      local og, of, oe = g, f, e
+      if ahead <= 0 then
+        e = 0
+      end
+      ahead = pushed
+      local q = idiv(pushed, L)
+      g, f = now + q, pushed - q * L
+      if not a then
+        buf[1], buf[2], buf[3], buf[4], buf[5], buf[6] = 'a', GCRA, 'b', 0, 'g', num(g)
+        buf[7], buf[8], buf[9], buf[10], buf[11], buf[12], n = 'f', num(f), 'l', L, 'e', e, 12
+      else
+        if g ~= og then
+          buf[1], buf[2], n = 'g', num(g), 2
+        end
+        if f ~= of then
+          buf[n + 1] = 'f'
+          buf[n + 2] = num(f)
+          n = n + 2
+        end
+        if e ~= oe then
+          buf[n + 1] = 'e'
+          buf[n + 2] = e
+          n = n + 2
+        end
+      end
+      if f > 0 then
+        ms = ttl_ms(g + 1, now)
+      else
+        ms = ttl_ms(g, now)
+      end
+    end
+  end
+  if ahead < 0 then
+    ahead = 0
+  end
+  local remaining = tol - ahead
+  if remaining < 0 then
+    remaining = 0
+  end
+  remaining = idiv(remaining, W)
+  local reset = 0
+  if remaining < 1 then
+    reset = ceildiv(ahead - (tol - W), L)
+    if reset > MAXT then
+      reset = MAXT
+    end
+  elseif remaining > U32MAX then
+    remaining = U32MAX
+  end
+  local expires = g
+  if f > 0 then
+    expires = g + 1
+  end
+  expires = expires - now
+  if expires < 0 then
+    expires = 0
+  elseif expires > MAXT then
+    expires = MAXT
+  end
+  return allowed, remaining, reset, expires, n, ms
+end
+
+-- sliding_window_log, as ALGO[LOG].check, for a call of one common op (see FAST): the log's
+-- entries are read where needed, and written as `store` writes the overlay of the general
+-- path. Returns the reply, else nil and the READ reply, having written nothing.
+local function fast_log(KEYS, ARGV, now, counted)
+  local L, W, h = ARGV[4] + 0, ARGV[5] + 0, ARGV[8] + 0
+  local hk, zk = KEYS[1], KEYS[2]
+  local r = redis.call('HMGET', hk, 'a', 'b', 'd')
+  local a, b = r[1], unblocked(r[2], now)
+  if b == nil or (a ~= '2' and (a or b)) or L == 0 or not (W > 0) then
+    return nil, r
+  end
+  -- The log as stored: N entries; a fresh state starts an empty one (deleting a zset left by
+  -- an earlier life of the key when written).
+  local d, N = 0, 0
+  if a then
+    d, N = r[3] + 0, redis.call('ZCARD', zk)
+  end
+  -- n entries have left the window; `before` is the running total before the first live one.
+  local n, before = 0, d
+  local newest_ts, newest_total = 0, d
+  if N > 0 then
+    n = redis.call('ZCOUNT', zk, '-inf', num(now - W))
+    if n > N then
+      n = N
+    end
+    local e = redis.call('ZRANGE', zk, N - 1, N - 1, 'WITHSCORES')
+    newest_ts, newest_total = e[2] + 0, e[1] + 0
+    if n == N then
+      before = newest_total
+    elseif n > 0 then
+      before = redis.call('ZRANGE', zk, n - 1, n - 1, 'WITHSCORES')[1] + 0
+    end
+  end
+  local live = newest_total - before
+  local allowed = live + h <= L
+  local used = live
+  local reset, expires = 0, now
+  if h > 0 and not allowed and ARGV[7] ~= '0' then
+    -- A block starts: the general path, before anything is written.
+    return nil, r
+  end
+  if h > 0 and (allowed or counted) then
+    used = live + h
+    -- Drop the n expired entries; fold into the newest entry (same instant, or a clock that
+    -- stepped back) or append one.
+    local total = before + h
+    local hi, ts = N, now
+    if N - n > 0 then
+      total = newest_total + h
+      if now <= newest_ts then
+        hi, ts = N - 1, newest_ts
+      end
+    end
+    local first = ts
+    if hi > n then
+      first = redis.call('ZRANGE', zk, n, n, 'WITHSCORES')[2] + 0
+    end
+    reset = first + W - now
+    expires = ts + W
+    if expires < now then
+      expires = now
+    end
+    local ms = ttl_ms(expires, now)
+    if not a then
+      redis.call('HSET', hk, 'a', LOG, 'b', 0, 'd', num(before))
+    elseif before ~= d then
+      redis.call('HSET', hk, 'd', num(before))
+    end
+    redis.call('PEXPIRE', hk, ms)
+    if not a then
+      redis.call('DEL', zk)
+    else
+      if hi < N then
+        redis.call('ZREMRANGEBYRANK', zk, hi, -1)
+      end
+      if n > 0 then
+        redis.call('ZREMRANGEBYRANK', zk, 0, n - 1)
+      end
+    end
+    redis.call('ZADD', zk, num(ts), num(total))
+    redis.call('PEXPIRE', zk, ms)
+  elseif n < N then
+    reset = redis.call('ZRANGE', zk, n, n, 'WITHSCORES')[2] + 0 + W - now
+    expires = newest_ts + W
+    if expires < now then
+      expires = now
+    end
+  end
+  used = L - used
+  if used < 0 then
+    used = 0
+  elseif used > U32MAX then
+    used = U32MAX
+  end
+  if reset < 0 then
+    reset = 0
+  elseif reset > MAXT then
+    reset = MAXT
+  end
+  expires = expires - now
+  if expires > MAXT then
+    expires = MAXT
+  end
+  return { allowed and 1 or 0, used, reset, expires }
+end
+
+---------------------------------------------------------------- a batch
+-- Tables reused from call to call (a function library keeps them; each call sets what it
+-- reads), as building them anew is much of the cost of a batch: OPS[i] the ops, VIEWS[1 ..
+-- nviews] a view of each key the batch has read, STARTED[i] the block op i started (false if
+-- none). A view: one counter's state as the batch sees it (see `load`), v.orig_a and v.ob its
+-- algorithm and blocked_until as read, v.lim the op whose limit the state follows (v.rlim: the
+-- same as far as refunds set it), v.dirty whether it must be written.
+local OPS, VIEWS, STARTED = {}, {}, {}
+local nviews, recorded_any
+
+-- The view of op's key (r: its READ reply for op, if done).
+local function view(op, r)
+  local hk = op.hk
+  for k = 1, nviews do
+    local v = VIEWS[k]
+    if v.hk == hk then
+      return v
+    end
+  end
+  local a, ob, s = load(hk, op.zk, op.code, r)
+  nviews = nviews + 1
+  local v = VIEWS[nviews]
+  if not v then
+    v = {}
+    VIEWS[nviews] = v
+  end
+  v.hk, v.zk, v.a, v.orig_a, v.b, v.ob, v.s = hk, op.zk, a, a, ob or 0, ob, s
+  v.dirty, v.lim, v.rlim = false, nil, nil
+  return v
+end
+
+-- check on a view. Returns allowed, remaining, reset_after, expires_at.
+local function decide(i, v, op, now, h, counted)
+  local allowed, remaining, reset, expires, a, s, b, follows, recorded, blocked =
+    check(op, v.a, v.b, v.s, now, h, counted)
+  if follows then
+    v.lim = op
+  end
+  if recorded then
+    v.a, v.s, v.dirty = a, s, true
+    recorded_any = true
+  end
+  if blocked then
+    v.b, v.dirty = b, true
+    STARTED[i] = b
   end
   return allowed, remaining, reset, expires
 end
 
--- Limit::refund on a view: a state of another algorithm is left alone.
-local function refund(v, op, now, h)
-  if h == 0 or admits_nothing(op) or v.a ~= op.code then
-    return
-  end
-  ALGO[op.code].refund(op, v.s, now, h)
-  v.lim, v.dirty = op, true
-end
-
--- Writes a changed view. Its TTL is the state's remaining life + GRACE_MS when the state is
--- one this call knows the limit of; a block on another algorithm's state only lengthens the
--- TTL, which still covers that state.
-local function write(v, now)
-  if not v.dirty then
-    return
-  end
-  local known = v.a == 0 or (v.lim ~= nil and v.lim.code == v.a)
-  local expiry = v.b
-  if known and v.a ~= 0 then
-    expiry = max(expiry, ALGO[v.a].expires(v.lim, v.s, now))
-  end
-  local ms = floor((min(max(expiry - now, 0), MAXT) + 999) / 1000) + GRACE_MS
-  if not known then
-    ms = max(ms, redis.call('PTTL', v.hk))
-  end
-  if v.a ~= v.orig_a then
-    -- Another algorithm's fields go.
-    redis.call('DEL', v.hk)
-  end
-  local args = { 'a', v.a, 'b', fmt(v.b) }
-  for k, x in pairs(v.s) do
-    if type(x) == 'number' then
-      args[#args + 1] = k
-      args[#args + 1] = fmt(x)
-    end
-  end
-  redis.call('HSET', v.hk, unpack(args))
-  redis.call('PEXPIRE', v.hk, fmt(ms))
-  local lg = v.s.log
-  if v.a == LOG and (lg.stale or lg.lo > 0 or lg.hi < lg.n or #lg.tail > 0) then
-    if lg.stale then
-      redis.call('DEL', v.zk)
-    else
-      if lg.hi < lg.n then
-        redis.call('ZREMRANGEBYRANK', v.zk, lg.hi, -1)
-      end
-      if lg.lo > 0 then
-        redis.call('ZREMRANGEBYRANK', v.zk, 0, lg.lo - 1)
-      end
-    end
-    if #lg.tail > 0 then
-      local z = {}
-      for _, e in ipairs(lg.tail) do
-        z[#z + 1] = fmt(e.ts)
-        z[#z + 1] = fmt(e.total)
-      end
-      redis.call('ZADD', v.zk, unpack(z))
-    end
-    -- Changed by a log op of this call, so `known`; a no-op if the log is now empty.
-    redis.call('PEXPIRE', v.zk, fmt(ms))
-  elseif v.orig_a == LOG and v.a ~= LOG then
-    redis.call('DEL', v.zk)
+local function refund_view(v, op, now, h)
+  if refund(op, v.a, v.s, now, h) then
+    v.lim, v.rlim, v.dirty = op, op, true
   end
 end
 
----------------------------------------------------------------- main
--- One call: KEYS and ARGV as documented above. Defined once per library load (FCALL) or
--- per call (EVAL, Redis < 7), see src/storage/redis/script.rs.
-local function main(KEYS, ARGV)
-  if not floor then
-    floor, max, min, fmod = math.floor, math.max, math.min, math.fmod
-  end
-  local PER_OP = 8
-  local nops = (#ARGV - 2) / PER_OP
-  if nops ~= floor(nops) or nops < 0 or #KEYS ~= 2 * nops then
-    return redis.error_reply('ERR ratethrottle script: expected 2 + 8n ARGV and 2n KEYS')
-  end
+local function put(reply, i, now, allowed, remaining, reset, expires)
+  local k = 4 * i
+  reply[k - 3] = allowed and 1 or 0
+  reply[k - 2] = min(remaining, U32MAX)
+  reply[k - 1] = min(max(reset, 0), MAXT)
+  reply[k] = min(max(expires - now, 0), MAXT)
+end
 
-  local now = tonumber(ARGV[1]) or 0
-  if now <= 0 then
-    local t = redis.call('TIME')
-    now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  end
-  now = min(now, MAXT)
-  local counted = ARGV[2] == '1'
-
-  local ops = {}
+-- reads: READ replies of ops 1 .. nread, done by fast_batch.
+local function batch(KEYS, ARGV, nops, now, counted, reads, nread)
   for i = 1, nops do
-    local j = 2 + (i - 1) * PER_OP
-    local op = {
-      code = tonumber(ARGV[j + 1]),
-      L = tonumber(ARGV[j + 2]),
-      W = tonumber(ARGV[j + 3]),
-      B = tonumber(ARGV[j + 4]),
-      bd = min(tonumber(ARGV[j + 5]), MAXT),
-      h = tonumber(ARGV[j + 6]),
-      shadow = ARGV[j + 7] == '1',
-      neg = ARGV[j + 8] == '1',
-      hk = KEYS[2 * i - 1],
-      zk = KEYS[2 * i],
-    }
-    if not (op.code and ALGO[op.code] and op.L and op.W and op.W > 0 and op.B and op.bd and op.h) then
+    local j = 8 * i - 6
+    local code, W = ARGV[j + 1] + 0, ARGV[j + 3] + 0
+    if not (ALGO[code] and W > 0) then
       return redis.error_reply('ERR ratethrottle script: bad op ' .. i)
     end
-    ops[i] = op
+    local op = OPS[i]
+    if not op then
+      op = {}
+      OPS[i] = op
+    end
+    op.code, op.L, op.W, op.B = code, ARGV[j + 2] + 0, W, ARGV[j + 4] + 0
+    op.bd, op.h = min(ARGV[j + 5] + 0, MAXT), ARGV[j + 6] + 0
+    op.shadow, op.neg = ARGV[j + 7] == '1', ARGV[j + 8] == '1'
+    op.hk, op.zk = KEYS[2 * i - 1], KEYS[2 * i]
+    STARTED[i] = false
   end
 
   -- Pass 1: every op in order.
-  views, blocks_started = {}, {}
-  local out = {}
+  nviews, recorded_any = 0, false
+  local reply = {}
   local reject = false
-  for i, op in ipairs(ops) do
-    local v = view(op)
-    local allowed, remaining, reset, expires
+  for i = 1, nops do
+    local op = OPS[i]
+    local v = view(op, i <= nread and reads[i] or nil)
     if op.neg then
-      refund(v, op, now, op.h)
-      allowed, remaining, reset, expires = decide(i, v, op, now, 0, counted)
+      refund_view(v, op, now, op.h)
+      put(reply, i, now, decide(i, v, op, now, 0, counted))
     else
-      allowed, remaining, reset, expires = decide(i, v, op, now, op.h, counted)
+      local allowed, remaining, reset, expires = decide(i, v, op, now, op.h, counted)
       if not allowed and not op.shadow then
         reject = true
       end
+      put(reply, i, now, allowed, remaining, reset, expires)
     end
-    out[i] = { allowed, remaining, reset, expires }
   end
 
   -- Free and rejected: start again from the stored states, keep only refunds and blocks, and
   -- report the admitted ops as looks at what the counters then hold.
   if reject and not counted then
-    local started = blocks_started
-    views, blocks_started = {}, {}
-    for i, op in ipairs(ops) do
-      if op.neg then
-        refund(view(op), op, now, op.h)
-      elseif started[i] then
-        local v = view(op)
-        v.b, v.dirty = started[i], true
+    if recorded_any then
+      nviews = 0
+      for i = 1, nops do
+        local op = OPS[i]
+        if op.neg then
+          refund_view(view(op), op, now, op.h)
+        elseif STARTED[i] then
+          local v = view(op)
+          v.b, v.dirty = STARTED[i], true
+        end
       end
-    end
-    for i, op in ipairs(ops) do
-      if not op.neg and op.h > 0 and out[i][1] then
-        local allowed, remaining, reset, expires = decide(i, view(op), op, now, 0, counted)
-        out[i] = { allowed, remaining, reset, expires }
+      for i = 1, nops do
+        local op = OPS[i]
+        if not op.neg and op.h > 0 and reply[4 * i - 3] == 1 then
+          put(reply, i, now, decide(i, view(op), op, now, 0, counted))
+        end
+      end
+    else
+      -- Nothing was recorded, so pass 1 left the states as the replay would (the same refunds
+      -- and blocks, in order) but for the limit they follow, which in the replay only refunds
+      -- set.
+      for k = 1, nviews do
+        local v = VIEWS[k]
+        v.lim = v.rlim
       end
     end
   end
 
-  for _, v in pairs(views) do
-    write(v, now)
-  end
-
-  local reply = {}
-  for i = 1, nops do
-    local o = out[i]
-    reply[#reply + 1] = o[1] and 1 or 0
-    reply[#reply + 1] = min(o[2], U32MAX)
-    reply[#reply + 1] = min(max(o[3], 0), MAXT)
-    reply[#reply + 1] = min(max(o[4] - now, 0), MAXT)
+  for k = 1, nviews do
+    local v = VIEWS[k]
+    if v.dirty then
+      store(v.hk, v.zk, v.a, v.orig_a, v.b, v.ob, v.s, v.lim, now)
+    end
   end
   return reply
+end
+
+---------------------------------------------------------------- a batch of common ops
+-- Every op common (see FAST) and on a key of its own: the ops are independent, and no op
+-- refunds or starts a block, so a rollback discards every write, and the ops it reports as
+-- looks see the states as read. Returns nil, having written nothing, if an op is not common
+-- (what the arguments tell is seen before anything is read), and how many ops' hashes it
+-- read (into READS): the general batch then decides the call.
+local BUFS, READS, NS, MSS = {}, {}, {}, {}
+
+local function fast_batch(KEYS, ARGV, nops, now, counted)
+  for i = 1, nops do
+    local j = 8 * i - 6
+    local code = ARGV[j + 1] + 0
+    if not FAST[code] or ARGV[j + 8] ~= '0' or ARGV[j + 2] == '0' then
+      return nil, 0
+    end
+    if code >= TOKEN and ARGV[j + 4] == '0' then
+      return nil, 0
+    end
+    local hk = KEYS[2 * i - 1]
+    for k = 1, i - 1 do
+      if KEYS[2 * k - 1] == hk then
+        return nil, 0
+      end
+    end
+  end
+  local reply = {}
+  local reject = false
+  for i = 1, nops do
+    local j = 8 * i - 6
+    local code = ARGV[j + 1] + 0
+    local r = READ[code](KEYS[2 * i - 1])
+    READS[i] = r
+    local buf = BUFS[i]
+    if not buf then
+      buf = {}
+      BUFS[i] = buf
+    end
+    local allowed, remaining, reset, expires, n, ms =
+      FAST[code](r, ARGV, j, now, counted, ARGV[j + 6] + 0, buf)
+    if allowed == nil then
+      return nil, i
+    end
+    NS[i], MSS[i] = n, ms or false
+    local k = 4 * i
+    reply[k - 3], reply[k - 2], reply[k - 1], reply[k] = allowed and 1 or 0, remaining, reset, expires
+    if not allowed and ARGV[j + 7] ~= '1' then
+      reject = true
+    end
+  end
+  if reject and not counted then
+    for i = 1, nops do
+      local j = 8 * i - 6
+      if reply[4 * i - 3] == 1 and ARGV[j + 6] + 0 > 0 then
+        local allowed, remaining, reset, expires =
+          FAST[ARGV[j + 1] + 0](READS[i], ARGV, j, now, counted, 0, BUFS[i])
+        local k = 4 * i
+        reply[k - 3], reply[k - 2], reply[k - 1], reply[k] = allowed and 1 or 0, remaining, reset, expires
+      end
+    end
+  else
+    for i = 1, nops do
+      local ms = MSS[i]
+      if ms then
+        local hk = KEYS[2 * i - 1]
+        if NS[i] > 0 then
+          redis.call('HSET', hk, unpack(BUFS[i], 1, NS[i]))
+        end
+        redis.call('PEXPIRE', hk, ms)
+      end
+    end
+  end
+  return reply
+end
+
+---------------------------------------------------------------- main
+-- One call: KEYS and ARGV as documented above. Defined once per library load (FCALL) or
+-- per call (EVAL, Redis < 7), see src/storage/redis/script.rs. Numeric arguments are
+-- converted by arithmetic (cheaper than tonumber): a malformed one is a Lua error, raised
+-- before anything is written.
+local function main(KEYS, ARGV)
+  if not floor then
+    floor, max, min, fmod = math.floor, math.max, math.min, math.fmod
+  end
+  local nops = (#ARGV - 2) / 8
+  if (nops ~= 1 and (nops ~= floor(nops) or nops < 0)) or #KEYS ~= 2 * nops then
+    return redis.error_reply('ERR ratethrottle script: expected 2 + 8n ARGV and 2n KEYS')
+  end
+
+  local now = ARGV[1]
+  if now == '0' then
+    now = 0
+  else
+    now = tonumber(now) or 0
+  end
+  if now <= 0 then
+    local t = redis.call('TIME')
+    now = t[1] * 1000000 + t[2]
+  end
+  if now > MAXT then
+    now = MAXT
+  end
+  local counted = ARGV[2] == '1'
+
+  if nops == 1 then
+    local code = ARGV[3] + 0
+    if code == LOG and ARGV[10] == '0' then
+      local reply, r = fast_log(KEYS, ARGV, now, counted)
+      if reply then
+        return reply
+      end
+      return single(KEYS, ARGV, now, counted, r)
+    end
+    local fast = FAST[code]
+    if fast and ARGV[10] == '0' then
+      local hk = KEYS[1]
+      local r = READ[code](hk)
+      local allowed, remaining, reset, expires, n, ms = fast(r, ARGV, 2, now, counted, ARGV[8] + 0, hset)
+      if allowed ~= nil then
+        if ms then
+          -- Beyond the exact range a recorded hit may change nothing.
+          if n > 0 then
+            redis.call('HSET', hk, unpack(hset, 1, n))
+          end
+          redis.call('PEXPIRE', hk, ms)
+        end
+        return { allowed and 1 or 0, remaining, reset, expires }
+      end
+      return single(KEYS, ARGV, now, counted, r)
+    end
+    return single(KEYS, ARGV, now, counted)
+  end
+  local reply, nread = fast_batch(KEYS, ARGV, nops, now, counted)
+  if reply then
+    return reply
+  end
+  return batch(KEYS, ARGV, nops, now, counted, READS, nread)
 end
