@@ -259,10 +259,12 @@ impl RedisStore {
         let (keys, args) = script::call_args(ops, now_us, rejected);
         self.health.commands.fetch_add(1, Relaxed);
         let client = self.pool.next();
-        let reply = match self.send(client, keys.clone(), args.clone()).await {
+        let reply = match self.send(client, keys, args).await {
             Err(e) if is_missing_code(&e) => {
                 self.load_script().await?;
                 self.health.commands.fetch_add(1, Relaxed);
+                // Rare: encode again rather than clone every call's arguments up front.
+                let (keys, args) = script::call_args(ops, now_us, rejected);
                 self.send(client, keys, args)
                     .await
                     .map_err(|e| e.to_string())?
