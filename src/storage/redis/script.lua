@@ -61,8 +61,8 @@
 -- entries are in the zset. Malformed arguments are an error, before anything is written.
 --
 -- Cost: Redis's own work per call and per command dominates, so the common call (one op, or
--- ops on keys of their own; none negative, each on a fresh key or a state of its own
--- algorithm, not blocked, starting no block) is decided by FAST / fast_log with plain
+-- ops on keys of their own; none negative, each on a blocked key, or on a fresh key or a
+-- state of its own algorithm and starting no block) is decided by FAST / fast_log with plain
 -- arithmetic on the values read, and every other call by the general path (ALGO on state
 -- tables, a view per key of a batch), which is the reference: both give the same replies,
 -- writes and TTLs.
@@ -897,17 +897,18 @@ local function single(KEYS, ARGV, now, counted, r)
 end
 
 ---------------------------------------------------------------- the common case, directly
--- The common op: not negative, on a fresh key or a state of its own algorithm (a bucket kept
--- in the op's unit, a GCRA TAT kept for the op's rate), not blocked, admitting something and
--- starting no block. FAST[code] decides it with the arithmetic of ALGO[code].check, without
--- the tables and calls of the general path. Arguments: r the READ reply of the op's hash
--- (a state's fields are all there, written together, and converted by arithmetic), the op
--- at ARGV[j + 1 .. j + 8], hits h (0 for a look), buf for the HSET arguments. Returns nil in
--- any other case (nothing done: the general path takes over), else allowed, remaining,
--- reset_after and expires_in as replied, then, when the op records, the write `store` would
--- do: HSET arguments buf[1 .. n] (the fields that changed; none when, beyond the exact
--- range, a hit is lost to rounding) and the PEXPIRE in ms (nil: no write). The expiry is the
--- one ALGO[code].expires gives after the check (a block, which has ended, adds nothing).
+-- The common op: not negative, admitting something, and either on a blocked key (nothing
+-- changes) or on a fresh key or a state of its own algorithm (a bucket kept in the op's unit,
+-- a GCRA TAT kept for the op's rate) and starting no block. FAST[code] decides it with the
+-- arithmetic of ALGO[code].check (and algo_expires), without the tables and calls of the
+-- general path. Arguments: r the READ reply of the op's hash (a state's fields are all there,
+-- written together, and converted by arithmetic), the op at ARGV[j + 1 .. j + 8], hits h (0
+-- for a look), buf for the HSET arguments. Returns nil in any other case (nothing done: the
+-- general path takes over), else allowed, remaining, reset_after and expires_in as replied,
+-- then, when the op records, the write `store` would do: HSET arguments buf[1 .. n] (the
+-- fields that changed; none when, beyond the exact range, a hit is lost to rounding) and the
+-- PEXPIRE in ms (nil: no write). The expiry is the one ALGO[code].expires gives after the
+-- check (a block, which has ended, adds nothing).
 local FAST = {}
 
 -- The PEXPIRE of a state that lives until `expiry` (>= now).
@@ -919,25 +920,44 @@ local function ttl_ms(expiry, now)
   return floor((expiry + 999) / 1000) + GRACE_MS
 end
 
--- b as read, a number; nil if a block is on (or b is unreadable): not the common case.
-local function unblocked(b, now)
+-- b as read: a number, false if absent, nil if unreadable (not the common case).
+local function read_b(b)
   if b == '0' then
     return 0
   end
-  if not b then
-    return false
+  return b and tonumber(b)
+end
+
+-- The outcome for a key blocked until b: nothing changes. `algo` is when the state of the
+-- algorithm becomes equivalent to a fresh one (algo_expires).
+local function blocked(now, b, algo)
+  if algo < b then
+    algo = b
   end
-  b = tonumber(b)
-  if b and now >= b then
-    return b
+  algo = algo - now
+  if algo > MAXT then
+    algo = MAXT
   end
-  return nil
+  return false, 0, b - now, algo, 0, nil
 end
 
 FAST[FIXED] = function(r, ARGV, j, now, counted, h, buf)
   local L, W = ARGV[j + 2] + 0, ARGV[j + 3] + 0
-  local a, b = r[1], unblocked(r[2], now)
-  if b == nil or (a ~= '1' and (a or b)) or L == 0 or not (W > 0) then
+  local a, b = r[1], read_b(r[2])
+  if b == nil or L == 0 or not (W > 0) then
+    return nil
+  end
+  if b and now < b then
+    local at = 0
+    if a == '1' then
+      at = r[3] + 0
+    end
+    if at < now then
+      at = now
+    end
+    return blocked(now, b, at - fmod(at, W) + W)
+  end
+  if a ~= '1' and (a or b) then
     return nil
   end
   local start, count = 0, 0
@@ -988,8 +1008,21 @@ end
 -- sliding_window_counter: the expiry is the end of the window after the current one.
 FAST[SWC] = function(r, ARGV, j, now, counted, h, buf)
   local L, W = ARGV[j + 2] + 0, ARGV[j + 3] + 0
-  local a, b = r[1], unblocked(r[2], now)
-  if b == nil or (a ~= '3' and (a or b)) or L == 0 or not (W > 0) then
+  local a, b = r[1], read_b(r[2])
+  if b == nil or L == 0 or not (W > 0) then
+    return nil
+  end
+  if b and now < b then
+    local at = 0
+    if a == '3' then
+      at = r[3] + 0
+    end
+    if at < now then
+      at = now
+    end
+    return blocked(now, b, at - fmod(at, W) + 2 * W)
+  end
+  if a ~= '3' and (a or b) then
     return nil
   end
   local start, op, oc = 0, 0, 0
@@ -1065,12 +1098,16 @@ end
 -- at + ceil(level / L).
 local function fast_bucket(r, ARGV, j, now, counted, h, buf)
   local L, W, B = ARGV[j + 2] + 0, ARGV[j + 3] + 0, ARGV[j + 4] + 0
-  local a, b = r[1], unblocked(r[2], now)
-  if b == nil or (a ~= ARGV[j + 1] and (a or b)) or L == 0 or B == 0 or not (W > 0) then
+  local a, b = r[1], read_b(r[2])
+  if b == nil or L == 0 or B == 0 or not (W > 0) then
+    return nil
+  end
+  local mine = a == ARGV[j + 1]
+  if not mine and (a or b) and not (b and now < b) then
     return nil
   end
   local m, w, t = 0, 0, 0
-  if a then
+  if mine then
     m, w, t = r[3] + 0, r[4] + 0, r[5] + 0
   end
   local level = m
@@ -1088,6 +1125,12 @@ local function fast_bucket(r, ARGV, j, now, counted, h, buf)
   if level < 0 then
     level = 0
   end
+  if b and now < b then
+    if mine then
+      return blocked(now, b, at + ceildiv(level, L))
+    end
+    return blocked(now, b, now)
+  end
   local cap = B * W
   local allowed = level + h * W <= cap
   local n, ms = 0, nil
@@ -1098,7 +1141,8 @@ local function fast_bucket(r, ARGV, j, now, counted, h, buf)
     if allowed or counted then
       level = level + h * W
       if not a then
-        buf[1], buf[2], buf[3], buf[4], buf[5], buf[6] = 'a', ARGV[j + 1] + 0, 'b', 0, 'm', num(level)
+        buf[1], buf[2], buf[3], buf[4] = 'a', ARGV[j + 1] + 0, 'b', 0
+        buf[5], buf[6] = 'm', num(level)
         buf[7], buf[8], buf[9], buf[10], n = 'w', W, 't', at, 10
       else
         if level ~= m then
@@ -1144,17 +1188,31 @@ FAST[LEAKY] = fast_bucket
 -- gcra, with the TAT kept for the op's L: the expiry is the TAT rounded up.
 FAST[GCRA] = function(r, ARGV, j, now, counted, h, buf)
   local L, W, B = ARGV[j + 2] + 0, ARGV[j + 3] + 0, ARGV[j + 4] + 0
-  local a, b = r[1], unblocked(r[2], now)
-  if b == nil or (a ~= '6' and (a or b)) or L == 0 or B == 0 or not (W > 0) then
+  local a, b = r[1], read_b(r[2])
+  if b == nil or L == 0 or B == 0 or not (W > 0) then
+    return nil
+  end
+  local mine = a == '6'
+  if b and now < b then
+    if not mine then
+      return blocked(now, b, now)
+    end
+  elseif not mine and (a or b) then
     return nil
   end
   local g, f, e = 0, 0, 0
-  if a then
+  if mine then
     if r[5] + 0 ~= L then
       -- Kept for another rate: the general path rescales it.
       return nil
     end
     g, f, e = r[3] + 0, r[4] + 0, r[6] + 0
+    if b and now < b then
+      if f > 0 then
+        return blocked(now, b, g + 1)
+      end
+      return blocked(now, b, g)
+    end
   end
   local ahead = (g - now) * L + f
   local pushed = ahead
@@ -1239,8 +1297,22 @@ local function fast_log(KEYS, ARGV, now, counted)
   local L, W, h = ARGV[4] + 0, ARGV[5] + 0, ARGV[8] + 0
   local hk, zk = KEYS[1], KEYS[2]
   local r = redis.call('HMGET', hk, 'a', 'b', 'd')
-  local a, b = r[1], unblocked(r[2], now)
-  if b == nil or (a ~= '2' and (a or b)) or L == 0 or not (W > 0) then
+  local a, b = r[1], read_b(r[2])
+  if b == nil or L == 0 or not (W > 0) then
+    return nil, r
+  end
+  if b and now < b then
+    local algo = now
+    if a == '2' then
+      local N = redis.call('ZCARD', zk)
+      if N > 0 then
+        algo = redis.call('ZRANGE', zk, N - 1, N - 1, 'WITHSCORES')[2] + W
+      end
+    end
+    local _, _, reset, expires = blocked(now, b, algo)
+    return { 0, 0, reset, expires }
+  end
+  if a ~= '2' and (a or b) then
     return nil, r
   end
   -- The log as stored: N entries; a fresh state starts an empty one (deleting a zset left by
@@ -1524,7 +1596,8 @@ local function fast_batch(KEYS, ARGV, nops, now, counted)
     end
     NS[i], MSS[i] = n, ms or false
     local k = 4 * i
-    reply[k - 3], reply[k - 2], reply[k - 1], reply[k] = allowed and 1 or 0, remaining, reset, expires
+    reply[k - 3], reply[k - 2] = allowed and 1 or 0, remaining
+    reply[k - 1], reply[k] = reset, expires
     if not allowed and ARGV[j + 7] ~= '1' then
       reject = true
     end
@@ -1536,7 +1609,8 @@ local function fast_batch(KEYS, ARGV, nops, now, counted)
         local allowed, remaining, reset, expires =
           FAST[ARGV[j + 1] + 0](READS[i], ARGV, j, now, counted, 0, BUFS[i])
         local k = 4 * i
-        reply[k - 3], reply[k - 2], reply[k - 1], reply[k] = allowed and 1 or 0, remaining, reset, expires
+        reply[k - 3], reply[k - 2] = allowed and 1 or 0, remaining
+        reply[k - 1], reply[k] = reset, expires
       end
     end
   else
@@ -1596,7 +1670,8 @@ local function main(KEYS, ARGV)
     if fast and ARGV[10] == '0' then
       local hk = KEYS[1]
       local r = READ[code](hk)
-      local allowed, remaining, reset, expires, n, ms = fast(r, ARGV, 2, now, counted, ARGV[8] + 0, hset)
+      local allowed, remaining, reset, expires, n, ms =
+        fast(r, ARGV, 2, now, counted, ARGV[8] + 0, hset)
       if allowed ~= nil then
         if ms then
           -- Beyond the exact range a recorded hit may change nothing.
