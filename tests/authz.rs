@@ -1000,41 +1000,20 @@ async fn authz_settings_hot_reload_and_bad_ones_are_reported_with_lines() {
 #[tokio::test]
 async fn the_grpc_port_serves_authorization_with_health_and_reflection() {
     let (_dir, sc) = start();
-    let channel = sc.channel().await;
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-    let resp = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "envoy.service.auth.v3.Authorization".into(),
-        })
-        .await
-        .expect("health")
-        .into_inner();
-    assert_eq!(
-        resp.status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let mut reflection = ServerReflectionClient::new(channel);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = reflection
-        .server_reflection_info(tokio_stream::iter(vec![req]))
-        .await
-        .expect("reflection")
-        .into_inner();
-    let msg = stream.message().await.expect("stream").expect("a response");
-    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
-        panic!("unexpected {msg:?}")
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    let names = support::health_and_reflected_services(
+        sc.channel().await,
+        "envoy.service.auth.v3.Authorization",
+    )
+    .await;
     assert!(
-        names.contains(&"envoy.service.auth.v3.Authorization".to_string()),
+        names
+            .iter()
+            .any(|n| n == "envoy.service.auth.v3.Authorization"),
         "{names:?}"
     );
-    assert!(names.contains(&"envoy.service.ratelimit.v3.RateLimitService".to_string()));
+    assert!(
+        names
+            .iter()
+            .any(|n| n == "envoy.service.ratelimit.v3.RateLimitService")
+    );
 }

@@ -91,51 +91,18 @@ async fn malformed_requests_get_invalid_argument_and_the_server_lives_on() {
 #[tokio::test]
 async fn health_and_reflection_share_the_grpc_port() {
     let sc = Sidecar::start(None, &[]);
-    let channel = sc.channel().await;
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-    let resp = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "envoy.service.ratelimit.v3.RateLimitService".into(),
-        })
-        .await
-        .expect("health")
-        .into_inner();
-    assert_eq!(
-        resp.status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
-
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let mut reflection = ServerReflectionClient::new(channel);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = reflection
-        .server_reflection_info(tokio_stream::iter(vec![req]))
-        .await
-        .expect("reflection")
-        .into_inner();
-    let msg = stream
-        .message()
-        .await
-        .expect("message")
-        .expect("one response");
-    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
-        panic!("unexpected reflection answer {msg:?}");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(
-        names.contains(&"envoy.service.ratelimit.v3.RateLimitService".to_string()),
-        "{names:?}"
-    );
-    assert!(
-        names.contains(&"grpc.health.v1.Health".to_string()),
-        "{names:?}"
-    );
+    let names = support::health_and_reflected_services(
+        sc.channel().await,
+        "envoy.service.ratelimit.v3.RateLimitService",
+    )
+    .await;
+    for expected in [
+        "envoy.service.ratelimit.v3.RateLimitService",
+        "envoy.service.auth.v3.Authorization",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.iter().any(|n| n == expected), "{expected}: {names:?}");
+    }
 }
 
 #[tokio::test]

@@ -220,6 +220,46 @@ pub async fn http_with(
         .expect("admin HTTP timed out")
 }
 
+/// Asserts `service` reports SERVING on the gRPC health service and returns the services
+/// server reflection lists on the same port.
+pub async fn health_and_reflected_services(channel: Channel, service: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let resp = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(
+        resp.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+        "{service}"
+    );
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let msg = stream
+        .message()
+        .await
+        .expect("stream")
+        .expect("one response");
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+        panic!("unexpected reflection answer {msg:?}");
+    };
+    list.service.into_iter().map(|s| s.name).collect()
+}
+
 /// An HTTP/1.1 response: status, lower-cased headers, body.
 #[derive(Debug)]
 pub struct HttpResponse {
