@@ -55,17 +55,23 @@ fn envoy_types_dir() -> PathBuf {
     let manifest = std::env::var("CARGO_MANIFEST_PATH")
         .or_else(|_| std::env::var("CARGO_MANIFEST_DIR").map(|d| format!("{d}/Cargo.toml")))
         .expect("manifest path");
-    let output = std::process::Command::new(cargo)
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--offline",
-            "--manifest-path",
-        ])
-        .arg(&manifest)
-        .output()
-        .expect("run cargo metadata");
+    // Offline first (no network needed once the sources are here); cargo metadata also wants
+    // other platforms' packages, which a build never downloads, so fall back to fetching them.
+    let run = |offline: bool| {
+        let mut cmd = std::process::Command::new(&cargo);
+        cmd.args(["metadata", "--format-version", "1"]);
+        if offline {
+            cmd.arg("--offline");
+        }
+        cmd.arg("--manifest-path")
+            .arg(&manifest)
+            .output()
+            .expect("run cargo metadata")
+    };
+    let mut output = run(true);
+    if !output.status.success() {
+        output = run(false);
+    }
     assert!(
         output.status.success(),
         "cargo metadata failed: {}",

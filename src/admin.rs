@@ -55,12 +55,20 @@ pub fn router(state: AdminState) -> Router {
 /// with `allow` or `local` it still answers usefully, and pulling every replica out of the
 /// Service during a Redis outage would only turn it into an outage of the sidecar.
 async fn readyz(State(s): State<AdminState>) -> Response {
-    if !s.reload.read().loaded {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no configuration loaded yet\n",
-        )
-            .into_response();
+    {
+        let st = s.reload.read();
+        if !st.loaded {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no configuration loaded yet\n",
+            )
+                .into_response();
+        }
+        if st.kubernetes_synced == Some(false) {
+            let why = st.kubernetes_error.as_deref().unwrap_or("listing");
+            let body = format!("waiting for the first Kubernetes sync ({why})\n");
+            return (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
+        }
     }
     if let Some(r) = s.engine.storage().redis()
         && r.health().is_degraded()
@@ -137,6 +145,10 @@ async fn config(State(s): State<AdminState>) -> Response {
         "last_error": status.last_error,
         "storage": s.engine.storage().kind(),
         "storage_degraded": s.engine.storage().health().is_some_and(|h| h.is_degraded()),
+        "kubernetes": status.kubernetes_synced.map(|synced| serde_json::json!({
+            "synced": synced,
+            "error": status.kubernetes_error,
+        })),
         "config": status.config,
     });
     (

@@ -30,6 +30,8 @@ pub enum ListError {
     Invalid(String),
     #[error("{0:?} is defined in the settings file; change it there")]
     FromConfig(String),
+    #[error("{0:?} is defined by an AccessList resource; change it there")]
+    FromKubernetes(String),
     #[error("list store unavailable: {0}")]
     Unavailable(String),
 }
@@ -45,6 +47,8 @@ pub struct Lists {
     clock: Arc<dyn Clock>,
     /// From the settings file (replaced on reload).
     config: Mutex<(Vec<ListEntry>, Vec<ListEntry>)>,
+    /// From `AccessList` resources (replaced whenever one changes).
+    kubernetes: Mutex<(Vec<ListEntry>, Vec<ListEntry>)>,
     /// Runtime entries: the store itself (`memory`), or the last copy read from Redis.
     runtime: Mutex<Vec<(ListKind, ListEntry)>>,
     snapshot: ArcSwap<ListSet>,
@@ -81,6 +85,7 @@ impl Lists {
             backend,
             clock,
             config: Mutex::new((Vec::new(), Vec::new())),
+            kubernetes: Mutex::new((Vec::new(), Vec::new())),
             runtime: Mutex::new(Vec::new()),
             snapshot: ArcSwap::from_pointee(ListSet::default()),
         }
@@ -105,12 +110,30 @@ impl Lists {
         self.rebuild();
     }
 
+    /// Replaces the entries of `AccessList` resources. A no-op when nothing changed, so a
+    /// watcher relisting the same resources rebuilds nothing.
+    pub fn set_kubernetes(&self, allow: Vec<ListEntry>, block: Vec<ListEntry>) {
+        {
+            let mut k = self.kubernetes.lock();
+            if k.0 == allow && k.1 == block {
+                return;
+            }
+            *k = (allow, block);
+        }
+        self.rebuild();
+    }
+
     fn rebuild(&self) {
         let (allow, block) = {
             let config = self.config.lock();
+            let kubernetes = self.kubernetes.lock();
             let runtime = self.runtime.lock();
             let of = |kind: ListKind, from_config: &[ListEntry]| {
                 let mut v: Vec<ListEntry> = from_config.to_vec();
+                v.extend(match kind {
+                    ListKind::Allow => kubernetes.0.iter().cloned(),
+                    ListKind::Block => kubernetes.1.iter().cloned(),
+                });
                 v.extend(
                     runtime
                         .iter()
@@ -168,9 +191,7 @@ impl Lists {
                 "reason is longer than 1024 bytes".into(),
             ));
         }
-        if self.is_config_entry(kind, &value) {
-            return Err(ListError::FromConfig(value));
-        }
+        self.check_not_declared(kind, &value)?;
         let now = now_ms(&*self.clock);
         let entry = ListEntry {
             value,
@@ -199,9 +220,7 @@ impl Lists {
     /// Removes a runtime entry; `Ok(false)` when there was none.
     pub async fn remove(&self, kind: ListKind, value: &str) -> Result<bool, ListError> {
         let value = crate::config::canonical_entry(value).map_err(ListError::Invalid)?;
-        if self.is_config_entry(kind, &value) {
-            return Err(ListError::FromConfig(value));
-        }
+        self.check_not_declared(kind, &value)?;
         let removed = match &self.backend {
             Backend::Memory => {
                 let mut runtime = self.runtime.lock();
@@ -222,13 +241,23 @@ impl Lists {
         Ok(removed)
     }
 
-    fn is_config_entry(&self, kind: ListKind, value: &str) -> bool {
-        let config = self.config.lock();
-        let list = match kind {
-            ListKind::Allow => &config.0,
-            ListKind::Block => &config.1,
+    /// Entries declared in the settings file or a resource change there, not at run time:
+    /// a runtime change would be undone by the next reload.
+    fn check_not_declared(&self, kind: ListKind, value: &str) -> Result<(), ListError> {
+        let has = |lists: &(Vec<ListEntry>, Vec<ListEntry>)| {
+            let list = match kind {
+                ListKind::Allow => &lists.0,
+                ListKind::Block => &lists.1,
+            };
+            list.iter().any(|e| e.value == value)
         };
-        list.iter().any(|e| e.value == value)
+        if has(&self.config.lock()) {
+            return Err(ListError::FromConfig(value.to_string()));
+        }
+        if has(&self.kubernetes.lock()) {
+            return Err(ListError::FromKubernetes(value.to_string()));
+        }
+        Ok(())
     }
 
     /// Reads the shared store when it changed (Redis); `Ok(true)` when the snapshot changed.
@@ -310,6 +339,14 @@ impl Lists {
 
 /// Converts the settings file's entries.
 pub fn config_entries(list: &[crate::config::authz::ListEntryConfig]) -> Vec<ListEntry> {
+    declared_entries(list, EntrySource::Config)
+}
+
+/// Converts declared entries (settings file, `AccessList` resources).
+pub fn declared_entries(
+    list: &[crate::config::authz::ListEntryConfig],
+    source: EntrySource,
+) -> Vec<ListEntry> {
     list.iter()
         .map(|e| ListEntry {
             value: e.value.clone(),
@@ -317,7 +354,7 @@ pub fn config_entries(list: &[crate::config::authz::ListEntryConfig]) -> Vec<Lis
             code: e.code.clone(),
             expires_at_ms: e.expires_at.map(|s| s.saturating_mul(1_000)),
             added_at_ms: 0,
-            source: EntrySource::Config,
+            source,
         })
         .collect()
 }

@@ -1,4 +1,4 @@
-//! The `ratethrottle` command line: `serve`, `config validate`, `check`, `manage`.
+//! The `ratethrottle` command line: `serve`, `config validate`, `check`, `manage`, `crd`.
 //!
 //! Owns: argument parsing (every flag also from a `RATETHROTTLE_*` env var), exit codes, and
 //! reporting errors with context. Must not touch: decisions or config semantics.
@@ -38,6 +38,12 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Add, remove and list runtime allow/block entries of a running server.
     Manage(manage::ManageArgs),
+    /// Print the CustomResourceDefinitions (RateLimitPolicy, AccessList) as YAML.
+    Crd {
+        /// Write one `<name>.yaml` per CRD into this directory instead.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -58,7 +64,32 @@ pub fn main() -> ExitCode {
         } => validate(&path),
         Command::Check(args) => check::run(args),
         Command::Manage(args) => manage::run(args),
+        Command::Crd { out_dir } => crd(out_dir.as_deref()),
     }
+}
+
+fn crd(out_dir: Option<&std::path::Path>) -> ExitCode {
+    for (name, crd) in crate::k8s::crds() {
+        let yaml = match crate::k8s::crd_yaml(&crd) {
+            Ok(yaml) => yaml,
+            Err(e) => {
+                eprintln!("error: rendering the {name} CRD: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match out_dir {
+            None => print!("{yaml}"),
+            Some(dir) => {
+                let path = dir.join(format!("{name}.yaml"));
+                if let Err(e) = std::fs::write(&path, yaml) {
+                    eprintln!("error: writing {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+                println!("wrote {}", path.display());
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn validate(path: &std::path::Path) -> ExitCode {

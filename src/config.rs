@@ -13,13 +13,14 @@
 pub mod authz;
 mod decode;
 mod error;
+pub mod live;
 mod load;
 mod model;
 pub mod reload;
 
 pub use decode::canonical_entry;
 pub use error::{ConfigError, ConfigErrors};
-pub use load::{load, parse_str};
+pub use load::{load, parse_domain, parse_lists, parse_str};
 pub use model::{
     Config, DescriptorConfig, DomainConfig, FailureMode, RateLimitConfig, RedisSettings, Settings,
 };

@@ -9,6 +9,7 @@ pub mod authz;
 pub mod blocklist;
 pub mod cli;
 pub mod config;
+pub mod k8s;
 pub mod limiter;
 pub mod rules;
 pub mod server;

@@ -8,7 +8,9 @@ use crate::authz::AuthzEngine;
 use crate::authz::metrics::AuthzMetrics;
 use crate::blocklist::{Lists, RedisLists};
 use crate::config::Config;
+use crate::config::live::LiveConfig;
 use crate::config::reload::{ReloadStatus, Reloader};
+use crate::k8s::{KubernetesOptions, Watcher};
 use crate::limiter::{Clock, SystemClock};
 use crate::rules::{RuleSet, StatsRegistry};
 use crate::service::RateLimitEngine;
@@ -41,6 +43,8 @@ pub struct ServerOptions {
     pub storage: Option<String>,
     /// Bearer token of the admin list endpoints; `None` takes `settings.admin_token`.
     pub admin_token: Option<String>,
+    /// Also take rules and lists from `RateLimitPolicy`/`AccessList` resources.
+    pub kubernetes: Option<KubernetesOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +63,8 @@ pub enum ServerError {
     Reflection(String),
     #[error(transparent)]
     Storage(#[from] crate::storage::StorageError),
+    #[error(transparent)]
+    Kubernetes(#[from] crate::k8s::KubernetesError),
 }
 
 /// A server whose ports are bound; `run` serves until `shutdown` resolves or a task fails.
@@ -73,6 +79,7 @@ pub struct BoundServer {
     admin_state: AdminState,
     reloader: Option<Reloader>,
     reload_interval: Duration,
+    watcher: Option<Watcher>,
 }
 
 impl BoundServer {
@@ -116,26 +123,35 @@ impl BoundServer {
             Arc::new(AuthzMetrics::default()),
             clock.clone(),
         );
+        let hook = authz.clone();
+        let live = Arc::new(
+            LiveConfig::new(
+                rules.clone(),
+                stats.clone(),
+                metrics.clone(),
+                status.clone(),
+            )
+            .on_install(move |c| hook.install(c)),
+        );
         let reloader = match (&opts.config_path, &opts.config) {
             (Some(path), Some(config)) => {
-                let hook = authz.clone();
-                let r = Reloader::new(
-                    path.clone(),
-                    rules.clone(),
-                    stats.clone(),
-                    metrics.clone(),
-                    status.clone(),
-                )
-                .on_install(move |c| hook.install(c));
+                let r = Reloader::new(path.clone(), live.clone(), metrics.clone(), status.clone());
                 r.install(config);
                 Some(r)
             }
             _ => {
-                // No config: serve OK-without-limit for everything, and say we are ready.
+                // No config file: serve OK-without-limit for everything (plus whatever the
+                // resources define), and say the files are ready.
                 let mut st = status.write();
                 st.loaded = true;
                 None
             }
+        };
+        let watcher = match opts.kubernetes.clone() {
+            Some(k) => Some(
+                Watcher::connect(k, live.clone(), authz.lists().clone(), status.clone()).await?,
+            ),
+            None => None,
         };
 
         let admin_token = opts
@@ -172,6 +188,7 @@ impl BoundServer {
             authz,
             reloader,
             reload_interval: opts.reload_interval,
+            watcher,
         })
     }
 
@@ -225,6 +242,7 @@ impl BoundServer {
         let reload_task = self
             .reloader
             .map(|r| tokio::spawn(r.run(self.reload_interval)));
+        let watch_task = self.watcher.map(|w| tokio::spawn(w.run()));
         let sweeper = tokio::spawn(sweep(self.engine.storage().clone()));
         let lists = tokio::spawn(self.authz.lists().clone().run());
         let health = self.engine.storage().redis().is_some().then(|| {
@@ -260,6 +278,9 @@ impl BoundServer {
             }
         };
         if let Some(t) = reload_task {
+            t.abort();
+        }
+        if let Some(t) = watch_task {
             t.abort();
         }
         sweeper.abort();

@@ -10,7 +10,7 @@ pub mod memory;
 pub mod redis;
 
 pub use memory::MemoryStore;
-pub use redis::{RedisStore, StorageHealth};
+pub use redis::{RedisStore, StorageHealth, with_password};
 
 use crate::limiter::{Limit, Nanos, Outcome, RejectedHits};
 use crate::rules::CounterKey;

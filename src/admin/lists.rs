@@ -89,7 +89,7 @@ fn kind(name: &str) -> Result<ListKind, Box<Response>> {
 fn list_error(e: ListError) -> Response {
     let code = match e {
         ListError::Invalid(_) => StatusCode::BAD_REQUEST,
-        ListError::FromConfig(_) => StatusCode::CONFLICT,
+        ListError::FromConfig(_) | ListError::FromKubernetes(_) => StatusCode::CONFLICT,
         ListError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(code, e)

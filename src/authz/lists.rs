@@ -46,6 +46,8 @@ pub enum EntrySource {
     /// The runtime store (admin API / `ratethrottle manage`).
     #[default]
     Runtime,
+    /// An `AccessList` resource (changes with it, not through the admin API).
+    Kubernetes,
 }
 
 /// One allow or block entry.

@@ -28,6 +28,27 @@ pub struct ServeArgs {
     /// `settings.admin_token`) list management is disabled.
     #[arg(long, env = "RATETHROTTLE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Also take rules from `RateLimitPolicy` and lists from `AccessList` resources,
+    /// watched live (in-cluster service account, else KUBECONFIG).
+    #[arg(long, env = "RATETHROTTLE_KUBERNETES")]
+    kubernetes: bool,
+    /// Namespace to watch (default: the pod's own, or the kubeconfig context's).
+    #[arg(
+        long,
+        env = "RATETHROTTLE_NAMESPACE",
+        requires = "kubernetes",
+        conflicts_with = "all_namespaces"
+    )]
+    namespace: Option<String>,
+    /// Watch every namespace (needs a ClusterRole).
+    #[arg(long, env = "RATETHROTTLE_ALL_NAMESPACES", requires = "kubernetes")]
+    all_namespaces: bool,
+    /// Only resources with these labels (`team=payments,tier!=dev`).
+    #[arg(long, env = "RATETHROTTLE_SELECTOR", requires = "kubernetes")]
+    selector: Option<String>,
+    /// Password for a Redis storage URL that has none (from a Secret, kept out of the URL).
+    #[arg(long, env = "RATETHROTTLE_REDIS_PASSWORD", hide_env_values = true)]
+    redis_password: Option<String>,
     /// How often the config is re-read even without a file event.
     #[arg(long, env = "RATETHROTTLE_RELOAD_INTERVAL_MS", default_value_t = 2000)]
     reload_interval_ms: u64,
@@ -96,14 +117,36 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let kubernetes = args.kubernetes.then(|| crate::k8s::KubernetesOptions {
+        scope: match (&args.namespace, args.all_namespaces) {
+            (_, true) => crate::k8s::Scope::All,
+            (Some(ns), _) => crate::k8s::Scope::Namespace(ns.clone()),
+            (None, false) => crate::k8s::Scope::Default,
+        },
+        selector: args.selector.clone().filter(|s| !s.trim().is_empty()),
+    });
+    let storage = args.storage.clone().or_else(|| settings.storage.clone());
+    let storage = match (storage, args.redis_password.as_deref()) {
+        (Some(url), Some(password)) if !password.is_empty() => {
+            match crate::storage::with_password(&url, password) {
+                Ok(url) => Some(url),
+                Err(e) => {
+                    eprintln!("error: --redis-password: {e}");
+                    return ExitCode::from(super::EXIT_CONFIG);
+                }
+            }
+        }
+        (storage, _) => storage,
+    };
     let opts = ServerOptions {
         config_path: args.config,
         config,
         grpc_addr,
         admin_addr,
         reload_interval: Duration::from_millis(args.reload_interval_ms.max(100)),
-        storage: args.storage,
+        storage,
         admin_token: args.admin_token,
+        kubernetes,
     };
     let result = rt.block_on(async move {
         let server = BoundServer::bind(opts).await?;

@@ -128,6 +128,67 @@ pub(crate) fn decode_file(file: &Path, text: &str) -> FileOutput {
     d.out
 }
 
+/// Decodes text holding exactly one mapping document with `root`: what a custom resource's
+/// spec is. The same decoder as files, so a resource is held to the same rules.
+fn decode_single<T>(
+    file: &Path,
+    text: &str,
+    root: impl FnOnce(&mut Decoder<'_>, &MarkedYaml<'_>) -> Option<T>,
+) -> (Option<T>, Vec<ConfigError>) {
+    let mut d = Decoder {
+        file,
+        text,
+        ascii: text.is_ascii(),
+        char_offsets: OnceCell::new(),
+        out: FileOutput::default(),
+    };
+    let value = match MarkedYaml::load_from_str(text) {
+        Ok(docs) => match docs.as_slice() {
+            [doc] if matches!(data(doc), YamlData::Mapping(_)) => root(&mut d, doc),
+            [doc] => {
+                let found = d.describe(doc);
+                d.error(doc, "", format!("expected a mapping, found {found}"));
+                None
+            }
+            _ => {
+                d.out
+                    .errors
+                    .push(ConfigError::file(file, "expected one document"));
+                None
+            }
+        },
+        Err(e) => {
+            d.out.errors.push(ConfigError {
+                file: file.to_path_buf(),
+                line: e.marker().line(),
+                column: e.marker().col() + 1,
+                key: String::new(),
+                message: format!("invalid YAML: {}", e.info()),
+            });
+            None
+        }
+    };
+    (value, d.out.errors)
+}
+
+/// One domain document (`domain` + `descriptors`) and nothing else.
+pub(crate) fn decode_domain_doc(
+    file: &Path,
+    text: &str,
+) -> (Option<DomainConfig>, Vec<ConfigError>) {
+    decode_single(file, text, |d, doc| {
+        d.domain(doc, "").map(|(domain, _)| domain)
+    })
+}
+
+/// One `allow`/`block` lists document, as the settings file's `authz.lists`.
+pub(crate) fn decode_lists_doc(
+    file: &Path,
+    text: &str,
+) -> (Option<super::authz::ListsConfig>, Vec<ConfigError>) {
+    decode_single(file, text, |d, doc| Some(d.lists(doc, "")))
+}
+
 /// Whether `algorithm` has a bucket whose capacity `burst` sets.
 pub(crate) fn uses_burst(algorithm: Algorithm) -> bool {
     matches!(

@@ -10,10 +10,10 @@ use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::authz::AuthzConfig;
-use super::decode::{Loc, decode_file, uses_burst};
+use super::authz::{AuthzConfig, ListsConfig};
+use super::decode::{Loc, decode_domain_doc, decode_file, decode_lists_doc, uses_burst};
 use super::error::{ConfigError, ConfigErrors};
-use super::model::{Config, Settings};
+use super::model::{Config, DomainConfig, Settings};
 
 /// Loads the configuration at `path`: one YAML file, or every regular file directly inside
 /// the directory whose name ends in `.yaml` or `.yml` and does not start with `.`, in file
@@ -40,6 +40,27 @@ pub fn parse_str(source_name: &str, text: &str) -> Result<Config, ConfigErrors> 
         vec![(PathBuf::from(source_name), text.as_bytes().to_vec())],
         Vec::new(),
     )
+}
+
+/// Decodes `text` (YAML or JSON) as exactly one domain document, as a `RateLimitPolicy`'s
+/// spec: the checks of a domain file, not those that need the other files (duplicate domains,
+/// `burst` under the default algorithm), which the caller applies against the config in force.
+pub fn parse_domain(source_name: &str, text: &str) -> Result<DomainConfig, ConfigErrors> {
+    let (domain, errors) = decode_domain_doc(Path::new(source_name), text);
+    match domain {
+        Some(domain) if errors.is_empty() => Ok(domain),
+        _ => Err(ConfigErrors(errors)),
+    }
+}
+
+/// Decodes `text` (YAML or JSON) as one `allow`/`block` lists document, as an `AccessList`'s
+/// spec: the same entry rules as the settings file's `authz.lists`.
+pub fn parse_lists(source_name: &str, text: &str) -> Result<ListsConfig, ConfigErrors> {
+    let (lists, errors) = decode_lists_doc(Path::new(source_name), text);
+    match lists {
+        Some(lists) if errors.is_empty() => Ok(lists),
+        _ => Err(ConfigErrors(errors)),
+    }
 }
 
 /// The files `load` reads for `path`, reporting what cannot be listed or inspected.

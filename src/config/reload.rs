@@ -1,15 +1,14 @@
-//! Hot reload: watches the config file or directory and swaps in a new `RuleSet` when its
-//! content changes.
+//! Hot reload: watches the config file or directory and hands a new file configuration to
+//! `LiveConfig` (which merges, compiles and swaps it in) when its content changes.
 //!
 //! Survives Kubernetes ConfigMap updates (the `..data` symlink swap is a rename in the
 //! watched directory), editors that write a temp file and rename it, and bursts of events
 //! (debounced). File events are a hint only: a periodic poll compares content versions, so a
 //! missed event delays a reload, never loses it. A bad config keeps the last good one.
 
+use super::live::LiveConfig;
 use super::{Config, ConfigErrors, load};
-use crate::rules::{RuleSet, StatsRegistry};
 use crate::telemetry::ServiceMetrics;
-use arc_swap::ArcSwap;
 use notify::{RecursiveMode, Watcher};
 use parking_lot::RwLock;
 use std::path::{Path, PathBuf};
@@ -26,29 +25,27 @@ pub struct ReloadStatus {
     pub source: Option<String>,
     /// The newest load failure, kept until a load succeeds.
     pub last_error: Option<String>,
-    /// The effective configuration, as JSON.
+    /// The effective configuration (files and resources merged), as JSON.
     pub config: serde_json::Value,
+    /// `Some(false)` while the Kubernetes watcher has not finished its first list: the
+    /// replica is not ready, since resources' rules are not in force yet.
+    pub kubernetes_synced: Option<bool>,
+    /// The Kubernetes watch's current failure, if it is failing (it retries with backoff).
+    pub kubernetes_error: Option<String>,
 }
 
-/// Called with every configuration put in force (after the rules), e.g. to compile the
-/// `authz:` block.
-pub type InstallHook = Box<dyn Fn(&Config) + Send + Sync>;
-
-/// Loads a path into the shared rule set, now and whenever it changes.
+/// Loads a path into the live configuration, now and whenever it changes.
 pub struct Reloader {
     path: PathBuf,
-    rules: Arc<ArcSwap<RuleSet>>,
-    stats: Arc<StatsRegistry>,
+    live: Arc<LiveConfig>,
     metrics: Arc<ServiceMetrics>,
     status: Arc<RwLock<ReloadStatus>>,
-    hooks: Vec<InstallHook>,
 }
 
 impl std::fmt::Debug for Reloader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reloader")
             .field("path", &self.path)
-            .field("hooks", &self.hooks.len())
             .finish_non_exhaustive()
     }
 }
@@ -56,42 +53,25 @@ impl std::fmt::Debug for Reloader {
 impl Reloader {
     pub fn new(
         path: PathBuf,
-        rules: Arc<ArcSwap<RuleSet>>,
-        stats: Arc<StatsRegistry>,
+        live: Arc<LiveConfig>,
         metrics: Arc<ServiceMetrics>,
         status: Arc<RwLock<ReloadStatus>>,
     ) -> Self {
         Reloader {
             path,
-            rules,
-            stats,
+            live,
             metrics,
             status,
-            hooks: Vec::new(),
         }
-    }
-
-    /// Also runs `hook` with every configuration put in force.
-    pub fn on_install(mut self, hook: impl Fn(&Config) + Send + Sync + 'static) -> Self {
-        self.hooks.push(Box::new(hook));
-        self
     }
 
     /// Publishes an already loaded config (the one `serve` validated before binding).
     pub fn install(&self, config: &Config) {
-        let compiled = RuleSet::compile(config, &self.stats);
-        self.rules.store(Arc::new(compiled));
-        for hook in &self.hooks {
-            hook(config);
-        }
-        self.metrics.config_load_success.fetch_add(1, Relaxed);
+        self.live.set_file(config.clone());
         let mut st = self.status.write();
         st.loaded = true;
-        st.version = config.version.clone();
-        st.loaded_at_unix = unix_now();
         st.source = Some(self.path.display().to_string());
         st.last_error = None;
-        st.config = serde_json::to_value(config).unwrap_or_default();
     }
 
     /// Loads the path once. `Ok(true)` when a new version went into force, `Ok(false)` when
@@ -99,7 +79,7 @@ impl Reloader {
     pub fn reload(&self) -> Result<bool, ConfigErrors> {
         match load(&self.path) {
             Ok(config) => {
-                if config.version == self.rules.load().version && self.status.read().loaded {
+                if self.live.file_version().as_deref() == Some(config.version.as_str()) {
                     return Ok(false);
                 }
                 self.install(&config);
@@ -174,7 +154,7 @@ fn watch_root(path: &Path) -> &Path {
     }
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

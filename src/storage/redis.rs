@@ -14,7 +14,7 @@ mod url;
 
 pub use cached::CachedCounters;
 pub use local_cache::OverLimitCache;
-pub use url::{RedisUrl, Topology, UrlError, redact};
+pub use url::{RedisUrl, Topology, UrlError, redact, with_password};
 
 use super::{CounterOp, MemoryStore, StorageError};
 use crate::config::{FailureMode, RedisSettings};

@@ -578,7 +578,7 @@ impl Decoder<'_> {
         Some(j)
     }
 
-    fn lists(&mut self, node: &MarkedYaml<'_>, path: &str) -> ListsConfig {
+    pub(super) fn lists(&mut self, node: &MarkedYaml<'_>, path: &str) -> ListsConfig {
         let mut l = ListsConfig::default();
         let Some(f) = self.mapping(node, path, LISTS_KEYS) else {
             return l;

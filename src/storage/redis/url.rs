@@ -178,6 +178,31 @@ impl RedisUrl {
     }
 }
 
+/// `url` with `password` set (`--redis-password`, from a Secret, so it stays out of the URL
+/// in the pod spec). Refused for `memory` and for a URL that already has a password.
+pub fn with_password(url: &str, password: &str) -> Result<String, String> {
+    let parsed = RedisUrl::parse(url).map_err(|e| e.to_string())?;
+    if parsed.password.is_some() {
+        return Err(format!("{} already has a password", redact(url)));
+    }
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err("expected scheme://...".into());
+    };
+    let (user, hosts) = match rest.rsplit_once('@') {
+        Some((user, hosts)) => (user, hosts),
+        None => ("", rest),
+    };
+    let mut encoded = String::new();
+    for b in password.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Ok(format!("{scheme}://{user}:{encoded}@{hosts}"))
+}
+
 /// The URL with its password replaced, for logs and errors.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -246,6 +271,25 @@ mod tests {
         assert_eq!(u.hosts[2], ("c".to_string(), 6379));
         let u = RedisUrl::parse("redis://[::1]:7000").expect("ipv6");
         assert_eq!(u.hosts[0], ("::1".to_string(), 7000));
+    }
+
+    #[test]
+    fn a_password_from_elsewhere_is_encoded_into_the_url() {
+        let url = with_password("redis-sentinel://h1:26379,h2/mymaster", "p@ss:/w").unwrap();
+        let u = RedisUrl::parse(&url).unwrap();
+        assert_eq!(u.password.as_deref(), Some("p@ss:/w"));
+        assert_eq!(u.hosts.len(), 2);
+        let u = RedisUrl::parse(&with_password("redis://alice@h:1/2", "x").unwrap()).unwrap();
+        assert_eq!(
+            (u.username.as_deref(), u.password.as_deref(), u.database),
+            (Some("alice"), Some("x"), Some(2))
+        );
+        assert!(
+            with_password("redis://:a@h", "b")
+                .unwrap_err()
+                .contains("already has a password")
+        );
+        assert!(with_password("memory", "b").is_err());
     }
 
     #[test]

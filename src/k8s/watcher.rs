@@ -1,0 +1,317 @@
+//! The list/watch loop: both kinds through kube-runtime's watcher (relist on 410 Gone,
+//! reconnect with backoff), applied to the live rules and lists, statuses written back.
+//!
+//! Objects are watched as `DynamicObject`s and decoded here, so one object the typed model
+//! could not read becomes an `Invalid` status instead of a list that fails for everyone.
+//! A relist is buffered until it is complete and then replaces the known set, so objects
+//! deleted while the watch was down disappear, and nothing is dropped meanwhile.
+
+use super::crd::{AccessList, RateLimitPolicy};
+use super::resource::{Content, Kind, Tracked, status_matches, with_transition_time};
+use crate::blocklist::Lists;
+use crate::config::live::{ExternalDomain, LiveConfig};
+use crate::config::reload::ReloadStatus;
+use futures_util::{Stream, StreamExt};
+use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client};
+use parking_lot::RwLock;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Which namespaces to watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// The client's namespace: the pod's own in a cluster, the kubeconfig context's outside.
+    Default,
+    Namespace(String),
+    All,
+}
+
+/// `serve --kubernetes` options.
+#[derive(Debug, Clone)]
+pub struct KubernetesOptions {
+    pub scope: Scope,
+    /// A label selector (`team=payments,tier!=dev`) both kinds are filtered by.
+    pub selector: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubernetesError {
+    #[error("no Kubernetes client configuration (in-cluster service account or KUBECONFIG): {0}")]
+    Config(String),
+}
+
+type Key = (Kind, String, String);
+
+/// Watches both kinds and keeps them in force until dropped.
+pub struct Watcher {
+    client: Client,
+    options: KubernetesOptions,
+    live: Arc<LiveConfig>,
+    lists: Arc<Lists>,
+    status: Arc<RwLock<ReloadStatus>>,
+    objects: BTreeMap<Key, Tracked>,
+    /// Relists in progress: objects seen since `Init`, swapped in at `InitDone`.
+    relisting: BTreeMap<Kind, BTreeMap<Key, Tracked>>,
+    synced: BTreeMap<Kind, bool>,
+    /// The status last written per object, so a status is not written twice before the
+    /// watch shows the first write.
+    written: BTreeMap<Key, Value>,
+}
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher")
+            .field("options", &self.options)
+            .field("objects", &self.objects.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Watcher {
+    /// A client from the environment: the in-cluster service account, else `KUBECONFIG` /
+    /// `~/.kube/config`.
+    pub async fn connect(
+        options: KubernetesOptions,
+        live: Arc<LiveConfig>,
+        lists: Arc<Lists>,
+        status: Arc<RwLock<ReloadStatus>>,
+    ) -> Result<Watcher, KubernetesError> {
+        let client = Client::try_default()
+            .await
+            .map_err(|e| KubernetesError::Config(e.to_string()))?;
+        status.write().kubernetes_synced = Some(false);
+        Ok(Watcher {
+            client,
+            options,
+            live,
+            lists,
+            status,
+            objects: BTreeMap::new(),
+            relisting: BTreeMap::new(),
+            synced: BTreeMap::new(),
+            written: BTreeMap::new(),
+        })
+    }
+
+    fn api(&self, kind: Kind, namespace: Option<&str>) -> Api<DynamicObject> {
+        let ar = resource(kind);
+        let scoped = match &self.options.scope {
+            Scope::Namespace(ns) => Some(ns.as_str()),
+            _ => None,
+        };
+        match (namespace.or(scoped), &self.options.scope) {
+            (Some(ns), _) => Api::namespaced_with(self.client.clone(), ns, &ar),
+            (None, Scope::All) => Api::all_with(self.client.clone(), &ar),
+            (None, _) => Api::default_namespaced_with(self.client.clone(), &ar),
+        }
+    }
+
+    fn stream(
+        &self,
+        kind: Kind,
+    ) -> impl Stream<Item = (Kind, Result<Event<DynamicObject>, watcher::Error>)> + Send + use<>
+    {
+        let mut config = watcher::Config::default();
+        if let Some(s) = &self.options.selector {
+            config = config.labels(s);
+        }
+        watcher::watcher(self.api(kind, None), config)
+            .default_backoff()
+            .map(move |e| (kind, e))
+    }
+
+    /// Runs until the task is dropped.
+    pub async fn run(mut self) {
+        let scope = match &self.options.scope {
+            Scope::Default => format!("namespace {}", self.client.default_namespace()),
+            Scope::Namespace(ns) => format!("namespace {ns}"),
+            Scope::All => "all namespaces".into(),
+        };
+        tracing::info!(%scope, selector = ?self.options.selector, "watching RateLimitPolicy and AccessList resources");
+        let mut events = std::pin::pin!(futures_util::stream::select(
+            self.stream(Kind::RateLimitPolicy),
+            self.stream(Kind::AccessList),
+        ));
+        // Retries status writes that failed (API server away); cheap when nothing is due.
+        let mut retry = tokio::time::interval(Duration::from_secs(10));
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut published = self.live.subscribe();
+        let mut failing: Option<String> = None;
+        loop {
+            tokio::select! {
+                next = events.next() => {
+                    let Some((kind, event)) = next else { break };
+                    match event {
+                        Ok(event) => {
+                            if failing.take().is_some() {
+                                tracing::info!("Kubernetes watch recovered");
+                                self.status.write().kubernetes_error = None;
+                            }
+                            if self.handle(kind, event) {
+                                self.apply();
+                                self.write_statuses().await;
+                            }
+                        }
+                        Err(e) => {
+                            let text = format!("{} watch: {e}", kind.as_str());
+                            // Backoff retries; say it once per distinct failure.
+                            if failing.as_deref() != Some(text.as_str()) {
+                                tracing::warn!("{text}; keeping the rules in force and retrying");
+                                self.status.write().kubernetes_error = Some(text.clone());
+                                failing = Some(text);
+                            }
+                        }
+                    }
+                }
+                Ok(()) = published.changed() => {
+                    // A file reload can change which domains conflict.
+                    self.write_statuses().await;
+                }
+                _ = retry.tick() => self.write_statuses().await,
+            }
+        }
+    }
+
+    /// Folds one event into the known objects; `true` when what is in force may change.
+    fn handle(&mut self, kind: Kind, event: Event<DynamicObject>) -> bool {
+        match event {
+            Event::Init => {
+                tracing::debug!(kind = kind.as_str(), "listing");
+                self.relisting.insert(kind, BTreeMap::new());
+                false
+            }
+            Event::InitApply(obj) => {
+                let key = key(kind, &obj);
+                let t = Tracked::from_object(kind, &obj, self.objects.get(&key));
+                self.relisting.entry(kind).or_default().insert(key, t);
+                false
+            }
+            Event::InitDone => {
+                let fresh = self.relisting.remove(&kind).unwrap_or_default();
+                self.objects.retain(|k, _| k.0 != kind);
+                self.written
+                    .retain(|k, _| k.0 != kind || fresh.contains_key(k));
+                self.objects.extend(fresh);
+                self.synced.insert(kind, true);
+                if self.synced.len() == 2 {
+                    let mut st = self.status.write();
+                    if st.kubernetes_synced != Some(true) {
+                        tracing::info!(objects = self.objects.len(), "Kubernetes resources synced");
+                    }
+                    st.kubernetes_synced = Some(true);
+                }
+                true
+            }
+            Event::Apply(obj) => {
+                let key = key(kind, &obj);
+                let t = Tracked::from_object(kind, &obj, self.objects.get(&key));
+                if let Some(why) = &t.invalid {
+                    tracing::warn!(resource = %t.source(), "invalid: {why}");
+                }
+                self.objects.insert(key, t);
+                true
+            }
+            Event::Delete(obj) => {
+                let key = key(kind, &obj);
+                self.written.remove(&key);
+                self.objects.remove(&key).is_some()
+            }
+        }
+    }
+
+    /// Hands every good version to the live config and the lists (each a no-op when
+    /// unchanged, so counters and snapshots survive relists and status-only updates).
+    fn apply(&self) {
+        let mut domains = Vec::new();
+        let (mut allow, mut block) = (Vec::new(), Vec::new());
+        for t in self.objects.values() {
+            match &t.good {
+                Some(Content::Domain(d)) => domains.push(ExternalDomain {
+                    source: t.source(),
+                    precedence: t.created.clone(),
+                    domain: d.clone(),
+                }),
+                Some(Content::Lists { allow: a, block: b }) => {
+                    allow.extend(a.iter().cloned());
+                    block.extend(b.iter().cloned());
+                }
+                None => {}
+            }
+        }
+        self.live.set_external(domains);
+        self.lists.set_kubernetes(allow, block);
+    }
+
+    /// Writes every status that would change. Several replicas compute the same status from
+    /// the same objects, so after one writes, the others see it match and write nothing.
+    async fn write_statuses(&mut self) {
+        let admissions = self.live.admissions();
+        let mut due = Vec::new();
+        for (key, t) in &self.objects {
+            let desired = t.desired_status(admissions.get(&t.source()));
+            if status_matches(&t.seen_status, &desired)
+                || self
+                    .written
+                    .get(key)
+                    .is_some_and(|w| status_matches(w, &desired))
+            {
+                continue;
+            }
+            due.push((
+                key.clone(),
+                t.namespace.clone(),
+                t.name.clone(),
+                t.seen_status.clone(),
+                desired,
+            ));
+        }
+        for (key, namespace, name, seen, desired) in due {
+            let now = jiff_now();
+            let status = with_transition_time(&seen, desired, &now);
+            let api = self.api(key.0, Some(&namespace));
+            let patch = Patch::Merge(json!({ "status": status }));
+            let params = PatchParams::default();
+            let call = api.patch_status(&name, &params, &patch);
+            match tokio::time::timeout(Duration::from_secs(5), call).await {
+                Ok(Ok(_)) => {
+                    tracing::debug!(kind = key.0.as_str(), %namespace, %name, "status written");
+                    self.written.insert(key, status);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(kind = key.0.as_str(), %namespace, %name, "writing status: {e}");
+                }
+                Err(_) => {
+                    tracing::warn!(kind = key.0.as_str(), %namespace, %name, "writing status: timed out");
+                }
+            }
+        }
+    }
+}
+
+fn resource(kind: Kind) -> ApiResource {
+    match kind {
+        Kind::RateLimitPolicy => ApiResource::erase::<RateLimitPolicy>(&()),
+        Kind::AccessList => ApiResource::erase::<AccessList>(&()),
+    }
+}
+
+fn key(kind: Kind, obj: &DynamicObject) -> Key {
+    (
+        kind,
+        obj.metadata.namespace.clone().unwrap_or_default(),
+        obj.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// RFC 3339 UTC, seconds precision, as Kubernetes writes times.
+fn jiff_now() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .round(k8s_openapi::jiff::Unit::Second)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
