@@ -9,6 +9,10 @@
 //! resource may hold is checked by exactly the code that checks files, and one odd object
 //! cannot break the list/watch stream for all others.
 
+// kube's `printcolumn(type_ = ...)` repeats a key per column, which clippy mistakes for a
+// duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResource;

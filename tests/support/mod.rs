@@ -4,6 +4,7 @@
 
 pub mod check;
 pub mod envoy;
+pub mod fake_api;
 pub mod redis;
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
@@ -46,7 +47,13 @@ pub struct Sidecar {
 
 impl Sidecar {
     pub fn start(config: Option<&Path>, extra: &[&str]) -> Sidecar {
+        Sidecar::start_with_env(config, extra, &[])
+    }
+
+    /// `start` with extra environment variables (e.g. `KUBECONFIG`).
+    pub fn start_with_env(config: Option<&Path>, extra: &[&str], env: &[(&str, &str)]) -> Sidecar {
         let mut cmd = Command::new(BIN);
+        cmd.envs(env.iter().copied());
         cmd.arg("serve")
             .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
             .args(["--reload-interval-ms", "200"])

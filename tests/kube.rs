@@ -1,0 +1,442 @@
+//! `serve --kubernetes` against a fake API server that speaks real list + watch (see
+//! tests/support/fake_api.rs): the real binary, the real kube client, live rule changes.
+
+mod support;
+
+use serde_json::{Value, json};
+use std::time::Duration;
+use support::fake_api::{ACCESS_LISTS, FakeApiServer, POLICIES};
+use support::{Sidecar, check::Check, eventually, http_with};
+
+const WAIT: Duration = Duration::from_secs(15);
+const NS: &str = "team-a";
+
+fn policy(domain: &str, per_minute: u32) -> Value {
+    json!({"domain": domain, "descriptors": [
+        {"key": "path", "value": "/a", "rate_limit": {"unit": "minute", "requests_per_unit": per_minute}},
+        {"key": "path", "value": "/b", "rate_limit": {"unit": "minute", "requests_per_unit": 1}},
+    ]})
+}
+
+struct Running {
+    _dir: tempfile::TempDir,
+    sc: Sidecar,
+}
+
+fn start(api: &FakeApiServer, settings: Option<&str>, extra: &[&str]) -> Running {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = api.kubeconfig(dir.path(), NS);
+    let config = settings.map(|s| {
+        let path = dir.path().join("ratethrottle.yaml");
+        std::fs::write(&path, s).expect("write settings");
+        path
+    });
+    let mut args = vec!["--kubernetes"];
+    args.extend_from_slice(extra);
+    let kubeconfig = kubeconfig.to_str().expect("utf-8 path").to_string();
+    let sc = Sidecar::start_with_env(
+        config.as_deref(),
+        &args,
+        &[("KUBECONFIG", kubeconfig.as_str())],
+    );
+    Running { _dir: dir, sc }
+}
+
+/// The overall code of one request for `path` in `domain`, through `/json`.
+async fn code(sc: &Sidecar, domain: &str, path: &str) -> String {
+    let body =
+        json!({"domain": domain, "descriptors": [{"entries": [{"key": "path", "value": path}]}]});
+    let (_, text) = sc.post("/json", &body.to_string()).await;
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("/json: {text}"));
+    v["overallCode"].as_str().unwrap_or_default().to_string()
+}
+
+async fn ready(sc: &Sidecar) {
+    eventually(WAIT, "ready", || async { sc.get("/readyz").await.0 == 200 }).await;
+}
+
+async fn accepted(
+    api: &FakeApiServer,
+    plural: &str,
+    name: &str,
+    status: &str,
+    generation: i64,
+) -> Value {
+    let mut last = None;
+    eventually(
+        WAIT,
+        &format!("{name} Accepted={status} at generation {generation}"),
+        || {
+            let c = api.accepted(plural, NS, name);
+            let hit = c
+                .as_ref()
+                .is_some_and(|c| c["status"] == status && c["observedGeneration"] == generation);
+            last = c;
+            async move { hit }
+        },
+    )
+    .await;
+    last.expect("condition")
+}
+
+#[tokio::test]
+async fn rules_from_resources_apply_live_without_resetting_unchanged_counters() {
+    let api = FakeApiServer::start().await;
+    api.apply(POLICIES, NS, "api", json!({}), policy("api", 2));
+    let r = start(&api, None, &[]);
+    ready(&r.sc).await;
+
+    assert_eq!(code(&r.sc, "api", "/a").await, "OK");
+    assert_eq!(code(&r.sc, "api", "/a").await, "OK");
+    assert_eq!(code(&r.sc, "api", "/a").await, "OVER_LIMIT");
+    assert_eq!(code(&r.sc, "api", "/b").await, "OK");
+    assert_eq!(code(&r.sc, "api", "/b").await, "OVER_LIMIT");
+    let c = accepted(&api, POLICIES, "api", "True", 1).await;
+    assert_eq!(c["reason"], "Accepted");
+    let obj = api.object(POLICIES, NS, "api").expect("object");
+    assert_eq!(obj["status"]["rules"], 2);
+    assert_eq!(obj["status"]["observedGeneration"], 1);
+    assert!(obj["status"]["conditions"][0]["lastTransitionTime"].is_string());
+
+    // Raise /a's limit: /a is a new rule with a fresh counter, /b's exhausted counter stays.
+    api.apply(POLICIES, NS, "api", json!({}), policy("api", 5));
+    eventually(WAIT, "the new /a limit", || async {
+        code(&r.sc, "api", "/a").await == "OK"
+    })
+    .await;
+    assert_eq!(code(&r.sc, "api", "/b").await, "OVER_LIMIT");
+    accepted(&api, POLICIES, "api", "True", 2).await;
+
+    // A second domain from a second resource; then deleting the first takes its rules away.
+    api.apply(POLICIES, NS, "web", json!({}), policy("web", 1));
+    eventually(WAIT, "domain web", || async {
+        code(&r.sc, "web", "/a").await == "OK" && code(&r.sc, "web", "/a").await == "OVER_LIMIT"
+    })
+    .await;
+    api.delete(POLICIES, NS, "api");
+    eventually(WAIT, "domain api removed", || async {
+        // Unknown domains are answered OK without a limit.
+        let body = json!({"domain": "api", "descriptors": [{"entries": [{"key": "path", "value": "/b"}]}]});
+        let (_, text) = r.sc.post("/json", &body.to_string()).await;
+        text.contains("\"OK\"") && !text.contains("currentLimit")
+    })
+    .await;
+    assert_eq!(code(&r.sc, "web", "/a").await, "OVER_LIMIT");
+}
+
+#[tokio::test]
+async fn an_invalid_resource_says_why_in_its_status_and_the_old_rules_stay() {
+    let api = FakeApiServer::start().await;
+    api.apply(POLICIES, NS, "api", json!({}), policy("api", 1));
+    let r = start(&api, None, &[]);
+    ready(&r.sc).await;
+    accepted(&api, POLICIES, "api", "True", 1).await;
+
+    let mut bad = policy("api", 100);
+    bad["descriptors"][0]["rate_limit"]["unit"] = json!("fortnight");
+    api.apply(POLICIES, NS, "api", json!({}), bad);
+    let c = accepted(&api, POLICIES, "api", "False", 2).await;
+    assert_eq!(c["reason"], "Invalid");
+    let m = c["message"].as_str().expect("message");
+    assert!(
+        m.contains("spec.descriptors[0].rate_limit.unit: unknown unit \"fortnight\""),
+        "{m}"
+    );
+    assert!(
+        m.contains("previously accepted generation stays in force"),
+        "{m}"
+    );
+    // Generation 1's limit of 1 is still the one in force.
+    assert_eq!(code(&r.sc, "api", "/a").await, "OK");
+    assert_eq!(code(&r.sc, "api", "/a").await, "OVER_LIMIT");
+
+    // A brand-new invalid resource is refused and defines nothing.
+    api.apply(POLICIES, NS, "empty", json!({}), json!({"descriptors": []}));
+    let c = accepted(&api, POLICIES, "empty", "False", 1).await;
+    assert!(
+        c["message"].as_str().unwrap_or_default().contains("domain"),
+        "{c}"
+    );
+    assert!(r.sc.stderr().contains("invalid"), "the refusal is logged");
+
+    // Fixing it puts the new generation in force.
+    api.apply(POLICIES, NS, "api", json!({}), policy("api", 3));
+    accepted(&api, POLICIES, "api", "True", 3).await;
+    eventually(WAIT, "generation 3 in force", || async {
+        code(&r.sc, "api", "/a").await == "OK"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn file_domains_take_precedence_and_the_oldest_resource_wins() {
+    let api = FakeApiServer::start().await;
+    api.apply(POLICIES, NS, "old", json!({}), policy("shared", 1));
+    api.apply(POLICIES, NS, "new", json!({}), policy("shared", 50));
+    api.apply(POLICIES, NS, "filed", json!({}), policy("files", 50));
+    let settings = "domain: files\ndescriptors:\n  - key: path\n    value: /a\n    rate_limit: {unit: minute, requests_per_unit: 1}\n";
+    let r = start(&api, Some(settings), &[]);
+    ready(&r.sc).await;
+
+    let c = accepted(&api, POLICIES, "filed", "False", 1).await;
+    assert_eq!(c["reason"], "DomainConflict");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("file configuration"),
+        "{c}"
+    );
+    let c = accepted(&api, POLICIES, "new", "False", 1).await;
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("RateLimitPolicy team-a/old"),
+        "{c}"
+    );
+    accepted(&api, POLICIES, "old", "True", 1).await;
+    for domain in ["files", "shared"] {
+        assert_eq!(code(&r.sc, domain, "/a").await, "OK");
+        assert_eq!(code(&r.sc, domain, "/a").await, "OVER_LIMIT", "{domain}");
+    }
+    // The older one goes: the newer one takes the domain over.
+    api.delete(POLICIES, NS, "old");
+    accepted(&api, POLICIES, "new", "True", 1).await;
+    assert_eq!(code(&r.sc, "shared", "/a").await, "OK");
+}
+
+#[tokio::test]
+async fn watch_expiry_relists_exactly_once_and_watch_timeouts_do_not_relist() {
+    let api = FakeApiServer::start().await;
+    api.set_watch_timeout(Duration::from_millis(700));
+    api.apply(POLICIES, NS, "api", json!({}), policy("api", 1));
+    let r = start(&api, None, &[]);
+    ready(&r.sc).await;
+    accepted(&api, POLICIES, "api", "True", 1).await;
+    assert_eq!(api.lists(POLICIES), 1);
+
+    // Several server-side watch timeouts: the client re-watches from its resourceVersion.
+    let before = api.watches(POLICIES);
+    eventually(WAIT, "three re-watches", || async {
+        api.watches(POLICIES) >= before + 3
+    })
+    .await;
+    assert_eq!(
+        api.lists(POLICIES),
+        1,
+        "a watch timeout is not a reason to relist"
+    );
+
+    // Compaction: the running watch gets an in-stream 410; a change made meanwhile must
+    // arrive through the one relist.
+    api.set_watch_timeout(Duration::from_secs(60));
+    api.expire_watches(POLICIES);
+    api.apply(POLICIES, NS, "api", json!({}), policy("api", 2));
+    eventually(WAIT, "relisted", || async { api.lists(POLICIES) >= 2 }).await;
+    eventually(WAIT, "the change made during expiry", || async {
+        code(&r.sc, "api", "/a").await == "OK"
+    })
+    .await;
+    accepted(&api, POLICIES, "api", "True", 2).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(api.lists(POLICIES), 2, "one 410, exactly one relist");
+    assert_eq!(
+        api.lists(ACCESS_LISTS),
+        1,
+        "the other kind's watch was not disturbed"
+    );
+}
+
+#[tokio::test]
+async fn an_api_server_outage_keeps_the_rules_and_recovers() {
+    let api = FakeApiServer::start().await;
+    api.apply(POLICIES, NS, "api", json!({}), policy("api", 2));
+    let mut r = start(&api, None, &[]);
+    ready(&r.sc).await;
+    assert_eq!(code(&r.sc, "api", "/a").await, "OK");
+
+    api.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(code(&r.sc, "api", "/a").await, "OK");
+    assert_eq!(
+        code(&r.sc, "api", "/a").await,
+        "OVER_LIMIT",
+        "rules stay in force"
+    );
+    assert_eq!(r.sc.get("/readyz").await.0, 200, "synced once: stays ready");
+    let (_, cfg) = r.sc.get("/v1/config").await;
+    let cfg: Value = serde_json::from_str(&cfg).expect("json");
+    assert_eq!(cfg["kubernetes"]["synced"], true);
+    assert!(cfg["kubernetes"]["error"].is_string(), "{cfg}");
+
+    api.restart().await;
+    api.apply(POLICIES, NS, "api", json!({}), policy("api", 10));
+    eventually(
+        Duration::from_secs(60),
+        "the change after the outage",
+        || async { code(&r.sc, "api", "/a").await == "OK" },
+    )
+    .await;
+    accepted(&api, POLICIES, "api", "True", 2).await;
+    assert!(r.sc.child_alive());
+}
+
+#[tokio::test]
+async fn not_ready_until_the_first_sync() {
+    let api = FakeApiServer::start().await;
+    api.apply(POLICIES, NS, "api", json!({}), policy("api", 1));
+    api.stop();
+    let r = start(&api, None, &[]);
+    let (code_, body) = r.sc.get("/readyz").await;
+    assert_eq!(code_, 503, "{body}");
+    assert!(body.contains("first Kubernetes sync"), "{body}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(r.sc.get("/readyz").await.0, 503);
+
+    api.restart().await;
+    eventually(
+        Duration::from_secs(60),
+        "ready after the API server returns",
+        || async { r.sc.get("/readyz").await.0 == 200 },
+    )
+    .await;
+    // Ready means the resources are in force.
+    assert_eq!(code(&r.sc, "api", "/a").await, "OK");
+    assert_eq!(code(&r.sc, "api", "/a").await, "OVER_LIMIT");
+}
+
+#[tokio::test]
+async fn access_lists_apply_to_check_and_are_not_editable_at_runtime() {
+    let api = FakeApiServer::start().await;
+    api.apply(
+        ACCESS_LISTS,
+        NS,
+        "abusers",
+        json!({}),
+        json!({"block": [{"value": "203.0.113.7", "reason": "scraper", "code": "scraping"}]}),
+    );
+    let settings = "settings:\n  admin_token: t0ken\nauthz:\n  domain: edge\n";
+    let r = start(&api, Some(settings), &[]);
+    ready(&r.sc).await;
+    let a = r.sc.check(&Check::new("203.0.113.7")).await;
+    assert_eq!(a.http, 403, "{}", a.body);
+    assert!(a.body.contains("scraping"), "{}", a.body);
+    assert_eq!(r.sc.check(&Check::new("198.51.100.1")).await.http, 200);
+    accepted(&api, ACCESS_LISTS, "abusers", "True", 1).await;
+    assert_eq!(
+        api.object(ACCESS_LISTS, NS, "abusers").expect("obj")["status"]["block"],
+        1
+    );
+
+    let auth = [("authorization", "Bearer t0ken")];
+    let (status, body) = http_with(
+        r.sc.admin,
+        "DELETE",
+        "/v1/lists/block/203.0.113.7",
+        "",
+        &auth,
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("AccessList"), "{body}");
+    let (_, body) = http_with(r.sc.admin, "GET", "/v1/lists", "", &auth).await;
+    assert!(body.contains("\"kubernetes\""), "{body}");
+
+    // An invalid update keeps the entry; a valid one replaces it.
+    api.apply(
+        ACCESS_LISTS,
+        NS,
+        "abusers",
+        json!({}),
+        json!({"block": [{"value": "10.0.0.1/8"}]}),
+    );
+    let c = accepted(&api, ACCESS_LISTS, "abusers", "False", 2).await;
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("host bits"),
+        "{c}"
+    );
+    assert_eq!(r.sc.check(&Check::new("203.0.113.7")).await.http, 403);
+    api.apply(
+        ACCESS_LISTS,
+        NS,
+        "abusers",
+        json!({}),
+        json!({"block": ["10.0.0.0/8"]}),
+    );
+    eventually(WAIT, "the new block list", || async {
+        r.sc.check(&Check::new("203.0.113.7")).await.http == 200
+            && r.sc.check(&Check::new("10.1.2.3")).await.http == 403
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn statuses_are_written_once_even_by_two_replicas() {
+    let api = FakeApiServer::start().await;
+    api.apply(POLICIES, NS, "api", json!({}), policy("api", 1));
+    let a = start(&api, None, &[]);
+    ready(&a.sc).await;
+    accepted(&api, POLICIES, "api", "True", 1).await;
+    let b = start(&api, None, &[]);
+    ready(&b.sc).await;
+    // b sees a's status, which is already what it would write.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(api.patches(POLICIES, NS, "api"), 1);
+
+    api.apply(POLICIES, NS, "api", json!({}), policy("api", 2));
+    accepted(&api, POLICIES, "api", "True", 2).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let patches = api.patches(POLICIES, NS, "api");
+    // Both may race to the same new status once; they never keep rewriting it.
+    assert!((2..=3).contains(&patches), "{patches} status writes");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(api.patches(POLICIES, NS, "api"), patches);
+}
+
+#[tokio::test]
+async fn namespace_and_selector_limit_what_is_watched() {
+    let api = FakeApiServer::start().await;
+    api.apply(
+        POLICIES,
+        NS,
+        "mine",
+        json!({"team": "a"}),
+        policy("mine", 1),
+    );
+    api.apply(
+        POLICIES,
+        NS,
+        "unlabelled",
+        json!({}),
+        policy("unlabelled", 1),
+    );
+    api.apply(
+        POLICIES,
+        "team-b",
+        "theirs",
+        json!({"team": "a"}),
+        policy("theirs", 1),
+    );
+    let r = start(&api, None, &["--selector", "team=a"]);
+    ready(&r.sc).await;
+    assert_eq!(code(&r.sc, "mine", "/a").await, "OK");
+    assert_eq!(code(&r.sc, "mine", "/a").await, "OVER_LIMIT");
+    for other in ["unlabelled", "theirs"] {
+        code(&r.sc, other, "/a").await;
+        assert_eq!(
+            code(&r.sc, other, "/a").await,
+            "OK",
+            "{other} is not watched"
+        );
+    }
+    assert!(api.accepted(POLICIES, "team-b", "theirs").is_none());
+
+    let all = start(&api, None, &["--all-namespaces", "--selector", "team=a"]);
+    ready(&all.sc).await;
+    code(&all.sc, "theirs", "/a").await;
+    assert_eq!(code(&all.sc, "theirs", "/a").await, "OVER_LIMIT");
+}
