@@ -440,3 +440,59 @@ async fn namespace_and_selector_limit_what_is_watched() {
     code(&all.sc, "theirs", "/a").await;
     assert_eq!(code(&all.sc, "theirs", "/a").await, "OVER_LIMIT");
 }
+
+/// Every resource under k8s/examples/kubernetes, and every domain file of the example
+/// configuration pasted under `spec:` unchanged, is accepted and in force.
+#[tokio::test]
+async fn shipped_examples_and_pasted_domain_files_are_accepted() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let api = FakeApiServer::start().await;
+    let mut expected = Vec::new();
+    for file in ["ratelimitpolicy.yaml", "accesslist.yaml"] {
+        let text = std::fs::read_to_string(root.join("k8s/examples/kubernetes").join(file))
+            .expect("read example");
+        for doc in serde_saphyr::from_multiple::<Value>(&text).expect("example YAML") {
+            let plural = match doc["kind"].as_str() {
+                Some("RateLimitPolicy") => POLICIES,
+                Some("AccessList") => ACCESS_LISTS,
+                other => panic!("{file}: unexpected kind {other:?}"),
+            };
+            let (ns, name) = (
+                doc["metadata"]["namespace"].as_str().expect("namespace"),
+                doc["metadata"]["name"].as_str().expect("name"),
+            );
+            api.apply(
+                plural,
+                ns,
+                name,
+                doc["metadata"]["labels"].clone(),
+                doc["spec"].clone(),
+            );
+            expected.push((plural, ns.to_string(), name.to_string()));
+        }
+    }
+    // A reference-style domain file, as users have them today, pasted as the spec.
+    let domain_file = "domain: pasted\ndescriptors:\n  - key: database\n    value: users\n    rate_limit:\n      unit: second\n      requests_per_unit: 500\n  - key: message_type\n    value: marketing\n    descriptors:\n      - key: to_number\n        rate_limit:\n          unit: day\n          requests_per_unit: 5\n";
+    let spec: Value = serde_saphyr::from_str(domain_file).expect("domain file");
+    api.apply(POLICIES, "shop", "pasted", json!({}), spec);
+    expected.push((POLICIES, "shop".into(), "pasted".into()));
+
+    let r = start(&api, None, &["--all-namespaces"]);
+    ready(&r.sc).await;
+    for (plural, ns, name) in &expected {
+        eventually(WAIT, &format!("{plural} {ns}/{name} accepted"), || async {
+            api.object(plural, ns, name)
+                .and_then(|o| {
+                    o["status"]["conditions"][0]["status"]
+                        .as_str()
+                        .map(String::from)
+                })
+                .as_deref()
+                == Some("True")
+        })
+        .await;
+    }
+    let body = json!({"domain": "pasted", "descriptors": [{"entries": [{"key": "database", "value": "users"}]}]});
+    let (_, text) = r.sc.post("/json", &body.to_string()).await;
+    assert!(text.contains("\"requestsPerUnit\":500"), "{text}");
+}
