@@ -1272,3 +1272,102 @@ fn the_rendered_container_starts_the_binary() {
         assert!(config.contains(domain), "{domain} not loaded: {config}");
     }
 }
+
+/// The settable values: the paths of values.schema.json's closed objects, down to the values
+/// that are scalars, lists or free-form maps in values.yaml.
+fn value_paths(schema: &Value, values: &Value, prefix: &str, out: &mut Vec<String>) {
+    for (key, sub) in schema["properties"].as_object().expect("properties") {
+        if prefix.is_empty() && key == "global" {
+            continue;
+        }
+        let path = format!("{prefix}{key}");
+        let default = &values[key.as_str()];
+        assert!(
+            !default.is_null(),
+            "{path} is in the schema but has no default in values.yaml"
+        );
+        let closed = sub["additionalProperties"] == false
+            && sub["properties"]
+                .as_object()
+                .is_some_and(|p| p.keys().all(|k| default.get(k).is_some()));
+        if closed {
+            value_paths(sub, default, &format!("{path}."), out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn every_value_is_in_the_schema_commented_and_documented() {
+    let dir = root().join(CHART);
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("values.schema.json")).expect("schema"),
+    )
+    .expect("schema json");
+    let values_yaml = std::fs::read_to_string(dir.join("values.yaml")).expect("values");
+    let values = objects(&values_yaml).remove(0);
+    let mut paths = Vec::new();
+    value_paths(&schema, &values, "", &mut paths);
+    assert!(paths.len() > 50, "{paths:?}");
+
+    // Every key of values.yaml is in the schema (closed objects), so the schema's paths are all.
+    fn keys(v: &Value, prefix: &str, out: &mut Vec<String>) {
+        if let Value::Object(m) = v {
+            for (k, sub) in m {
+                out.push(format!("{prefix}{k}"));
+                keys(sub, &format!("{prefix}{k}."), out);
+            }
+        }
+    }
+    let mut all = Vec::new();
+    keys(&values, "", &mut all);
+    for p in &paths {
+        assert!(all.contains(p), "{p} missing from values.yaml");
+    }
+
+    // The comment right above each value's line.
+    let mut stack: Vec<(usize, String)> = Vec::new();
+    let mut comment = false;
+    let mut commented = Vec::new();
+    for line in values_yaml.lines() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if trimmed.is_empty() {
+            comment = false;
+            continue;
+        }
+        if trimmed.starts_with('#') {
+            comment = true;
+            continue;
+        }
+        let Some((key, _)) = trimmed.split_once(':') else {
+            comment = false;
+            continue;
+        };
+        if key.starts_with('-') || key.contains(' ') {
+            comment = false;
+            continue;
+        }
+        while stack.last().is_some_and(|(i, _)| *i >= indent) {
+            stack.pop();
+        }
+        stack.push((indent, key.to_string()));
+        let path: Vec<&str> = stack.iter().map(|(_, k)| k.as_str()).collect();
+        if comment {
+            commented.push(path.join("."));
+        }
+        comment = false;
+    }
+    let readme = std::fs::read_to_string(dir.join("README.md")).expect("README");
+    for p in &paths {
+        assert!(
+            commented.contains(p),
+            "values.yaml: {p} has no comment above it"
+        );
+        assert!(
+            readme.contains(&format!("| `{p}` |")),
+            "README.md: {p} is not in the values table"
+        );
+    }
+}
