@@ -403,7 +403,7 @@ fn pods_run_restricted() {
 /// The two rules the watcher needs, and nothing more.
 fn least_privilege() -> Value {
     json!([
-        {"apiGroups": ["ratethrottle.io"], "resources": ["ratelimitpolicies", "accesslists"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["ratethrottle.io"], "resources": ["ratelimitpolicies", "accesslists"], "verbs": ["list", "watch"]},
         {"apiGroups": ["ratethrottle.io"], "resources": ["ratelimitpolicies/status", "accesslists/status"], "verbs": ["patch"]}
     ])
 }

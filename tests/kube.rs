@@ -307,6 +307,28 @@ async fn not_ready_until_the_first_sync() {
 }
 
 #[tokio::test]
+async fn missing_crds_are_named_and_installing_them_makes_it_ready() {
+    let api = FakeApiServer::start().await;
+    api.set_crds_installed(false);
+    api.apply(POLICIES, NS, "api", json!({}), policy("api", 1));
+    let r = start(&api, None, &[]);
+    eventually(WAIT, "the 404 explained", || async {
+        let (status, body) = r.sc.get("/readyz").await;
+        status == 503 && body.contains("are the CRDs installed?")
+    })
+    .await;
+    api.set_crds_installed(true);
+    eventually(
+        Duration::from_secs(60),
+        "ready once the CRDs exist",
+        || async { r.sc.get("/readyz").await.0 == 200 },
+    )
+    .await;
+    assert_eq!(code(&r.sc, "api", "/a").await, "OK");
+    assert_eq!(code(&r.sc, "api", "/a").await, "OVER_LIMIT");
+}
+
+#[tokio::test]
 async fn access_lists_apply_to_check_and_are_not_editable_at_runtime() {
     let api = FakeApiServer::start().await;
     api.apply(

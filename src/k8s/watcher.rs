@@ -158,7 +158,7 @@ impl Watcher {
                             }
                         }
                         Err(e) => {
-                            let text = format!("{} watch: {e}", kind.as_str());
+                            let text = format!("{} watch: {e}{}", kind.as_str(), hint(&e));
                             // Backoff retries; say it once per distinct failure.
                             if failing.as_deref() != Some(text.as_str()) {
                                 tracing::warn!("{text}; keeping the rules in force and retrying");
@@ -290,6 +290,25 @@ impl Watcher {
                 }
             }
         }
+    }
+}
+
+/// What to do about the failures an operator can fix.
+fn hint(e: &watcher::Error) -> &'static str {
+    let code = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code,
+        watcher::Error::WatchError(s) => s.code,
+        _ => 0,
+    };
+    match code {
+        404 => " (are the CRDs installed? `ratethrottle crd | kubectl apply -f -`)",
+        401 | 403 => {
+            " (RBAC: the service account needs list and watch on ratelimitpolicies and \
+             accesslists.ratethrottle.io, and patch on their status)"
+        }
+        _ => "",
     }
 }
 

@@ -67,6 +67,8 @@ struct Inner {
     /// Bumped to cut every running watch (outage).
     epoch: watch::Sender<u64>,
     up: AtomicBool,
+    /// Without the CRDs the API server answers 404 for the kinds.
+    crds: AtomicBool,
     watch_timeout: Mutex<Duration>,
 }
 
@@ -90,6 +92,7 @@ impl FakeApiServer {
             expire: broadcast::channel(16).0,
             epoch: watch::channel(0).0,
             up: AtomicBool::new(true),
+            crds: AtomicBool::new(true),
             watch_timeout: Mutex::new(Duration::from_secs(60)),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -137,6 +140,11 @@ impl FakeApiServer {
         );
         std::fs::write(&path, text).expect("write kubeconfig");
         path
+    }
+
+    /// Whether the CRDs are installed (without them, lists and watches get 404).
+    pub fn set_crds_installed(&self, installed: bool) {
+        self.inner.crds.store(installed, Ordering::SeqCst);
     }
 
     /// Watches end after this long (the real server's `--min-request-timeout` behaviour).
@@ -336,8 +344,11 @@ async fn collection(
     if !inner.up.load(Ordering::SeqCst) {
         return unavailable();
     }
-    let Some(kind) = kind_of(&plural) else {
-        return (StatusCode::NOT_FOUND, "unknown resource").into_response();
+    let Some(kind) = kind_of(&plural).filter(|_| inner.crds.load(Ordering::SeqCst)) else {
+        let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "message": "the server could not find the requested resource",
+            "reason": "NotFound", "details": {}, "code": 404});
+        return (StatusCode::NOT_FOUND, axum::Json(status)).into_response();
     };
     let selector = q.get("labelSelector");
     if q.get("watch").map(String::as_str) != Some("true") {
