@@ -104,28 +104,26 @@ const UNITS: [Unit; 7] = [
 
 /// Parses and decodes one file's text. Never fails: problems land in `errors`.
 pub(crate) fn decode_file(file: &Path, text: &str) -> FileOutput {
-    let mut d = Decoder {
-        file,
-        text,
-        ascii: text.is_ascii(),
-        char_offsets: OnceCell::new(),
-        out: FileOutput::default(),
-    };
+    let mut d = Decoder::new(file, text);
     match MarkedYaml::load_from_str(text) {
         Ok(docs) => {
             for doc in &docs {
                 d.document(doc);
             }
         }
-        Err(e) => d.out.errors.push(ConfigError {
-            file: file.to_path_buf(),
-            line: e.marker().line(),
-            column: e.marker().col() + 1,
-            key: String::new(),
-            message: format!("invalid YAML: {}", e.info()),
-        }),
+        Err(e) => d.out.errors.push(yaml_error(file, &e)),
     }
     d.out
+}
+
+fn yaml_error(file: &Path, e: &saphyr::ScanError) -> ConfigError {
+    ConfigError {
+        file: file.to_path_buf(),
+        line: e.marker().line(),
+        column: e.marker().col() + 1,
+        key: String::new(),
+        message: format!("invalid YAML: {}", e.info()),
+    }
 }
 
 /// Decodes text holding exactly one mapping document with `root`: what a custom resource's
@@ -135,13 +133,7 @@ fn decode_single<T>(
     text: &str,
     root: impl FnOnce(&mut Decoder<'_>, &MarkedYaml<'_>) -> Option<T>,
 ) -> (Option<T>, Vec<ConfigError>) {
-    let mut d = Decoder {
-        file,
-        text,
-        ascii: text.is_ascii(),
-        char_offsets: OnceCell::new(),
-        out: FileOutput::default(),
-    };
+    let mut d = Decoder::new(file, text);
     let value = match MarkedYaml::load_from_str(text) {
         Ok(docs) => match docs.as_slice() {
             [doc] if matches!(data(doc), YamlData::Mapping(_)) => root(&mut d, doc),
@@ -158,13 +150,7 @@ fn decode_single<T>(
             }
         },
         Err(e) => {
-            d.out.errors.push(ConfigError {
-                file: file.to_path_buf(),
-                line: e.marker().line(),
-                column: e.marker().col() + 1,
-                key: String::new(),
-                message: format!("invalid YAML: {}", e.info()),
-            });
+            d.out.errors.push(yaml_error(file, &e));
             None
         }
     };
@@ -330,6 +316,18 @@ struct Decoder<'t> {
     /// (saphyr's markers count characters; ASCII offsets are the same either way).
     char_offsets: OnceCell<Vec<usize>>,
     out: FileOutput,
+}
+
+impl<'t> Decoder<'t> {
+    fn new(file: &'t Path, text: &'t str) -> Self {
+        Decoder {
+            file,
+            text,
+            ascii: text.is_ascii(),
+            char_offsets: OnceCell::new(),
+            out: FileOutput::default(),
+        }
+    }
 }
 
 impl Decoder<'_> {
