@@ -143,3 +143,56 @@ fn serve_refuses_a_storage_url_it_cannot_use() {
         );
     }
 }
+
+#[test]
+fn serve_kubernetes_without_a_cluster_to_talk_to_is_a_config_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("no-such-kubeconfig");
+    let out = Command::new(BIN)
+        .args(["serve", "--kubernetes", "--grpc-addr", "127.0.0.1:0"])
+        .args(["--admin-addr", "127.0.0.1:0"])
+        .env("KUBECONFIG", &missing)
+        .env("HOME", dir.path())
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no Kubernetes client configuration"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn kubernetes_flags_need_kubernetes_and_a_redis_password_needs_a_redis_url() {
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("serve")
+            .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+            .args(args)
+            .env_remove("RATETHROTTLE_KUBERNETES")
+            .output()
+            .expect("run")
+    };
+    let out = run(&["--namespace", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--kubernetes"));
+    let out = run(&["--kubernetes", "--namespace", "x", "--all-namespaces"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(&[
+        "--storage",
+        "redis://:pw@127.0.0.1:1",
+        "--redis-password",
+        "x",
+    ]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already has a password"));
+    for storage in [&["--storage", "memory"][..], &[]] {
+        let mut args = storage.to_vec();
+        args.extend(["--redis-password", "x"]);
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+    }
+}

@@ -136,6 +136,10 @@ pub fn run(args: ServeArgs) -> ExitCode {
                 }
             }
         }
+        (None, Some(password)) if !password.is_empty() => {
+            eprintln!("error: --redis-password needs a Redis storage URL (--storage)");
+            return ExitCode::from(super::EXIT_CONFIG);
+        }
         (storage, _) => storage,
     };
     let opts = ServerOptions {
@@ -157,8 +161,12 @@ pub fn run(args: ServeArgs) -> ExitCode {
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("error: {e}");
-            // A storage URL that cannot work is a configuration error, like a bad rule.
-            if matches!(e, ServerError::Storage(StorageError::Config(_))) {
+            // A storage URL that cannot work, or no way to reach Kubernetes, is a
+            // configuration error, like a bad rule.
+            if matches!(
+                e,
+                ServerError::Storage(StorageError::Config(_)) | ServerError::Kubernetes(_)
+            ) {
                 ExitCode::from(super::EXIT_CONFIG)
             } else {
                 ExitCode::FAILURE
