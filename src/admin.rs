@@ -64,8 +64,8 @@ async fn readyz(State(s): State<AdminState>) -> Response {
             )
                 .into_response();
         }
-        if st.kubernetes_synced == Some(false) {
-            let why = st.kubernetes_error.as_deref().unwrap_or("listing");
+        if let Some(k) = st.kubernetes.as_ref().filter(|k| !k.synced) {
+            let why = k.error.as_deref().unwrap_or("listing");
             let body = format!("waiting for the first Kubernetes sync ({why})\n");
             return (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
         }
@@ -107,6 +107,9 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         }),
     };
     let mut text = telemetry::render(&s.metrics, &s.stats, &gauges);
+    if let Some(k) = &s.reload.read().kubernetes {
+        telemetry::render_kubernetes(&mut text, k);
+    }
     let lists = s.authz.lists();
     telemetry::render_authz(
         &mut text,
@@ -145,10 +148,7 @@ async fn config(State(s): State<AdminState>) -> Response {
         "last_error": status.last_error,
         "storage": s.engine.storage().kind(),
         "storage_degraded": s.engine.storage().health().is_some_and(|h| h.is_degraded()),
-        "kubernetes": status.kubernetes_synced.map(|synced| serde_json::json!({
-            "synced": synced,
-            "error": status.kubernetes_error,
-        })),
+        "kubernetes": status.kubernetes,
         "config": status.config,
     });
     (

@@ -188,6 +188,56 @@ pub fn render(metrics: &ServiceMetrics, stats: &StatsRegistry, gauges: &Gauges) 
     out
 }
 
+/// The Kubernetes watcher's series.
+pub fn render_kubernetes(out: &mut String, k: &crate::config::reload::KubernetesStatus) {
+    let _ = writeln!(
+        out,
+        "# HELP ratethrottle_kubernetes_synced Whether the first list of both kinds is in force.\n\
+         # TYPE ratethrottle_kubernetes_synced gauge\nratethrottle_kubernetes_synced {}",
+        u8::from(k.synced)
+    );
+    let name = "ratethrottle_kubernetes_resources";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Resources known, by kind and whether they are accepted (in force).\n# TYPE {name} gauge"
+    );
+    for (accepted, counts) in [("true", &k.accepted), ("false", &k.refused)] {
+        for (kind, n) in counts {
+            let _ = writeln!(out, "{name}{{kind=\"{kind}\",accepted=\"{accepted}\"}} {n}");
+        }
+    }
+    let name = "ratethrottle_kubernetes_lists_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Full lists, by kind: the first, then one per relist (watch expiry, outage).\n# TYPE {name} counter"
+    );
+    for (kind, n) in &k.lists {
+        let _ = writeln!(out, "{name}{{kind=\"{kind}\"}} {n}");
+    }
+    for (name, help, v) in [
+        (
+            "ratethrottle_kubernetes_watch_errors_total",
+            "List/watch failures (retried with backoff; the rules in force stay).",
+            k.watch_errors,
+        ),
+        (
+            "ratethrottle_kubernetes_status_writes_total",
+            "Status subresource patches made.",
+            k.status_writes,
+        ),
+        (
+            "ratethrottle_kubernetes_status_write_errors_total",
+            "Status subresource patches that failed (retried).",
+            k.status_write_errors,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
+    }
+}
+
 /// The ext_authz series: checks by outcome, stage results, list sizes.
 pub fn render_authz(
     out: &mut String,

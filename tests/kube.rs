@@ -51,6 +51,13 @@ async fn code(sc: &Sidecar, domain: &str, path: &str) -> String {
     v["overallCode"].as_str().unwrap_or_default().to_string()
 }
 
+/// The value of the series `name` (with its labels, exactly as rendered) at /metrics.
+async fn metric(sc: &Sidecar, name: &str) -> Option<u64> {
+    let (_, text) = sc.get("/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 async fn ready(sc: &Sidecar) {
     eventually(WAIT, "ready", || async { sc.get("/readyz").await.0 == 200 }).await;
 }
@@ -158,6 +165,11 @@ async fn an_invalid_resource_says_why_in_its_status_and_the_old_rules_stay() {
         "{c}"
     );
     assert!(r.sc.stderr().contains("invalid"), "the refusal is logged");
+    let refused = r#"ratethrottle_kubernetes_resources{kind="RateLimitPolicy",accepted="false"}"#;
+    eventually(WAIT, "both refusals counted", || async {
+        metric(&r.sc, refused).await == Some(2)
+    })
+    .await;
 
     // Fixing it puts the new generation in force.
     api.apply(POLICIES, NS, "api", json!({}), policy("api", 3));
@@ -241,6 +253,9 @@ async fn watch_expiry_relists_exactly_once_and_watch_timeouts_do_not_relist() {
     accepted(&api, POLICIES, "api", "True", 2).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(api.lists(POLICIES), 2, "one 410, exactly one relist");
+    let lists = r#"ratethrottle_kubernetes_lists_total{kind="RateLimitPolicy"}"#;
+    assert_eq!(metric(&r.sc, lists).await, Some(2));
+    assert!(metric(&r.sc, "ratethrottle_kubernetes_watch_errors_total").await >= Some(1));
     assert_eq!(
         api.lists(ACCESS_LISTS),
         1,
@@ -417,6 +432,13 @@ async fn statuses_are_written_once_even_by_two_replicas() {
     assert!((2..=3).contains(&patches), "{patches} status writes");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(api.patches(POLICIES, NS, "api"), patches);
+    let writes = "ratethrottle_kubernetes_status_writes_total";
+    let (wa, wb) = (metric(&a.sc, writes).await, metric(&b.sc, writes).await);
+    assert_eq!(
+        wa.unwrap_or(0) + wb.unwrap_or(0),
+        u64::from(patches),
+        "{wa:?} + {wb:?}"
+    );
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use super::crd::{AccessList, RateLimitPolicy};
 use super::resource::{Content, Kind, Tracked, status_matches, with_transition_time};
 use crate::blocklist::Lists;
 use crate::config::live::{ExternalDomain, LiveConfig};
-use crate::config::reload::ReloadStatus;
+use crate::config::reload::{KubernetesStatus, ReloadStatus};
 use futures_util::{Stream, StreamExt};
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
@@ -84,7 +84,7 @@ impl Watcher {
         let client = Client::try_default()
             .await
             .map_err(|e| KubernetesError::Config(e.to_string()))?;
-        status.write().kubernetes_synced = Some(false);
+        status.write().kubernetes = Some(KubernetesStatus::default());
         Ok(Watcher {
             client,
             options,
@@ -150,7 +150,7 @@ impl Watcher {
                         Ok(event) => {
                             if failing.take().is_some() {
                                 tracing::info!("Kubernetes watch recovered");
-                                self.status.write().kubernetes_error = None;
+                                self.kube_status(|k| k.error = None);
                             }
                             if self.handle(kind, event) {
                                 self.apply();
@@ -159,10 +159,11 @@ impl Watcher {
                         }
                         Err(e) => {
                             let text = format!("{} watch: {e}{}", kind.as_str(), hint(&e));
+                            self.kube_status(|k| k.watch_errors += 1);
                             // Backoff retries; say it once per distinct failure.
                             if failing.as_deref() != Some(text.as_str()) {
                                 tracing::warn!("{text}; keeping the rules in force and retrying");
-                                self.status.write().kubernetes_error = Some(text.clone());
+                                self.kube_status(|k| k.error = Some(text.clone()));
                                 failing = Some(text);
                             }
                         }
@@ -198,13 +199,15 @@ impl Watcher {
                     .retain(|k, _| k.0 != kind || fresh.contains_key(k));
                 self.objects.extend(fresh);
                 self.synced.insert(kind, true);
-                if self.synced.len() == 2 {
-                    let mut st = self.status.write();
-                    if st.kubernetes_synced != Some(true) {
-                        tracing::info!(objects = self.objects.len(), "Kubernetes resources synced");
+                let objects = self.objects.len();
+                let all = self.synced.len() == 2;
+                self.kube_status(|k| {
+                    *k.lists.entry(kind.as_str()).or_default() += 1;
+                    if all && !k.synced {
+                        tracing::info!(objects, "Kubernetes resources synced");
+                        k.synced = true;
                     }
-                    st.kubernetes_synced = Some(true);
-                }
+                });
                 true
             }
             Event::Apply(obj) => {
@@ -221,6 +224,12 @@ impl Watcher {
                 self.written.remove(&key);
                 self.objects.remove(&key).is_some()
             }
+        }
+    }
+
+    fn kube_status(&self, f: impl FnOnce(&mut KubernetesStatus)) {
+        if let Some(k) = self.status.write().kubernetes.as_mut() {
+            f(k);
         }
     }
 
@@ -252,8 +261,18 @@ impl Watcher {
     async fn write_statuses(&mut self) {
         let admissions = self.live.admissions();
         let mut due = Vec::new();
+        let mut accepted: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let mut refused: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for kind in [Kind::RateLimitPolicy, Kind::AccessList] {
+            accepted.insert(kind.as_str(), 0);
+            refused.insert(kind.as_str(), 0);
+        }
         for (key, t) in &self.objects {
             let desired = t.desired_status(admissions.get(&t.source()));
+            let ok = desired["conditions"][0]["status"] == "True";
+            *if ok { &mut accepted } else { &mut refused }
+                .entry(key.0.as_str())
+                .or_default() += 1;
             if status_matches(&t.seen_status, &desired)
                 || self
                     .written
@@ -270,6 +289,10 @@ impl Watcher {
                 desired,
             ));
         }
+        self.kube_status(|k| {
+            k.accepted = accepted;
+            k.refused = refused;
+        });
         for (key, namespace, name, seen, desired) in due {
             let now = jiff_now();
             let status = with_transition_time(&seen, desired, &now);
@@ -279,13 +302,16 @@ impl Watcher {
             let call = api.patch_status(&name, &params, &patch);
             match tokio::time::timeout(Duration::from_secs(5), call).await {
                 Ok(Ok(_)) => {
+                    self.kube_status(|k| k.status_writes += 1);
                     tracing::debug!(kind = key.0.as_str(), %namespace, %name, "status written");
                     self.written.insert(key, status);
                 }
                 Ok(Err(e)) => {
+                    self.kube_status(|k| k.status_write_errors += 1);
                     tracing::warn!(kind = key.0.as_str(), %namespace, %name, "writing status: {e}");
                 }
                 Err(_) => {
+                    self.kube_status(|k| k.status_write_errors += 1);
                     tracing::warn!(kind = key.0.as_str(), %namespace, %name, "writing status: timed out");
                 }
             }
