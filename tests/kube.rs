@@ -69,9 +69,20 @@ async fn accepted(
     status: &str,
     generation: i64,
 ) -> Value {
+    accepted_within(api, plural, name, status, generation, WAIT).await
+}
+
+async fn accepted_within(
+    api: &FakeApiServer,
+    plural: &str,
+    name: &str,
+    status: &str,
+    generation: i64,
+    wait: Duration,
+) -> Value {
     let mut last = None;
     eventually(
-        WAIT,
+        wait,
         &format!("{name} Accepted={status} at generation {generation}"),
         || {
             let c = api.accepted(plural, NS, name);
@@ -116,10 +127,13 @@ async fn rules_from_resources_apply_live_without_resetting_unchanged_counters() 
 
     // A second domain from a second resource; then deleting the first takes its rules away.
     api.apply(POLICIES, NS, "web", json!({}), policy("web", 1));
+    // Until the domain exists, answers carry no limit; the first that does takes the one hit.
     eventually(WAIT, "domain web", || async {
-        code(&r.sc, "web", "/a").await == "OK" && code(&r.sc, "web", "/a").await == "OVER_LIMIT"
+        let body = json!({"domain": "web", "descriptors": [{"entries": [{"key": "path", "value": "/a"}]}]});
+        r.sc.post("/json", &body.to_string()).await.1.contains("currentLimit")
     })
     .await;
+    assert_eq!(code(&r.sc, "web", "/a").await, "OVER_LIMIT");
     api.delete(POLICIES, NS, "api");
     eventually(WAIT, "domain api removed", || async {
         // Unknown domains are answered OK without a limit.
@@ -295,6 +309,48 @@ async fn an_api_server_outage_keeps_the_rules_and_recovers() {
     .await;
     accepted(&api, POLICIES, "api", "True", 2).await;
     assert!(r.sc.child_alive());
+}
+
+#[tokio::test]
+async fn a_hanging_status_write_never_delays_rules() {
+    let api = FakeApiServer::start().await;
+    api.set_patch_delay(Duration::from_secs(3600));
+    let names: Vec<String> = (0..8).map(|i| format!("p{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        api.apply(POLICIES, NS, name, json!({}), policy(&format!("d{i}"), 1));
+    }
+    let r = start(&api, None, &[]);
+    ready(&r.sc).await;
+    // Eight hanging writes (5 s timeout each) are in flight; every change still applies.
+    for round in 0..3u32 {
+        api.apply(POLICIES, NS, "p0", json!({}), policy("d0", 100 + round));
+        let want = format!("\"requestsPerUnit\":{}", 100 + round);
+        eventually(WAIT, &format!("change {round} in force"), || async {
+            let body = json!({"domain": "d0", "descriptors": [{"entries": [{"key": "path", "value": "/a"}]}]});
+            r.sc.post("/json", &body.to_string()).await.1.contains(&want)
+        })
+        .await;
+    }
+    assert_eq!(
+        api.accepted(POLICIES, NS, "p0"),
+        None,
+        "no write got through yet"
+    );
+    // The API server recovers: the retry writes every status.
+    api.set_patch_delay(Duration::ZERO);
+    for name in &names {
+        let generation = if name == "p0" { 4 } else { 1 };
+        accepted_within(
+            &api,
+            POLICIES,
+            name,
+            "True",
+            generation,
+            Duration::from_secs(40),
+        )
+        .await;
+    }
+    assert!(metric(&r.sc, "ratethrottle_kubernetes_status_write_errors_total").await >= Some(8));
 }
 
 #[tokio::test]

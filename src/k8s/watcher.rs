@@ -58,9 +58,6 @@ pub struct Watcher {
     /// Relists in progress: objects seen since `Init`, swapped in at `InitDone`.
     relisting: BTreeMap<Kind, BTreeMap<Key, Tracked>>,
     synced: BTreeMap<Kind, bool>,
-    /// The status last written per object, so a status is not written twice before the
-    /// watch shows the first write.
-    written: BTreeMap<Key, Value>,
 }
 
 impl std::fmt::Debug for Watcher {
@@ -94,7 +91,6 @@ impl Watcher {
             objects: BTreeMap::new(),
             relisting: BTreeMap::new(),
             synced: BTreeMap::new(),
-            written: BTreeMap::new(),
         })
     }
 
@@ -137,9 +133,14 @@ impl Watcher {
             self.stream(Kind::RateLimitPolicy),
             self.stream(Kind::AccessList),
         ));
-        // Retries status writes that failed (API server away); cheap when nothing is due.
-        let mut retry = tokio::time::interval(Duration::from_secs(10));
-        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (plans, plan_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
+        let writer = StatusWriter {
+            client: self.client.clone(),
+            status: self.status.clone(),
+            written: BTreeMap::new(),
+        };
+        // Aborted with this task: the writer lives exactly as long as the watch.
+        let writer = AbortOnDrop(tokio::spawn(writer.run(plan_rx)));
         let mut published = self.live.subscribe();
         let mut failing: Option<String> = None;
         loop {
@@ -154,7 +155,7 @@ impl Watcher {
                             }
                             if self.handle(kind, event) {
                                 self.apply();
-                                self.write_statuses().await;
+                                self.plan_statuses(&plans);
                             }
                         }
                         Err(e) => {
@@ -171,11 +172,11 @@ impl Watcher {
                 }
                 Ok(()) = published.changed() => {
                     // A file reload can change which domains conflict.
-                    self.write_statuses().await;
+                    self.plan_statuses(&plans);
                 }
-                _ = retry.tick() => self.write_statuses().await,
             }
         }
+        drop(writer);
     }
 
     /// Folds one event into the known objects; `true` when what is in force may change.
@@ -195,8 +196,6 @@ impl Watcher {
             Event::InitDone => {
                 let fresh = self.relisting.remove(&kind).unwrap_or_default();
                 self.objects.retain(|k, _| k.0 != kind);
-                self.written
-                    .retain(|k, _| k.0 != kind || fresh.contains_key(k));
                 self.objects.extend(fresh);
                 self.synced.insert(kind, true);
                 let objects = self.objects.len();
@@ -219,11 +218,7 @@ impl Watcher {
                 self.objects.insert(key, t);
                 true
             }
-            Event::Delete(obj) => {
-                let key = key(kind, &obj);
-                self.written.remove(&key);
-                self.objects.remove(&key).is_some()
-            }
+            Event::Delete(obj) => self.objects.remove(&key(kind, &obj)).is_some(),
         }
     }
 
@@ -256,63 +251,132 @@ impl Watcher {
         self.lists.set_kubernetes(allow, block);
     }
 
-    /// Writes every status that would change. Several replicas compute the same status from
-    /// the same objects, so after one writes, the others see it match and write nothing.
-    async fn write_statuses(&mut self) {
+    /// Hands the status every object should show to the status writer (only the newest plan
+    /// matters, so a slow API server never queues work or delays the rules).
+    fn plan_statuses(&self, plans: &tokio::sync::watch::Sender<Arc<Vec<StatusJob>>>) {
         let admissions = self.live.admissions();
-        let mut due = Vec::new();
         let mut accepted: BTreeMap<&'static str, u64> = BTreeMap::new();
         let mut refused: BTreeMap<&'static str, u64> = BTreeMap::new();
         for kind in [Kind::RateLimitPolicy, Kind::AccessList] {
             accepted.insert(kind.as_str(), 0);
             refused.insert(kind.as_str(), 0);
         }
+        let mut plan = Vec::with_capacity(self.objects.len());
         for (key, t) in &self.objects {
             let desired = t.desired_status(admissions.get(&t.source()));
             let ok = desired["conditions"][0]["status"] == "True";
             *if ok { &mut accepted } else { &mut refused }
                 .entry(key.0.as_str())
                 .or_default() += 1;
-            if status_matches(&t.seen_status, &desired)
-                || self
-                    .written
-                    .get(key)
-                    .is_some_and(|w| status_matches(w, &desired))
-            {
-                continue;
-            }
-            due.push((
-                key.clone(),
-                t.namespace.clone(),
-                t.name.clone(),
-                t.seen_status.clone(),
+            plan.push(StatusJob {
+                key: key.clone(),
+                seen: t.seen_status.clone(),
                 desired,
-            ));
+            });
         }
         self.kube_status(|k| {
             k.accepted = accepted;
             k.refused = refused;
         });
-        for (key, namespace, name, seen, desired) in due {
-            let now = jiff_now();
-            let status = with_transition_time(&seen, desired, &now);
-            let api = self.api(key.0, Some(&namespace));
-            let patch = Patch::Merge(json!({ "status": status }));
-            let params = PatchParams::default();
-            let call = api.patch_status(&name, &params, &patch);
-            match tokio::time::timeout(Duration::from_secs(5), call).await {
-                Ok(Ok(_)) => {
-                    self.kube_status(|k| k.status_writes += 1);
-                    tracing::debug!(kind = key.0.as_str(), %namespace, %name, "status written");
+        plans.send_replace(Arc::new(plan));
+    }
+}
+
+/// One object's status as seen and as it should be.
+#[derive(Debug, Clone)]
+struct StatusJob {
+    key: Key,
+    seen: Value,
+    desired: Value,
+}
+
+/// Writes the statuses that would change, in its own task. Several replicas compute the same
+/// status from the same objects, so after one writes, the others see it match and write
+/// nothing.
+struct StatusWriter {
+    client: Client,
+    status: Arc<RwLock<ReloadStatus>>,
+    /// The status last written per object, so a status is not written twice before the
+    /// watch shows the first write.
+    written: BTreeMap<Key, Value>,
+}
+
+/// Patches in flight at once: a hanging API server costs one timeout per round, not one
+/// per object.
+const STATUS_WRITES_IN_FLIGHT: usize = 16;
+const STATUS_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl StatusWriter {
+    async fn run(mut self, mut plans: tokio::sync::watch::Receiver<Arc<Vec<StatusJob>>>) {
+        // Retries writes that failed (API server away); cheap when nothing is due.
+        let mut retry = tokio::time::interval(Duration::from_secs(10));
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                changed = plans.changed() => if changed.is_err() { return },
+                _ = retry.tick() => {}
+            }
+            let plan = plans.borrow_and_update().clone();
+            self.round(&plan).await;
+        }
+    }
+
+    async fn round(&mut self, plan: &[StatusJob]) {
+        let known: std::collections::BTreeSet<&Key> = plan.iter().map(|j| &j.key).collect();
+        self.written.retain(|k, _| known.contains(k));
+        let now = jiff_now();
+        let due: Vec<(Key, Value)> = plan
+            .iter()
+            .filter(|j| {
+                !status_matches(&j.seen, &j.desired)
+                    && !self
+                        .written
+                        .get(&j.key)
+                        .is_some_and(|w| status_matches(w, &j.desired))
+            })
+            .map(|j| {
+                let status = with_transition_time(&j.seen, j.desired.clone(), &now);
+                (j.key.clone(), status)
+            })
+            .collect();
+        let client = &self.client;
+        let results: Vec<(Key, Value, Result<(), String>)> = futures_util::stream::iter(due)
+            .map(|(key, status)| async move {
+                let (kind, namespace, name) = &key;
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(client.clone(), namespace, &resource(*kind));
+                let patch = Patch::Merge(json!({ "status": status }));
+                let params = PatchParams::default();
+                let result = match tokio::time::timeout(
+                    STATUS_WRITE_TIMEOUT,
+                    api.patch_status(name, &params, &patch),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("timed out".to_string()),
+                };
+                (key, status, result)
+            })
+            .buffer_unordered(STATUS_WRITES_IN_FLIGHT)
+            .collect()
+            .await;
+        for (key, status, result) in results {
+            let (kind, namespace, name) = &key;
+            let mut st = self.status.write();
+            let Some(k) = st.kubernetes.as_mut() else {
+                continue;
+            };
+            match result {
+                Ok(()) => {
+                    k.status_writes += 1;
+                    tracing::debug!(kind = kind.as_str(), %namespace, %name, "status written");
                     self.written.insert(key, status);
                 }
-                Ok(Err(e)) => {
-                    self.kube_status(|k| k.status_write_errors += 1);
-                    tracing::warn!(kind = key.0.as_str(), %namespace, %name, "writing status: {e}");
-                }
-                Err(_) => {
-                    self.kube_status(|k| k.status_write_errors += 1);
-                    tracing::warn!(kind = key.0.as_str(), %namespace, %name, "writing status: timed out");
+                Err(e) => {
+                    k.status_write_errors += 1;
+                    tracing::warn!(kind = kind.as_str(), %namespace, %name, "writing status: {e}");
                 }
             }
         }
@@ -351,6 +415,14 @@ fn key(kind: Kind, obj: &DynamicObject) -> Key {
         obj.metadata.namespace.clone().unwrap_or_default(),
         obj.metadata.name.clone().unwrap_or_default(),
     )
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// RFC 3339 UTC, seconds precision, as Kubernetes writes times.

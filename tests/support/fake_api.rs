@@ -69,6 +69,8 @@ struct Inner {
     up: AtomicBool,
     /// Without the CRDs the API server answers 404 for the kinds.
     crds: AtomicBool,
+    /// Status patches wait this long before being handled (a hanging API server).
+    patch_delay: Mutex<Duration>,
     watch_timeout: Mutex<Duration>,
 }
 
@@ -93,6 +95,7 @@ impl FakeApiServer {
             epoch: watch::channel(0).0,
             up: AtomicBool::new(true),
             crds: AtomicBool::new(true),
+            patch_delay: Mutex::new(Duration::ZERO),
             watch_timeout: Mutex::new(Duration::from_secs(60)),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -145,6 +148,11 @@ impl FakeApiServer {
     /// Whether the CRDs are installed (without them, lists and watches get 404).
     pub fn set_crds_installed(&self, installed: bool) {
         self.inner.crds.store(installed, Ordering::SeqCst);
+    }
+
+    /// Status patches hang this long before they are handled.
+    pub fn set_patch_delay(&self, d: Duration) {
+        *self.inner.patch_delay.lock().expect("delay") = d;
     }
 
     /// Watches end after this long (the real server's `--min-request-timeout` behaviour).
@@ -472,6 +480,8 @@ async fn patch_status(
     Path((ns, plural, name)): Path<(String, String, String)>,
     body: axum::body::Bytes,
 ) -> Response {
+    let delay = *inner.patch_delay.lock().expect("delay");
+    tokio::time::sleep(delay).await;
     if !inner.up.load(Ordering::SeqCst) {
         return unavailable();
     }
