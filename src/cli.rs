@@ -53,6 +53,17 @@ pub enum ConfigCommand {
         /// A settings file, a domain file, or a directory of them.
         path: PathBuf,
     },
+    /// Check RateLimitPolicy/AccessList manifests as the watcher would (for CI before
+    /// `kubectl apply`): every spec, and domain conflicts among them and with `--config`.
+    /// Exit 0 when every resource would be accepted, 64 otherwise.
+    ValidateResources {
+        /// Manifest files (multi-document YAML; other kinds are skipped).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The file configuration the resources would join (its domains take precedence).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -62,6 +73,9 @@ pub fn main() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Validate { path },
         } => validate(&path),
+        Command::Config {
+            command: ConfigCommand::ValidateResources { files, config },
+        } => validate_resources(&files, config.as_deref()),
         Command::Check(args) => check::run(args),
         Command::Manage(args) => manage::run(args),
         Command::Crd { out_dir } => crd(out_dir.as_deref()),
@@ -112,6 +126,56 @@ fn validate(path: &std::path::Path) -> ExitCode {
             eprintln!("{}: {} error(s)", path.display(), errors.len());
             ExitCode::from(EXIT_CONFIG)
         }
+    }
+}
+
+fn validate_resources(files: &[PathBuf], config: Option<&std::path::Path>) -> ExitCode {
+    let config = match config.map(crate::config::load).transpose() {
+        Ok(config) => config,
+        Err(errors) => {
+            for e in errors.iter() {
+                eprintln!("{e}");
+            }
+            eprintln!("error: --config is not a valid configuration");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let mut texts = Vec::new();
+    for file in files {
+        match std::fs::read_to_string(file) {
+            Ok(text) => texts.push((file.clone(), text)),
+            Err(e) => {
+                eprintln!("error: {}: {e}", file.display());
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    let reports = crate::k8s::validate_manifests(&texts, config.as_ref());
+    let mut refused = 0;
+    let mut checked = 0;
+    for r in &reports {
+        let file = r.file.display();
+        match &r.outcome {
+            Ok(Some(what)) => {
+                checked += 1;
+                println!("{file}: {}: accepted: {what}", r.resource);
+            }
+            Ok(None) => println!(
+                "{file}: {}: skipped (not a ratethrottle.io resource)",
+                r.resource
+            ),
+            Err(why) => {
+                checked += 1;
+                refused += 1;
+                eprintln!("{file}: {}: refused: {why}", r.resource);
+            }
+        }
+    }
+    if refused > 0 {
+        eprintln!("{refused} of {checked} resource(s) would be refused");
+        ExitCode::from(EXIT_CONFIG)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

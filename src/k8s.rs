@@ -14,4 +14,5 @@ mod resource;
 mod watcher;
 
 pub use crd::{AccessList, RateLimitPolicy, crd_yaml, crds};
+pub use resource::{ManifestReport, validate_manifests};
 pub use watcher::{KubernetesError, KubernetesOptions, Scope, Watcher};

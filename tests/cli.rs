@@ -196,3 +196,71 @@ fn kubernetes_flags_need_kubernetes_and_a_redis_password_needs_a_redis_url() {
         assert_eq!(out.status.code(), Some(64), "{args:?}");
     }
 }
+
+#[test]
+fn validate_resources_checks_manifests_like_the_watcher() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let examples = root.join("k8s/examples/kubernetes");
+    let out = Command::new(BIN)
+        .args(["config", "validate-resources"])
+        .arg(examples.join("ratelimitpolicy.yaml"))
+        .arg(examples.join("accesslist.yaml"))
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("RateLimitPolicy shop/checkout: accepted"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("AccessList shop/edge: accepted"),
+        "{stdout}"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: ratethrottle.io/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: x, namespace: team}\n\
+         spec:\n  domain: checkout\n  descriptors:\n    - key: k\n      rate_limit: {unit: fortnight, requests_per_unit: 1}\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["config", "validate-resources"])
+        .arg(&bad)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "RateLimitPolicy team/x: refused: spec.descriptors[0].rate_limit.unit: unknown unit"
+        ),
+        "{stderr}"
+    );
+
+    // A domain the file configuration already defines is a conflict.
+    let config = dir.path().join("rules.yaml");
+    std::fs::write(&config, "domain: checkout\ndescriptors: []\n").expect("write");
+    let out = Command::new(BIN)
+        .args(["config", "validate-resources", "--config"])
+        .arg(&config)
+        .arg(examples.join("ratelimitpolicy.yaml"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("defined in the file configuration"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("1 of 2 resource(s) would be refused"),
+        "{stderr}"
+    );
+}

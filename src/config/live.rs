@@ -157,6 +157,15 @@ impl LiveConfig {
     }
 }
 
+/// What `LiveConfig` would make of `external` beside `file`, without putting anything in
+/// force (`ratethrottle config validate-resources`). `external` is taken in precedence order.
+pub fn admissions_for(
+    file: Option<&Config>,
+    external: &[ExternalDomain],
+) -> BTreeMap<String, Admission> {
+    merge(file, external).1
+}
+
 /// The file configuration plus every external domain it leaves room for.
 fn merge(
     file: Option<&Config>,

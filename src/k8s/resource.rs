@@ -137,7 +137,11 @@ impl Tracked {
 
     fn accepted_message(&self) -> String {
         match &self.good {
-            Some(Content::Domain(d)) => format!("in force as domain {:?}", d.domain),
+            Some(Content::Domain(d)) => format!(
+                "in force as domain {:?} ({} rules)",
+                d.domain,
+                count_rules(&d.descriptors)
+            ),
             Some(Content::Lists { allow, block }) => format!(
                 "in force: {} allow and {} block entries",
                 allow.len(),
@@ -182,6 +186,123 @@ pub fn with_transition_time(seen: &Value, mut desired: Value, now: &str) -> Valu
         }
     }
     desired
+}
+
+/// What `config validate-resources` says of one document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManifestReport {
+    pub file: std::path::PathBuf,
+    /// `RateLimitPolicy ns/name`, or `document N` when it is not one of ours.
+    pub resource: String,
+    /// `Ok(what it would do)`, `Ok(None)` for documents of other kinds, `Err(why not)`.
+    pub outcome: Result<Option<String>, String>,
+}
+
+/// Checks manifests (multi-document YAML, as `kubectl apply -f` takes them) the way the
+/// watcher would: each resource's spec through the config decoder, then domain conflicts
+/// among them and with `file` (the file configuration), earlier documents taking precedence.
+pub fn validate_manifests(
+    files: &[(std::path::PathBuf, String)],
+    file: Option<&crate::config::Config>,
+) -> Vec<ManifestReport> {
+    use crate::config::live::{ExternalDomain, admissions_for};
+    let mut reports = Vec::new();
+    let mut tracked: Vec<(usize, Tracked)> = Vec::new();
+    for (path, text) in files {
+        let docs = match serde_saphyr::from_multiple::<Value>(text) {
+            Ok(docs) => docs,
+            Err(e) => {
+                reports.push(ManifestReport {
+                    file: path.clone(),
+                    resource: "file".into(),
+                    outcome: Err(format!("invalid YAML: {e}")),
+                });
+                continue;
+            }
+        };
+        for (i, doc) in docs.into_iter().enumerate() {
+            let resource = format!("document {}", i + 1);
+            let kind = match (doc["apiVersion"].as_str(), doc["kind"].as_str()) {
+                (Some("ratethrottle.io/v1alpha1"), Some("RateLimitPolicy")) => {
+                    Kind::RateLimitPolicy
+                }
+                (Some("ratethrottle.io/v1alpha1"), Some("AccessList")) => Kind::AccessList,
+                (_, kind) => {
+                    if !doc.is_null() {
+                        let name = doc["metadata"]["name"].as_str();
+                        let resource = match (kind, name) {
+                            (Some(k), Some(n)) => format!("{resource} ({k} {n})"),
+                            _ => resource,
+                        };
+                        reports.push(ManifestReport {
+                            file: path.clone(),
+                            resource,
+                            outcome: Ok(None),
+                        });
+                    }
+                    continue;
+                }
+            };
+            let mut doc = doc;
+            if doc["metadata"]["namespace"].is_null() && doc["metadata"].is_object() {
+                // kubectl fills in the context's namespace.
+                doc["metadata"]["namespace"] = Value::from("default");
+            }
+            let obj = match serde_json::from_value::<DynamicObject>(doc) {
+                Ok(obj) if obj.metadata.name.as_deref().is_some_and(|n| !n.is_empty()) => obj,
+                Ok(_) => {
+                    reports.push(ManifestReport {
+                        file: path.clone(),
+                        resource,
+                        outcome: Err("metadata.name: required".into()),
+                    });
+                    continue;
+                }
+                Err(e) => {
+                    reports.push(ManifestReport {
+                        file: path.clone(),
+                        resource,
+                        outcome: Err(format!("not a Kubernetes object: {e}")),
+                    });
+                    continue;
+                }
+            };
+            let t = Tracked::from_object(kind, &obj, None);
+            reports.push(ManifestReport {
+                file: path.clone(),
+                resource: t.source(),
+                outcome: Ok(None),
+            });
+            tracked.push((reports.len() - 1, t));
+        }
+    }
+    let external: Vec<ExternalDomain> = tracked
+        .iter()
+        .enumerate()
+        .filter_map(|(order, (_, t))| match &t.good {
+            Some(Content::Domain(d)) if t.invalid.is_none() => Some(ExternalDomain {
+                source: t.source(),
+                precedence: format!("{order:08}"),
+                domain: d.clone(),
+            }),
+            _ => None,
+        })
+        .collect();
+    let admissions = admissions_for(file, &external);
+    for (at, t) in tracked {
+        let status = t.desired_status(admissions.get(&t.source()));
+        let condition = &status["conditions"][0];
+        let message = condition["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        reports[at].outcome = if condition["status"] == "True" {
+            Ok(Some(message))
+        } else {
+            Err(message)
+        };
+    }
+    reports
 }
 
 fn decode(kind: Kind, source: &str, spec: Option<&Value>) -> Result<Content, String> {
@@ -383,6 +504,69 @@ mod tests {
             "{m}"
         );
         assert!(m.contains("spec.block[1].code"), "{m}");
+    }
+
+    #[test]
+    fn manifests_are_checked_like_the_watcher_would() {
+        let text = r#"
+apiVersion: ratethrottle.io/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: a, namespace: ns}
+spec:
+  domain: d
+  descriptors: [{key: k, rate_limit: {unit: second, requests_per_unit: 1}}]
+---
+apiVersion: ratethrottle.io/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: b}
+spec: {domain: d}
+---
+apiVersion: ratethrottle.io/v1alpha1
+kind: AccessList
+metadata: {name: c, namespace: ns}
+spec: {block: ["10.0.0.1/8"]}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: x}
+---
+apiVersion: ratethrottle.io/v1alpha1
+kind: RateLimitPolicy
+metadata: {namespace: ns}
+spec: {domain: e}
+"#;
+        let r = validate_manifests(&[("m.yaml".into(), text.into())], None);
+        let outcomes: Vec<(&str, bool)> = r
+            .iter()
+            .map(|r| (r.resource.as_str(), r.outcome.is_ok()))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("RateLimitPolicy ns/a", true),
+                ("RateLimitPolicy default/b", false),
+                ("AccessList ns/c", false),
+                ("document 4 (ConfigMap x)", true),
+                ("document 5", false),
+            ]
+        );
+        assert!(
+            r[1].outcome
+                .as_ref()
+                .unwrap_err()
+                .contains("already defined by RateLimitPolicy ns/a")
+        );
+        assert!(r[2].outcome.as_ref().unwrap_err().contains("spec.block[0]"));
+        assert_eq!(r[3].outcome, Ok(None));
+        assert_eq!(r[4].outcome, Err("metadata.name: required".into()));
+        let bad = validate_manifests(&[("x.yaml".into(), "a: [".into())], None);
+        assert!(
+            bad[0]
+                .outcome
+                .as_ref()
+                .unwrap_err()
+                .starts_with("invalid YAML")
+        );
     }
 
     #[test]
