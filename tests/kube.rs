@@ -233,6 +233,37 @@ async fn file_domains_take_precedence_and_the_oldest_resource_wins() {
 }
 
 #[tokio::test]
+async fn a_file_reload_that_takes_a_domain_turns_the_resource_into_a_conflict_and_back() {
+    let api = FakeApiServer::start().await;
+    api.apply(POLICIES, NS, "api", json!({}), policy("api", 1));
+    let r = start(&api, Some("domain: other\ndescriptors: []\n"), &[]);
+    ready(&r.sc).await;
+    accepted(&api, POLICIES, "api", "True", 1).await;
+    let settings = r._dir.path().join("ratethrottle.yaml");
+    let taken = "domain: api\ndescriptors:\n  - key: path\n    value: /a\n    rate_limit: {unit: minute, requests_per_unit: 7}\n";
+    support::write_atomically(&settings, taken);
+    let c = accepted(&api, POLICIES, "api", "False", 1).await;
+    assert_eq!(c["reason"], "DomainConflict");
+    let body =
+        json!({"domain": "api", "descriptors": [{"entries": [{"key": "path", "value": "/a"}]}]});
+    assert!(
+        r.sc.post("/json", &body.to_string())
+            .await
+            .1
+            .contains("\"requestsPerUnit\":7")
+    );
+    support::write_atomically(&settings, "domain: other\ndescriptors: []\n");
+    accepted(&api, POLICIES, "api", "True", 1).await;
+    eventually(WAIT, "the resource's limit back in force", || async {
+        r.sc.post("/json", &body.to_string())
+            .await
+            .1
+            .contains("\"requestsPerUnit\":1")
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn watch_expiry_relists_exactly_once_and_watch_timeouts_do_not_relist() {
     let api = FakeApiServer::start().await;
     api.set_watch_timeout(Duration::from_millis(700));
