@@ -142,16 +142,18 @@ impl Watcher {
         // Aborted with this task: the writer lives exactly as long as the watch.
         let writer = AbortOnDrop(tokio::spawn(writer.run(plan_rx)));
         let mut published = self.live.subscribe();
-        let mut failing: Option<String> = None;
+        // The current failure of each kind's watch: one kind may fail (say, its CRD is
+        // missing) while the other works.
+        let mut failing: BTreeMap<Kind, String> = BTreeMap::new();
         loop {
             tokio::select! {
                 next = events.next() => {
                     let Some((kind, event)) = next else { break };
                     match event {
                         Ok(event) => {
-                            if failing.take().is_some() {
-                                tracing::info!("Kubernetes watch recovered");
-                                self.kube_status(|k| k.error = None);
+                            if failing.remove(&kind).is_some() {
+                                tracing::info!(kind = kind.as_str(), "Kubernetes watch recovered");
+                                self.report_failures(&failing);
                             }
                             if self.handle(kind, event) {
                                 self.apply();
@@ -162,10 +164,10 @@ impl Watcher {
                             let text = format!("{} watch: {e}{}", kind.as_str(), hint(&e));
                             self.kube_status(|k| k.watch_errors += 1);
                             // Backoff retries; say it once per distinct failure.
-                            if failing.as_deref() != Some(text.as_str()) {
+                            if failing.get(&kind) != Some(&text) {
                                 tracing::warn!("{text}; keeping the rules in force and retrying");
-                                self.kube_status(|k| k.error = Some(text.clone()));
-                                failing = Some(text);
+                                failing.insert(kind, text);
+                                self.report_failures(&failing);
                             }
                         }
                     }
@@ -220,6 +222,12 @@ impl Watcher {
             }
             Event::Delete(obj) => self.objects.remove(&key(kind, &obj)).is_some(),
         }
+    }
+
+    fn report_failures(&self, failing: &BTreeMap<Kind, String>) {
+        let text =
+            (!failing.is_empty()).then(|| failing.values().cloned().collect::<Vec<_>>().join("; "));
+        self.kube_status(|k| k.error = text);
     }
 
     fn kube_status(&self, f: impl FnOnce(&mut KubernetesStatus)) {
