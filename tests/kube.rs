@@ -11,10 +11,11 @@ use support::{Sidecar, check::Check, eventually, http_with};
 const WAIT: Duration = Duration::from_secs(15);
 const NS: &str = "team-a";
 
-fn policy(domain: &str, per_minute: u32) -> Value {
+/// Hourly windows: a test's hits never straddle a window boundary in practice.
+fn policy(domain: &str, per_hour: u32) -> Value {
     json!({"domain": domain, "descriptors": [
-        {"key": "path", "value": "/a", "rate_limit": {"unit": "minute", "requests_per_unit": per_minute}},
-        {"key": "path", "value": "/b", "rate_limit": {"unit": "minute", "requests_per_unit": 1}},
+        {"key": "path", "value": "/a", "rate_limit": {"unit": "hour", "requests_per_unit": per_hour}},
+        {"key": "path", "value": "/b", "rate_limit": {"unit": "hour", "requests_per_unit": 1}},
     ]})
 }
 
@@ -200,7 +201,7 @@ async fn file_domains_take_precedence_and_the_oldest_resource_wins() {
     api.apply(POLICIES, NS, "old", json!({}), policy("shared", 1));
     api.apply(POLICIES, NS, "new", json!({}), policy("shared", 50));
     api.apply(POLICIES, NS, "filed", json!({}), policy("files", 50));
-    let settings = "domain: files\ndescriptors:\n  - key: path\n    value: /a\n    rate_limit: {unit: minute, requests_per_unit: 1}\n";
+    let settings = "domain: files\ndescriptors:\n  - key: path\n    value: /a\n    rate_limit: {unit: hour, requests_per_unit: 1}\n";
     let r = start(&api, Some(settings), &[]);
     ready(&r.sc).await;
 
@@ -626,4 +627,43 @@ async fn shipped_examples_and_pasted_domain_files_are_accepted() {
     let body = json!({"domain": "pasted", "descriptors": [{"entries": [{"key": "database", "value": "users"}]}]});
     let (_, text) = r.sc.post("/json", &body.to_string()).await;
     assert!(text.contains("\"requestsPerUnit\":500"), "{text}");
+}
+
+#[tokio::test]
+async fn hundreds_of_resources_get_exactly_one_status_write_each() {
+    let api = FakeApiServer::start().await;
+    let n = 300;
+    for i in 0..n {
+        api.apply(
+            POLICIES,
+            NS,
+            &format!("p{i}"),
+            json!({}),
+            policy(&format!("d{i}"), 1),
+        );
+    }
+    let r = start(&api, None, &[]);
+    ready(&r.sc).await;
+    eventually(Duration::from_secs(60), "every status written", || async {
+        (0..n).all(|i| api.accepted(POLICIES, NS, &format!("p{i}")).is_some())
+    })
+    .await;
+    api.apply(POLICIES, NS, "p7", json!({}), policy("d7", 77));
+    eventually(WAIT, "a change among hundreds", || async {
+        let body =
+            json!({"domain": "d7", "descriptors": [{"entries": [{"key": "path", "value": "/a"}]}]});
+        r.sc.post("/json", &body.to_string())
+            .await
+            .1
+            .contains("\"requestsPerUnit\":77")
+    })
+    .await;
+    accepted(&api, POLICIES, "p7", "True", 2).await;
+    // Our own writes coming back as MODIFIED events must not cause more writes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let writes: u32 = (0..n)
+        .map(|i| api.patches(POLICIES, NS, &format!("p{i}")))
+        .sum();
+    assert_eq!(writes, n + 1);
+    assert_eq!(api.lists(POLICIES), 1);
 }

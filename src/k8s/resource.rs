@@ -53,6 +53,11 @@ pub struct Tracked {
 }
 
 impl Tracked {
+    /// Whether `other` is this object with the same spec (only its status or metadata moved).
+    pub fn same_spec(&self, other: &Tracked) -> bool {
+        self.uid == other.uid && self.generation.is_some() && self.generation == other.generation
+    }
+
     /// `Kind ns/name`: how messages, logs and the merge name this resource.
     pub fn source(&self) -> String {
         format!("{} {}/{}", self.kind.as_str(), self.namespace, self.name)
@@ -77,6 +82,14 @@ impl Tracked {
             invalid: None,
             good: None,
         };
+        // Kubernetes bumps `generation` on every spec change of a resource with a status
+        // subresource: the same uid and generation mean the same spec, so status-only
+        // updates (our own writes among them) are not decoded again.
+        if let Some(p) = previous.filter(|p| p.same_spec(&t)) {
+            t.invalid = p.invalid.clone();
+            t.good = p.good.clone();
+            return t;
+        }
         match decode(kind, &t.source(), obj.data.get("spec")) {
             Ok(content) => t.good = Some(content),
             Err(message) => {

@@ -11,7 +11,7 @@ use super::resource::{Content, Kind, Tracked, status_matches, with_transition_ti
 use crate::blocklist::Lists;
 use crate::config::live::{ExternalDomain, LiveConfig};
 use crate::config::reload::{KubernetesStatus, ReloadStatus};
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -133,10 +133,11 @@ impl Watcher {
             self.stream(Kind::RateLimitPolicy),
             self.stream(Kind::AccessList),
         ));
-        let (plans, plan_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
+        let (plans, plan_rx) = tokio::sync::mpsc::unbounded_channel();
         let writer = StatusWriter {
             client: self.client.clone(),
             status: self.status.clone(),
+            plan: BTreeMap::new(),
             written: BTreeMap::new(),
         };
         // Aborted with this task: the writer lives exactly as long as the watch.
@@ -149,25 +150,44 @@ impl Watcher {
             tokio::select! {
                 next = events.next() => {
                     let Some((kind, event)) = next else { break };
-                    match event {
-                        Ok(event) => {
-                            if failing.remove(&kind).is_some() {
-                                tracing::info!(kind = kind.as_str(), "Kubernetes watch recovered");
-                                self.report_failures(&failing);
+                    let mut batch = Batch::default();
+                    let mut next = Some((kind, event));
+                    // Take every event already here before recompiling: a burst (a relist,
+                    // our own status writes coming back) costs one recompilation, not one per
+                    // object.
+                    for _ in 0..BATCH_LIMIT {
+                        let Some((kind, event)) = next.take() else { break };
+                        match event {
+                            Ok(event) => {
+                                if failing.remove(&kind).is_some() {
+                                    tracing::info!(kind = kind.as_str(), "Kubernetes watch recovered");
+                                    self.report_failures(&failing);
+                                }
+                                batch.add(self.handle(kind, event));
                             }
-                            if self.handle(kind, event) {
-                                self.apply();
-                                self.plan_statuses(&plans);
+                            Err(e) => {
+                                let text = format!("{} watch: {e}{}", kind.as_str(), hint(&e));
+                                self.kube_status(|k| k.watch_errors += 1);
+                                // Backoff retries; say it once per distinct failure.
+                                if failing.get(&kind) != Some(&text) {
+                                    tracing::warn!("{text}; keeping the rules in force and retrying");
+                                    failing.insert(kind, text);
+                                    self.report_failures(&failing);
+                                }
                             }
                         }
-                        Err(e) => {
-                            let text = format!("{} watch: {e}{}", kind.as_str(), hint(&e));
-                            self.kube_status(|k| k.watch_errors += 1);
-                            // Backoff retries; say it once per distinct failure.
-                            if failing.get(&kind) != Some(&text) {
-                                tracing::warn!("{text}; keeping the rules in force and retrying");
-                                failing.insert(kind, text);
-                                self.report_failures(&failing);
+                        next = events.next().now_or_never().flatten();
+                    }
+                    if batch.content {
+                        self.apply();
+                        self.plan_statuses(&plans);
+                    } else {
+                        // Status-only changes (our own writes coming back, or another
+                        // replica's): the writer learns what the objects now show, so it
+                        // writes nothing that is already there.
+                        for key in batch.status {
+                            if let Some(t) = self.objects.get(&key) {
+                                let _ = plans.send(WriterInput::Seen(key, t.seen_status.clone()));
                             }
                         }
                     }
@@ -181,19 +201,19 @@ impl Watcher {
         drop(writer);
     }
 
-    /// Folds one event into the known objects; `true` when what is in force may change.
-    fn handle(&mut self, kind: Kind, event: Event<DynamicObject>) -> bool {
+    /// Folds one event into the known objects and says what it changed.
+    fn handle(&mut self, kind: Kind, event: Event<DynamicObject>) -> Change {
         match event {
             Event::Init => {
                 tracing::debug!(kind = kind.as_str(), "listing");
                 self.relisting.insert(kind, BTreeMap::new());
-                false
+                Change::Nothing
             }
             Event::InitApply(obj) => {
                 let key = key(kind, &obj);
                 let t = Tracked::from_object(kind, &obj, self.objects.get(&key));
                 self.relisting.entry(kind).or_default().insert(key, t);
-                false
+                Change::Nothing
             }
             Event::InitDone => {
                 let fresh = self.relisting.remove(&kind).unwrap_or_default();
@@ -209,18 +229,27 @@ impl Watcher {
                         k.synced = true;
                     }
                 });
-                true
+                Change::Content
             }
             Event::Apply(obj) => {
                 let key = key(kind, &obj);
-                let t = Tracked::from_object(kind, &obj, self.objects.get(&key));
-                if let Some(why) = &t.invalid {
-                    tracing::warn!(resource = %t.source(), "invalid: {why}");
-                }
+                let previous = self.objects.get(&key);
+                let t = Tracked::from_object(kind, &obj, previous);
+                let change = if previous.is_some_and(|p| p.same_spec(&t)) {
+                    Change::Status(key.clone())
+                } else {
+                    if let Some(why) = &t.invalid {
+                        tracing::warn!(resource = %t.source(), "invalid: {why}");
+                    }
+                    Change::Content
+                };
                 self.objects.insert(key, t);
-                true
+                change
             }
-            Event::Delete(obj) => self.objects.remove(&key(kind, &obj)).is_some(),
+            Event::Delete(obj) => match self.objects.remove(&key(kind, &obj)) {
+                Some(_) => Change::Content,
+                None => Change::Nothing,
+            },
         }
     }
 
@@ -261,7 +290,7 @@ impl Watcher {
 
     /// Hands the status every object should show to the status writer (only the newest plan
     /// matters, so a slow API server never queues work or delays the rules).
-    fn plan_statuses(&self, plans: &tokio::sync::watch::Sender<Arc<Vec<StatusJob>>>) {
+    fn plan_statuses(&self, plans: &tokio::sync::mpsc::UnboundedSender<WriterInput>) {
         let admissions = self.live.admissions();
         let mut accepted: BTreeMap<&'static str, u64> = BTreeMap::new();
         let mut refused: BTreeMap<&'static str, u64> = BTreeMap::new();
@@ -286,7 +315,35 @@ impl Watcher {
             k.accepted = accepted;
             k.refused = refused;
         });
-        plans.send_replace(Arc::new(plan));
+        let _ = plans.send(WriterInput::Plan(plan));
+    }
+}
+
+/// What one event changed.
+enum Change {
+    Nothing,
+    /// Only the status (or metadata) of this object: the rules stay as they are.
+    Status(Key),
+    /// What is in force may change.
+    Content,
+}
+
+/// Events taken at once before recompiling.
+const BATCH_LIMIT: usize = 4096;
+
+#[derive(Default)]
+struct Batch {
+    content: bool,
+    status: Vec<Key>,
+}
+
+impl Batch {
+    fn add(&mut self, change: Change) {
+        match change {
+            Change::Nothing => {}
+            Change::Status(key) => self.status.push(key),
+            Change::Content => self.content = true,
+        }
     }
 }
 
@@ -298,12 +355,23 @@ struct StatusJob {
     desired: Value,
 }
 
+/// What the status writer is told.
+#[derive(Debug)]
+enum WriterInput {
+    /// Every object, after what is in force changed.
+    Plan(Vec<StatusJob>),
+    /// One object now shows this status (nothing else about it changed).
+    Seen(Key, Value),
+}
+
 /// Writes the statuses that would change, in its own task. Several replicas compute the same
 /// status from the same objects, so after one writes, the others see it match and write
 /// nothing.
 struct StatusWriter {
     client: Client,
     status: Arc<RwLock<ReloadStatus>>,
+    /// Every object: (status seen, status wanted).
+    plan: BTreeMap<Key, (Value, Value)>,
     /// The status last written per object, so a status is not written twice before the
     /// watch shows the first write.
     written: BTreeMap<Key, Value>,
@@ -315,36 +383,63 @@ const STATUS_WRITES_IN_FLIGHT: usize = 16;
 const STATUS_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl StatusWriter {
-    async fn run(mut self, mut plans: tokio::sync::watch::Receiver<Arc<Vec<StatusJob>>>) {
+    async fn run(mut self, mut input: tokio::sync::mpsc::UnboundedReceiver<WriterInput>) {
         // Retries writes that failed (API server away); cheap when nothing is due.
         let mut retry = tokio::time::interval(Duration::from_secs(10));
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                changed = plans.changed() => if changed.is_err() { return },
-                _ = retry.tick() => {}
+            let mut due = tokio::select! {
+                message = input.recv() => match message {
+                    Some(m) => self.take(m),
+                    None => return,
+                },
+                _ = retry.tick() => true,
+            };
+            while let Ok(m) = input.try_recv() {
+                due |= self.take(m);
             }
-            let plan = plans.borrow_and_update().clone();
-            self.round(&plan).await;
+            if due {
+                self.round().await;
+            }
         }
     }
 
-    async fn round(&mut self, plan: &[StatusJob]) {
-        let known: std::collections::BTreeSet<&Key> = plan.iter().map(|j| &j.key).collect();
-        self.written.retain(|k, _| known.contains(k));
+    /// Folds in one input; `true` when a write may be due.
+    fn take(&mut self, input: WriterInput) -> bool {
+        match input {
+            WriterInput::Plan(jobs) => {
+                self.plan = jobs
+                    .into_iter()
+                    .map(|j| (j.key, (j.seen, j.desired)))
+                    .collect();
+                self.written.retain(|k, _| self.plan.contains_key(k));
+                true
+            }
+            WriterInput::Seen(key, seen) => match self.plan.get_mut(&key) {
+                Some((s, desired)) => {
+                    *s = seen;
+                    !status_matches(s, desired)
+                }
+                None => false,
+            },
+        }
+    }
+
+    async fn round(&mut self) {
         let now = jiff_now();
-        let due: Vec<(Key, Value)> = plan
+        let due: Vec<(Key, Value)> = self
+            .plan
             .iter()
-            .filter(|j| {
-                !status_matches(&j.seen, &j.desired)
+            .filter(|(key, (seen, desired))| {
+                !status_matches(seen, desired)
                     && !self
                         .written
-                        .get(&j.key)
-                        .is_some_and(|w| status_matches(w, &j.desired))
+                        .get(*key)
+                        .is_some_and(|w| status_matches(w, desired))
             })
-            .map(|j| {
-                let status = with_transition_time(&j.seen, j.desired.clone(), &now);
-                (j.key.clone(), status)
+            .map(|(key, (seen, desired))| {
+                let status = with_transition_time(seen, desired.clone(), &now);
+                (key.clone(), status)
             })
             .collect();
         let client = &self.client;
