@@ -667,3 +667,49 @@ async fn hundreds_of_resources_get_exactly_one_status_write_each() {
     assert_eq!(writes, n + 1);
     assert_eq!(api.lists(POLICIES), 1);
 }
+
+/// End to end: a real Envoy with the shipped rate limit config, the sidecar taking its rules
+/// from a RateLimitPolicy, and the resource changed and deleted while traffic flows.
+#[tokio::test]
+async fn envoy_enforces_resource_rules_and_follows_their_changes() {
+    use support::envoy::Envoy;
+    let limit = |n: u32| {
+        json!({"domain": "example", "descriptors": [
+            {"key": "api_key", "rate_limit": {"unit": "hour", "requests_per_unit": n}}
+        ]})
+    };
+    let api = FakeApiServer::start().await;
+    api.apply(POLICIES, NS, "edge", json!({}), limit(2));
+    let r = start(&api, None, &[]);
+    ready(&r.sc).await;
+    let envoy = Envoy::start("http-ratelimit.yaml", &[r.sc.grpc], |t| t);
+    let get = |key: &'static str| {
+        let listener = envoy.listener;
+        async move {
+            support::http_request(listener, "GET", "/api/items", &[("x-api-key", key)], "")
+                .await
+                .status
+        }
+    };
+    assert_eq!(get("alice").await, 200);
+    assert_eq!(get("alice").await, 200);
+    assert_eq!(get("alice").await, 429);
+
+    api.apply(POLICIES, NS, "edge", json!({}), limit(3));
+    eventually(WAIT, "Envoy admits under the raised limit", || async {
+        get("alice").await == 200
+    })
+    .await;
+
+    api.delete(POLICIES, NS, "edge");
+    eventually(WAIT, "no limit once the resource is gone", || async {
+        let statuses = [
+            get("bob").await,
+            get("bob").await,
+            get("bob").await,
+            get("bob").await,
+        ];
+        statuses.iter().all(|s| *s == 200)
+    })
+    .await;
+}
