@@ -355,6 +355,7 @@ fn main() {
             reload_interval: Duration::from_secs(60),
             storage: std::env::var("BENCH_STORAGE").ok(),
             admin_token: None,
+            redis_password: None,
             kubernetes: None,
         })
         .await

@@ -147,6 +147,7 @@ async fn start_sidecar(
         reload_interval: Duration::from_secs(60),
         storage: Some(storage.to_string()),
         admin_token: None,
+        redis_password: None,
         kubernetes: None,
     })
     .await

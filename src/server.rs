@@ -15,7 +15,7 @@ use crate::limiter::{Clock, SystemClock};
 use crate::rules::{RuleSet, StatsRegistry};
 use crate::service::RateLimitEngine;
 use crate::service::grpc::{AuthorizationGrpc, RateLimitGrpc};
-use crate::storage::Storage;
+use crate::storage::{Storage, StorageError};
 use crate::telemetry::ServiceMetrics;
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
@@ -41,6 +41,8 @@ pub struct ServerOptions {
     pub reload_interval: Duration,
     /// `memory` or a Redis URL; `None` takes `settings.storage`, then `memory`.
     pub storage: Option<String>,
+    /// Password for a Redis URL that has none (kept out of the URL, e.g. from a Secret).
+    pub redis_password: Option<String>,
     /// Bearer token of the admin list endpoints; `None` takes `settings.admin_token`.
     pub admin_token: Option<String>,
     /// Also take rules and lists from `RateLimitPolicy`/`AccessList` resources.
@@ -98,6 +100,17 @@ impl BoundServer {
             .clone()
             .or_else(|| settings.storage.clone())
             .unwrap_or_else(|| "memory".into());
+        let url = match opts.redis_password.as_deref().filter(|p| !p.is_empty()) {
+            None => url,
+            Some(_) if url == "memory" => {
+                return Err(StorageError::Config(
+                    "--redis-password needs a Redis storage URL (--storage)".into(),
+                )
+                .into());
+            }
+            Some(password) => crate::storage::with_password(&url, password)
+                .map_err(|e| StorageError::Config(format!("--redis-password: {e}")))?,
+        };
         let storage = Arc::new(Storage::connect(&url, &settings).await?);
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
 

@@ -958,16 +958,24 @@ fn sidecar_example_is_valid_kubernetes_envoy_and_ratethrottle_config() {
     }
 }
 
+/// The entries of `dir`, sorted.
+fn listing(dir: &Path) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("entry").path())
+        .collect();
+    paths.sort();
+    paths
+}
+
 #[test]
 fn example_custom_resources_validate_against_the_crds() {
     let crds = crd_files();
     let dir = root().join("k8s/examples/kubernetes");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.expect("entry").path())
+    let files: Vec<PathBuf> = listing(&dir)
+        .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
         .collect();
-    files.sort();
     assert!(!files.is_empty(), "no examples in {}", dir.display());
     let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
     let (ok, report) = validate_files(&refs, &crds);
@@ -985,11 +993,10 @@ fn example_custom_resources_validate_against_the_crds() {
 fn chart_crds_are_the_generated_ones() {
     let generated = crd_files();
     let chart_dir = root().join("charts/ratethrottle/crds");
-    let mut in_chart: Vec<String> = std::fs::read_dir(&chart_dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", chart_dir.display()))
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+    let in_chart: Vec<String> = listing(&chart_dir)
+        .iter()
+        .filter_map(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
         .collect();
-    in_chart.sort();
     let mut expected: Vec<String> = CRD_NAMES.iter().map(|s| s.to_string()).collect();
     expected.sort();
     assert_eq!(

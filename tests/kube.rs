@@ -43,13 +43,31 @@ fn start(api: &FakeApiServer, settings: Option<&str>, extra: &[&str]) -> Running
     Running { _dir: dir, sc }
 }
 
-/// The overall code of one request for `path` in `domain`, through `/json`.
-async fn code(sc: &Sidecar, domain: &str, path: &str) -> String {
+/// The answer to one request with the entry `key=value` in `domain`, through `/json`.
+async fn answer_for(sc: &Sidecar, domain: &str, key: &str, value: &str) -> Value {
     let body =
-        json!({"domain": domain, "descriptors": [{"entries": [{"key": "path", "value": path}]}]});
+        json!({"domain": domain, "descriptors": [{"entries": [{"key": key, "value": value}]}]});
     let (_, text) = sc.post("/json", &body.to_string()).await;
-    let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("/json: {text}"));
+    serde_json::from_str(&text).unwrap_or_else(|_| panic!("/json: {text}"))
+}
+
+/// The overall code of one request for `path` in `domain`.
+async fn code(sc: &Sidecar, domain: &str, path: &str) -> String {
+    let v = answer_for(sc, domain, "path", path).await;
     v["overallCode"].as_str().unwrap_or_default().to_string()
+}
+
+/// The requests per unit of the limit one request for `path` in `domain` met, if any (the
+/// request counts).
+async fn limit_of(sc: &Sidecar, domain: &str, path: &str) -> Option<u64> {
+    let v = answer_for(sc, domain, "path", path).await;
+    v["statuses"][0]["currentLimit"]["requestsPerUnit"].as_u64()
+}
+
+/// A limit of one is in force: the next request passes, the one after is over the limit.
+async fn admits_one_more(sc: &Sidecar, domain: &str) {
+    assert_eq!(code(sc, domain, "/a").await, "OK", "{domain}");
+    assert_eq!(code(sc, domain, "/a").await, "OVER_LIMIT", "{domain}");
 }
 
 /// The value of the series `name` (with its labels, exactly as rendered) at /metrics.
@@ -60,7 +78,11 @@ async fn metric(sc: &Sidecar, name: &str) -> Option<u64> {
 }
 
 async fn ready(sc: &Sidecar) {
-    eventually(WAIT, "ready", || async { sc.get("/readyz").await.0 == 200 }).await;
+    ready_within(sc, WAIT).await;
+}
+
+async fn ready_within(sc: &Sidecar, wait: Duration) {
+    eventually(wait, "ready", || async { sc.get("/readyz").await.0 == 200 }).await;
 }
 
 async fn accepted(
@@ -106,8 +128,7 @@ async fn rules_from_resources_apply_live_without_resetting_unchanged_counters() 
     ready(&r.sc).await;
 
     assert_eq!(code(&r.sc, "api", "/a").await, "OK");
-    assert_eq!(code(&r.sc, "api", "/a").await, "OK");
-    assert_eq!(code(&r.sc, "api", "/a").await, "OVER_LIMIT");
+    admits_one_more(&r.sc, "api").await;
     assert_eq!(code(&r.sc, "api", "/b").await, "OK");
     assert_eq!(code(&r.sc, "api", "/b").await, "OVER_LIMIT");
     let c = accepted(&api, POLICIES, "api", "True", 1).await;
@@ -130,17 +151,15 @@ async fn rules_from_resources_apply_live_without_resetting_unchanged_counters() 
     api.apply(POLICIES, NS, "web", json!({}), policy("web", 1));
     // Until the domain exists, answers carry no limit; the first that does takes the one hit.
     eventually(WAIT, "domain web", || async {
-        let body = json!({"domain": "web", "descriptors": [{"entries": [{"key": "path", "value": "/a"}]}]});
-        r.sc.post("/json", &body.to_string()).await.1.contains("currentLimit")
+        limit_of(&r.sc, "web", "/a").await.is_some()
     })
     .await;
     assert_eq!(code(&r.sc, "web", "/a").await, "OVER_LIMIT");
     api.delete(POLICIES, NS, "api");
     eventually(WAIT, "domain api removed", || async {
         // Unknown domains are answered OK without a limit.
-        let body = json!({"domain": "api", "descriptors": [{"entries": [{"key": "path", "value": "/b"}]}]});
-        let (_, text) = r.sc.post("/json", &body.to_string()).await;
-        text.contains("\"OK\"") && !text.contains("currentLimit")
+        let v = answer_for(&r.sc, "api", "path", "/b").await;
+        v["overallCode"] == "OK" && v["statuses"][0]["currentLimit"].is_null()
     })
     .await;
     assert_eq!(code(&r.sc, "web", "/a").await, "OVER_LIMIT");
@@ -169,8 +188,7 @@ async fn an_invalid_resource_says_why_in_its_status_and_the_old_rules_stay() {
         "{m}"
     );
     // Generation 1's limit of 1 is still the one in force.
-    assert_eq!(code(&r.sc, "api", "/a").await, "OK");
-    assert_eq!(code(&r.sc, "api", "/a").await, "OVER_LIMIT");
+    admits_one_more(&r.sc, "api").await;
 
     // A brand-new invalid resource is refused and defines nothing.
     api.apply(POLICIES, NS, "empty", json!({}), json!({"descriptors": []}));
@@ -245,21 +263,11 @@ async fn a_file_reload_that_takes_a_domain_turns_the_resource_into_a_conflict_an
     support::write_atomically(&settings, taken);
     let c = accepted(&api, POLICIES, "api", "False", 1).await;
     assert_eq!(c["reason"], "DomainConflict");
-    let body =
-        json!({"domain": "api", "descriptors": [{"entries": [{"key": "path", "value": "/a"}]}]});
-    assert!(
-        r.sc.post("/json", &body.to_string())
-            .await
-            .1
-            .contains("\"requestsPerUnit\":7")
-    );
+    assert_eq!(limit_of(&r.sc, "api", "/a").await, Some(7));
     support::write_atomically(&settings, "domain: other\ndescriptors: []\n");
     accepted(&api, POLICIES, "api", "True", 1).await;
     eventually(WAIT, "the resource's limit back in force", || async {
-        r.sc.post("/json", &body.to_string())
-            .await
-            .1
-            .contains("\"requestsPerUnit\":1")
+        limit_of(&r.sc, "api", "/a").await == Some(1)
     })
     .await;
 }
@@ -356,10 +364,8 @@ async fn a_hanging_status_write_never_delays_rules() {
     // Eight hanging writes (5 s timeout each) are in flight; every change still applies.
     for round in 0..3u32 {
         api.apply(POLICIES, NS, "p0", json!({}), policy("d0", 100 + round));
-        let want = format!("\"requestsPerUnit\":{}", 100 + round);
         eventually(WAIT, &format!("change {round} in force"), || async {
-            let body = json!({"domain": "d0", "descriptors": [{"entries": [{"key": "path", "value": "/a"}]}]});
-            r.sc.post("/json", &body.to_string()).await.1.contains(&want)
+            limit_of(&r.sc, "d0", "/a").await == Some(u64::from(100 + round))
         })
         .await;
     }
@@ -398,15 +404,9 @@ async fn not_ready_until_the_first_sync() {
     assert_eq!(r.sc.get("/readyz").await.0, 503);
 
     api.restart().await;
-    eventually(
-        Duration::from_secs(60),
-        "ready after the API server returns",
-        || async { r.sc.get("/readyz").await.0 == 200 },
-    )
-    .await;
+    ready_within(&r.sc, Duration::from_secs(60)).await;
     // Ready means the resources are in force.
-    assert_eq!(code(&r.sc, "api", "/a").await, "OK");
-    assert_eq!(code(&r.sc, "api", "/a").await, "OVER_LIMIT");
+    admits_one_more(&r.sc, "api").await;
 }
 
 #[tokio::test]
@@ -421,14 +421,8 @@ async fn missing_crds_are_named_and_installing_them_makes_it_ready() {
     })
     .await;
     api.set_crds_installed(true);
-    eventually(
-        Duration::from_secs(60),
-        "ready once the CRDs exist",
-        || async { r.sc.get("/readyz").await.0 == 200 },
-    )
-    .await;
-    assert_eq!(code(&r.sc, "api", "/a").await, "OK");
-    assert_eq!(code(&r.sc, "api", "/a").await, "OVER_LIMIT");
+    ready_within(&r.sc, Duration::from_secs(60)).await;
+    admits_one_more(&r.sc, "api").await;
 }
 
 #[tokio::test]
@@ -555,8 +549,7 @@ async fn namespace_and_selector_limit_what_is_watched() {
     );
     let r = start(&api, None, &["--selector", "team=a"]);
     ready(&r.sc).await;
-    assert_eq!(code(&r.sc, "mine", "/a").await, "OK");
-    assert_eq!(code(&r.sc, "mine", "/a").await, "OVER_LIMIT");
+    admits_one_more(&r.sc, "mine").await;
     for other in ["unlabelled", "theirs"] {
         code(&r.sc, other, "/a").await;
         assert_eq!(
@@ -624,9 +617,11 @@ async fn shipped_examples_and_pasted_domain_files_are_accepted() {
         })
         .await;
     }
-    let body = json!({"domain": "pasted", "descriptors": [{"entries": [{"key": "database", "value": "users"}]}]});
-    let (_, text) = r.sc.post("/json", &body.to_string()).await;
-    assert!(text.contains("\"requestsPerUnit\":500"), "{text}");
+    let v = answer_for(&r.sc, "pasted", "database", "users").await;
+    assert_eq!(
+        v["statuses"][0]["currentLimit"]["requestsPerUnit"], 500,
+        "{v}"
+    );
 }
 
 #[tokio::test]
@@ -650,12 +645,7 @@ async fn hundreds_of_resources_get_exactly_one_status_write_each() {
     .await;
     api.apply(POLICIES, NS, "p7", json!({}), policy("d7", 77));
     eventually(WAIT, "a change among hundreds", || async {
-        let body =
-            json!({"domain": "d7", "descriptors": [{"entries": [{"key": "path", "value": "/a"}]}]});
-        r.sc.post("/json", &body.to_string())
-            .await
-            .1
-            .contains("\"requestsPerUnit\":77")
+        limit_of(&r.sc, "d7", "/a").await == Some(77)
     })
     .await;
     accepted(&api, POLICIES, "p7", "True", 2).await;

@@ -125,30 +125,14 @@ pub fn run(args: ServeArgs) -> ExitCode {
         },
         selector: args.selector.clone().filter(|s| !s.trim().is_empty()),
     });
-    let storage = args.storage.clone().or_else(|| settings.storage.clone());
-    let storage = match (storage, args.redis_password.as_deref()) {
-        (Some(url), Some(password)) if !password.is_empty() => {
-            match crate::storage::with_password(&url, password) {
-                Ok(url) => Some(url),
-                Err(e) => {
-                    eprintln!("error: --redis-password: {e}");
-                    return ExitCode::from(super::EXIT_CONFIG);
-                }
-            }
-        }
-        (None, Some(password)) if !password.is_empty() => {
-            eprintln!("error: --redis-password needs a Redis storage URL (--storage)");
-            return ExitCode::from(super::EXIT_CONFIG);
-        }
-        (storage, _) => storage,
-    };
     let opts = ServerOptions {
         config_path: args.config,
         config,
         grpc_addr,
         admin_addr,
         reload_interval: Duration::from_millis(args.reload_interval_ms.max(100)),
-        storage,
+        storage: args.storage,
+        redis_password: args.redis_password,
         admin_token: args.admin_token,
         kubernetes,
     };

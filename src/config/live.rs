@@ -14,7 +14,7 @@
 use super::decode::uses_burst;
 use super::{Config, DescriptorConfig, DomainConfig};
 use crate::config::reload::ReloadStatus;
-use crate::rules::{RuleSet, StatsRegistry};
+use crate::rules::{Fnv64, RuleSet, StatsRegistry};
 use crate::telemetry::ServiceMetrics;
 use arc_swap::ArcSwap;
 use parking_lot::{Mutex, RwLock};
@@ -178,27 +178,26 @@ fn merge(
         files: Vec::new(),
         version: String::new(),
     });
-    let mut owner: HashMap<String, String> = config
+    let mut owner: HashMap<String, Owner> = config
         .domains
         .iter()
-        .map(|d| (d.domain.clone(), format!("{}", d.file.display())))
+        .map(|d| (d.domain.clone(), Owner::File(d.file.display().to_string())))
         .collect();
     let file_domains = owner.len();
     let mut admissions = BTreeMap::new();
-    let mut digest = Fnv::default();
+    let mut digest = Fnv64::new();
     for e in external {
         let admission = if let Some(first) = owner.get(&e.domain.domain) {
-            Admission::Conflict(if first.starts_with(KIND_PREFIX) {
-                format!(
-                    "domain {:?} is already defined by {first}, which is older",
+            Admission::Conflict(match first {
+                Owner::Resource(source) => format!(
+                    "domain {:?} is already defined by {source}, which is older",
                     e.domain.domain
-                )
-            } else {
-                format!(
-                    "domain {:?} is defined in the file configuration ({first}), which takes \
+                ),
+                Owner::File(file) => format!(
+                    "domain {:?} is defined in the file configuration ({file}), which takes \
                      precedence over resources",
                     e.domain.domain
-                )
+                ),
             })
         } else if let Some(path) = burst_without_bucket(&e.domain, &config) {
             Admission::Conflict(format!(
@@ -210,25 +209,30 @@ fn merge(
             Admission::Accepted
         };
         if admission == Admission::Accepted {
-            owner.insert(e.domain.domain.clone(), e.source.clone());
-            digest.write(e.source.as_bytes());
-            digest.write(
-                serde_json::to_string(&e.domain)
-                    .unwrap_or_default()
-                    .as_bytes(),
-            );
+            owner.insert(e.domain.domain.clone(), Owner::Resource(e.source.clone()));
+            // Length-prefixed, so no two different inputs are merely re-split.
+            let content = serde_json::to_string(&e.domain).unwrap_or_default();
+            for part in [e.source.as_bytes(), content.as_bytes()] {
+                digest.write_u64(part.len() as u64);
+                digest.write(part);
+            }
             config.domains.push(e.domain.clone());
         }
         admissions.insert(e.source.clone(), admission);
     }
     if config.domains.len() > file_domains {
-        config.version = format!("{}+{:016x}", config.version, digest.0);
+        config.version = format!("{}+{:016x}", config.version, digest.finish());
     }
     (config, admissions)
 }
 
-/// Sources of external domains start with their kind, files with a path.
-const KIND_PREFIX: &str = "RateLimitPolicy ";
+/// Who defined a domain, for conflict messages.
+enum Owner {
+    /// The file it is in.
+    File(String),
+    /// The resource (`RateLimitPolicy ns/name`).
+    Resource(String),
+}
 
 /// The key path of the first limit that sets `burst` without an algorithm while the
 /// settings' default algorithm has no bucket.
@@ -255,24 +259,6 @@ fn burst_without_bucket(domain: &DomainConfig, config: &Config) -> Option<String
         None
     }
     walk(&domain.descriptors, "descriptors")
-}
-
-#[derive(Clone, Copy)]
-struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
-            self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
 }
 
 #[cfg(test)]

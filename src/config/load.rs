@@ -262,24 +262,15 @@ fn utf8_error(file: &Path, bytes: &[u8], valid_up_to: usize) -> ConfigError {
 /// inputs are merely re-split). Names, not full paths: the same files mounted at another
 /// place have the same version.
 fn digest(sources: &[(PathBuf, Vec<u8>)]) -> String {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut hash = OFFSET;
-    let mut feed = |bytes: &[u8]| {
-        for b in bytes {
-            hash ^= u64::from(*b);
-            hash = hash.wrapping_mul(PRIME);
-        }
-    };
+    let mut hash = crate::rules::Fnv64::new();
     for (file, bytes) in sources {
         let name = file.file_name().unwrap_or(file.as_os_str());
-        let name = name.as_encoded_bytes();
-        feed(&(name.len() as u64).to_le_bytes());
-        feed(name);
-        feed(&(bytes.len() as u64).to_le_bytes());
-        feed(bytes);
+        for part in [name.as_encoded_bytes(), bytes.as_slice()] {
+            hash.write_u64(part.len() as u64);
+            hash.write(part);
+        }
     }
-    format!("{hash:016x}")
+    format!("{:016x}", hash.finish())
 }
 
 #[cfg(test)]

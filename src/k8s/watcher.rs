@@ -18,7 +18,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use parking_lot::RwLock;
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,7 +57,8 @@ pub struct Watcher {
     objects: BTreeMap<Key, Tracked>,
     /// Relists in progress: objects seen since `Init`, swapped in at `InitDone`.
     relisting: BTreeMap<Kind, BTreeMap<Key, Tracked>>,
-    synced: BTreeMap<Kind, bool>,
+    /// Kinds whose first list is in force.
+    synced: BTreeSet<Kind>,
 }
 
 impl std::fmt::Debug for Watcher {
@@ -90,7 +91,7 @@ impl Watcher {
             status,
             objects: BTreeMap::new(),
             relisting: BTreeMap::new(),
-            synced: BTreeMap::new(),
+            synced: BTreeSet::new(),
         })
     }
 
@@ -219,7 +220,7 @@ impl Watcher {
                 let fresh = self.relisting.remove(&kind).unwrap_or_default();
                 self.objects.retain(|k, _| k.0 != kind);
                 self.objects.extend(fresh);
-                self.synced.insert(kind, true);
+                self.synced.insert(kind);
                 let objects = self.objects.len();
                 let all = self.synced.len() == 2;
                 self.kube_status(|k| {
