@@ -353,6 +353,7 @@ fn main() {
             grpc_addr: "127.0.0.1:0".parse().expect("addr"),
             admin_addr: "127.0.0.1:0".parse().expect("addr"),
             reload_interval: Duration::from_secs(60),
+            allow_empty_config: false,
             storage: std::env::var("BENCH_STORAGE").ok(),
             admin_token: None,
             redis_password: None,

@@ -145,6 +145,7 @@ async fn start_sidecar(
         grpc_addr: "127.0.0.1:0".parse().expect("addr"),
         admin_addr: "127.0.0.1:0".parse().expect("addr"),
         reload_interval: Duration::from_secs(60),
+        allow_empty_config: false,
         storage: Some(storage.to_string()),
         admin_token: None,
         redis_password: None,

@@ -17,8 +17,9 @@ pub mod live;
 mod load;
 mod model;
 pub mod reload;
+pub mod storage_url;
 
-pub use decode::canonical_entry;
+pub use decode::{canonical_entry, shorten};
 pub use error::{ConfigError, ConfigErrors};
 pub use load::{load, parse_domain, parse_lists, parse_str};
 pub use model::{

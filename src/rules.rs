@@ -28,6 +28,9 @@ use std::sync::Arc;
 /// (key, value) pairs. Fixed-size so the hot path never allocates a key string.
 pub type CounterKey = u128;
 
+/// One config node on the way to a rule: its key and value (`None`: any value).
+type PathEntry = (String, Option<String>);
+
 /// One limit of a rule, ready to be asked.
 #[derive(Debug)]
 pub struct RuleLimit {
@@ -51,7 +54,21 @@ pub struct Rule {
     pub shadow_mode: bool,
     pub detailed_metric: bool,
     pub value_to_metric: bool,
+    /// Per entry depth, the wildcard pattern that stands for the request's value in counter
+    /// keys (`share_threshold`): every matching value shares one counter. Empty when none.
+    pub shared_values: Box<[Option<Box<str>>]>,
     pub stats: Arc<RuleStats>,
+}
+
+impl Rule {
+    /// The value a request entry at `depth` contributes to a counter key.
+    #[inline]
+    pub fn key_value<'a>(&'a self, depth: usize, value: &'a str) -> &'a str {
+        match self.shared_values.get(depth) {
+            Some(Some(pattern)) => pattern,
+            _ => value,
+        }
+    }
 }
 
 /// The compiled rules of one config version. Immutable; swapped whole on reload.
@@ -87,6 +104,7 @@ impl RuleSet {
                     &settings,
                     stats,
                     &domain.domain,
+                    &mut Vec::new(),
                     &mut Vec::new(),
                     d,
                 );
@@ -149,27 +167,30 @@ fn compile_descriptor(
     stats: &StatsRegistry,
     domain: &str,
     path: &mut Vec<(String, Option<String>)>,
+    shared: &mut Vec<Option<Box<str>>>,
     d: &DescriptorConfig,
 ) {
     // The reference reads `value: ""` as no value at all (Go's zero value): key-only.
     let value = d.value.clone().filter(|v| !v.is_empty());
     path.push((d.key.clone(), value.clone()));
+    shared.push(value.clone().filter(|_| d.share_threshold).map(Into::into));
     let stat_key = stat_key(domain, path);
-    let rule =
-        (!d.limits.is_empty()).then(|| compile_rule(settings, stats, domain, path, &stat_key, d));
+    let rule = (!d.limits.is_empty())
+        .then(|| compile_rule(settings, stats, domain, (path, shared), &stat_key, d));
     let mut node = DescriptorMatcher::with_rule(rule);
     for child in &d.descriptors {
-        compile_descriptor(&mut node, settings, stats, domain, path, child);
+        compile_descriptor(&mut node, settings, stats, domain, path, shared, child);
     }
     parent.insert(&d.key, value.as_deref(), node);
     path.pop();
+    shared.pop();
 }
 
 fn compile_rule(
     settings: &Settings,
     stats: &StatsRegistry,
     domain: &str,
-    path: &[(String, Option<String>)],
+    (path, shared): (&[PathEntry], &[Option<Box<str>>]),
     stat_key: &str,
     d: &DescriptorConfig,
 ) -> Arc<Rule> {
@@ -187,6 +208,11 @@ fn compile_rule(
         shadow_mode: d.shadow_mode,
         detailed_metric: d.detailed_metric,
         value_to_metric: d.value_to_metric,
+        shared_values: if shared.iter().any(Option::is_some) {
+            shared.into()
+        } else {
+            Box::default()
+        },
         stats: stats.get(stat_key),
     })
 }

@@ -39,6 +39,8 @@ pub struct ServerOptions {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub reload_interval: Duration,
+    /// Let a reload remove every domain in force (`--allow-empty-config`).
+    pub allow_empty_config: bool,
     /// `memory` or a Redis URL; `None` takes `settings.storage`, then `memory`.
     pub storage: Option<String>,
     /// Password for a Redis URL that has none (kept out of the URL, e.g. from a Secret).
@@ -148,7 +150,8 @@ impl BoundServer {
         );
         let reloader = match (&opts.config_path, &opts.config) {
             (Some(path), Some(config)) => {
-                let r = Reloader::new(path.clone(), live.clone(), metrics.clone(), status.clone());
+                let r = Reloader::new(path.clone(), live.clone(), metrics.clone(), status.clone())
+                    .allow_empty(opts.allow_empty_config);
                 r.install(config);
                 Some(r)
             }

@@ -205,7 +205,11 @@ pub async fn remove(
         ),
         Ok(false) => error(
             StatusCode::NOT_FOUND,
-            format!("{value:?} is not in the {} list", kind.as_str()),
+            format!(
+                "{} is not in the {} list",
+                crate::config::shorten(&value),
+                kind.as_str()
+            ),
         ),
         Err(e) => list_error(e),
     }

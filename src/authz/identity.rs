@@ -134,7 +134,7 @@ impl IdentityResolver {
         for s in &self.sources {
             match s {
                 Source::Header { header, name } => {
-                    if let Some(v) = req.header(header).map(str::trim).filter(|v| !v.is_empty()) {
+                    if let Some(v) = req.header(header).map(str::trim).filter(|v| usable(v)) {
                         return Ok(identity(name, v, SourceKind::Header));
                     }
                 }
@@ -149,7 +149,7 @@ impl IdentityResolver {
                     }
                 }
                 Source::Mtls { name } => {
-                    if let Some(p) = req.principal() {
+                    if let Some(p) = req.principal().filter(|p| usable(p)) {
                         return Ok(identity(name, p, SourceKind::Mtls));
                     }
                 }
@@ -166,6 +166,13 @@ impl IdentityResolver {
             kind: SourceKind::Anonymous,
         })
     }
+}
+
+/// A value that can name the caller: non-empty and free of control characters, which
+/// would inject headers when the identity is forwarded upstream (such a value is passed over,
+/// and the next source decides).
+fn usable(value: &str) -> bool {
+    !value.is_empty() && !value.chars().any(char::is_control)
 }
 
 fn identity(name: &str, value: &str, kind: SourceKind) -> Identity {

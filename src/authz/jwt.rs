@@ -30,6 +30,12 @@ pub enum JwtError {
     NoKey,
     #[error("invalid_token")]
     MissingClaim,
+    /// No `exp` claim, and the source requires one (`require_exp`, the default).
+    #[error("invalid_token")]
+    NoExpiry,
+    /// The identity claim holds control characters (CR LF would inject headers upstream).
+    #[error("invalid_token")]
+    UnsafeClaim,
 }
 
 impl JwtError {
@@ -44,6 +50,8 @@ impl JwtError {
             JwtError::BadAudience => "bad_audience",
             JwtError::NoKey => "no_key",
             JwtError::MissingClaim => "missing_claim",
+            JwtError::NoExpiry => "no_exp",
+            JwtError::UnsafeClaim => "unsafe_claim",
         }
     }
 }
@@ -116,6 +124,9 @@ impl JwtVerifier {
             let mut v = Validation::new(algs[0]);
             v.algorithms = algs.to_vec();
             v.required_spec_claims.clear();
+            if c.require_exp {
+                v.required_spec_claims.insert("exp".into());
+            }
             v.leeway = c.leeway;
             v.validate_nbf = true;
             if let Some(iss) = &c.issuer {
@@ -234,6 +245,11 @@ impl JwtVerifier {
         claims: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String, JwtError> {
         match claims.get(&self.claim) {
+            // The identity becomes a header upstream: a claim with CR LF (or any control
+            // character) would inject headers, so the token is refused, never escaped.
+            Some(serde_json::Value::String(s)) if s.chars().any(char::is_control) => {
+                Err(JwtError::UnsafeClaim)
+            }
             Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(s.clone()),
             Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
             _ => Err(JwtError::MissingClaim),
@@ -249,6 +265,7 @@ fn classify(kind: &ErrorKind) -> JwtError {
         ErrorKind::InvalidAudience => JwtError::BadAudience,
         ErrorKind::MissingRequiredClaim(c) if c == "aud" => JwtError::BadAudience,
         ErrorKind::MissingRequiredClaim(c) if c == "iss" => JwtError::BadIssuer,
+        ErrorKind::MissingRequiredClaim(c) if c == "exp" => JwtError::NoExpiry,
         ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm | ErrorKind::Crypto(_) => {
             JwtError::BadSignature
         }
@@ -271,6 +288,7 @@ mod tests {
             audiences: vec!["api".into()],
             leeway: 0,
             allow_unverified: false,
+            require_exp: true,
             on_invalid: JwtInvalid::Deny,
         }
     }
@@ -301,21 +319,34 @@ mod tests {
         );
         let expired = serde_json::json!({"sub": "alice", "iss": "https://issuer.test", "aud": "api", "exp": now() - 120});
         assert_eq!(v.verify(&hs(b"s3cret", expired)), Err(JwtError::Expired));
-        let wrong_aud =
-            serde_json::json!({"sub": "alice", "iss": "https://issuer.test", "aud": "web"});
+        let wrong_aud = serde_json::json!({"sub": "alice", "iss": "https://issuer.test", "aud": "web", "exp": now() + 60});
         assert_eq!(
             v.verify(&hs(b"s3cret", wrong_aud)),
             Err(JwtError::BadAudience)
         );
-        let no_iss = serde_json::json!({"sub": "alice", "aud": "api"});
+        let no_iss = serde_json::json!({"sub": "alice", "aud": "api", "exp": now() + 60});
         assert_eq!(v.verify(&hs(b"s3cret", no_iss)), Err(JwtError::BadIssuer));
-        let no_sub = serde_json::json!({"iss": "https://issuer.test", "aud": "api"});
+        let no_sub =
+            serde_json::json!({"iss": "https://issuer.test", "aud": "api", "exp": now() + 60});
         assert_eq!(
             v.verify(&hs(b"s3cret", no_sub)),
             Err(JwtError::MissingClaim)
         );
-        let future = serde_json::json!({"sub": "a", "iss": "https://issuer.test", "aud": "api", "nbf": now() + 600});
+        let future = serde_json::json!({"sub": "a", "iss": "https://issuer.test", "aud": "api", "nbf": now() + 600, "exp": now() + 900});
         assert_eq!(v.verify(&hs(b"s3cret", future)), Err(JwtError::NotYetValid));
+        let forever = serde_json::json!({"sub": "a", "iss": "https://issuer.test", "aud": "api"});
+        assert_eq!(
+            v.verify(&hs(b"s3cret", forever.clone())),
+            Err(JwtError::NoExpiry)
+        );
+        let mut lax = config(vec![JwtKey::Hs256 {
+            secret: b"s3cret".to_vec(),
+        }]);
+        lax.require_exp = false;
+        let lax = JwtVerifier::new(&lax);
+        assert_eq!(lax.verify(&hs(b"s3cret", forever)), Ok("a".into()));
+        let crlf = serde_json::json!({"sub": "a\r\nx: 1", "iss": "https://issuer.test", "aud": "api", "exp": now() + 60});
+        assert_eq!(v.verify(&hs(b"s3cret", crlf)), Err(JwtError::UnsafeClaim));
         assert_eq!(v.verify("not.a.jwt"), Err(JwtError::Malformed));
         assert_eq!(v.verify(""), Err(JwtError::Malformed));
         assert_eq!(v.verify("a.b"), Err(JwtError::Malformed));
@@ -332,7 +363,10 @@ mod tests {
         c.audiences.clear();
         c.allow_unverified = true;
         let v = JwtVerifier::new(&c);
-        let t = hs(b"whatever", serde_json::json!({"sub": 42}));
+        let t = hs(
+            b"whatever",
+            serde_json::json!({"sub": 42, "exp": now() + 60}),
+        );
         assert_eq!(v.verify(&t), Ok("42".into()));
         c.allow_unverified = false;
         let v = JwtVerifier::new(&c);

@@ -52,6 +52,10 @@ pub struct ServeArgs {
     /// How often the config is re-read even without a file event.
     #[arg(long, env = "RATETHROTTLE_RELOAD_INTERVAL_MS", default_value_t = 2000)]
     reload_interval_ms: u64,
+    /// Let a reload put in force a configuration without any domain while the one in force
+    /// has some (refused by default: an emptied or truncated file must not drop every limit).
+    #[arg(long, env = "RATETHROTTLE_ALLOW_EMPTY_CONFIG")]
+    allow_empty_config: bool,
     /// Log as JSON lines.
     #[arg(long, env = "RATETHROTTLE_LOG_JSON")]
     log_json: bool,
@@ -131,6 +135,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         grpc_addr,
         admin_addr,
         reload_interval: Duration::from_millis(args.reload_interval_ms.max(100)),
+        allow_empty_config: args.allow_empty_config,
         storage: args.storage,
         redis_password: args.redis_password,
         admin_token: args.admin_token,

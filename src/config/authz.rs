@@ -141,6 +141,8 @@ pub struct JwtConfig {
     /// Decode without checking the signature (only for tokens already verified upstream,
     /// e.g. by Envoy's jwt_authn filter). Never the default.
     pub allow_unverified: bool,
+    /// Refuse tokens without `exp` (default): such a token, once leaked, works forever.
+    pub require_exp: bool,
     /// What a present but invalid token gets.
     pub on_invalid: JwtInvalid,
 }

@@ -12,7 +12,7 @@
 
 mod authz;
 
-pub use authz::canonical_entry;
+pub use authz::{canonical_entry, shorten};
 
 use std::cell::OnceCell;
 use std::collections::HashMap;
@@ -60,6 +60,7 @@ const DESCRIPTOR_KEYS: &[&str] = &[
     "shadow_mode",
     "detailed_metric",
     "value_to_metric",
+    "share_threshold",
     "descriptors",
 ];
 const RATE_LIMIT_KEYS: &[&str] = &[
@@ -510,6 +511,12 @@ impl Decoder<'_> {
                 let path = f.path(name);
                 match self.string(field.value, &path) {
                     Some(v) if v.is_empty() => self.error(field.value, &path, "must not be empty"),
+                    Some(v) if name == "storage" && v != "memory" => {
+                        match super::storage_url::RedisUrl::parse(&v) {
+                            Ok(_) => *slot = Some(v),
+                            Err(e) => self.error(field.value, &path, e.to_string()),
+                        }
+                    }
                     Some(v) => *slot = Some(v),
                     None => {}
                 }
@@ -693,6 +700,19 @@ impl Decoder<'_> {
         let shadow_mode = self.flag(&f, "shadow_mode");
         let detailed_metric = self.flag(&f, "detailed_metric");
         let value_to_metric = self.flag(&f, "value_to_metric");
+        let share_threshold = self.flag(&f, "share_threshold");
+        if share_threshold
+            && !value.as_deref().is_some_and(|v| v.contains('*'))
+            && let Some(field) = f.get("share_threshold")
+        {
+            {
+                self.error(
+                    field.key,
+                    &f.path("share_threshold"),
+                    "share_threshold can only be used with a wildcard value (one with `*`)",
+                );
+            }
+        }
         let descriptors = match f.get("descriptors") {
             Some(field) => self.descriptors(field.value, &f.path("descriptors")),
             None => Vec::new(),
@@ -704,6 +724,7 @@ impl Decoder<'_> {
             shadow_mode,
             detailed_metric,
             value_to_metric,
+            share_threshold,
             descriptors,
             line: node.span.start.line(),
         })

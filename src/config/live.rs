@@ -111,6 +111,16 @@ impl LiveConfig {
         self.state.lock().file.as_ref().map(|c| c.version.clone())
     }
 
+    /// The domains of the file configuration in force (none before the first load).
+    pub fn file_domains(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .file
+            .as_ref()
+            .map(|c| c.domains.iter().map(|d| d.domain.clone()).collect())
+            .unwrap_or_default()
+    }
+
     /// Replaces every external domain. Publishes only when the input changed, so a watcher
     /// relisting the same resources leaves the rules (and their counters) untouched.
     pub fn set_external(&self, mut external: Vec<ExternalDomain>) {

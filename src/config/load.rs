@@ -140,6 +140,10 @@ fn assemble(
             }
         };
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        if is_blank(text) {
+            errors.push(ConfigError::file(file, EMPTY_FILE));
+            continue;
+        }
         let out = decode_file(file, text);
         errors.extend(out.errors);
         for (block, loc) in out.settings {
@@ -235,6 +239,20 @@ fn assemble(
     })
 }
 
+/// Why an empty file is refused rather than read as "no rules": a file caught between
+/// truncate and write (`cat > f`, `cp`) looks exactly like this, and loading it would drop
+/// every limit it held. envoyproxy/ratelimit refuses such a file too (a domain is required).
+pub const EMPTY_FILE: &str = "empty file (no YAML document): refused, because a file being \
+     rewritten in place looks the same; delete the file or give it content";
+
+/// Nothing but whitespace, comments and document markers.
+fn is_blank(text: &str) -> bool {
+    text.lines().all(|l| {
+        let t = l.trim();
+        t.is_empty() || t.starts_with('#') || t == "---" || t == "..."
+    })
+}
+
 fn located(file: &Path, loc: Loc, message: String) -> ConfigError {
     ConfigError {
         file: file.to_path_buf(),
@@ -320,6 +338,7 @@ mod tests {
             shadow_mode: false,
             detailed_metric: false,
             value_to_metric: false,
+            share_threshold: false,
             descriptors: vec![],
             line,
         }
@@ -1068,16 +1087,28 @@ descriptors:
     }
 
     #[test]
-    fn empty_directory_and_empty_files_are_valid() {
+    fn an_empty_directory_is_valid_but_empty_files_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let c = load(dir.path()).unwrap();
         assert!(c.domains.is_empty() && c.files.is_empty());
         assert_eq!(c.settings, Settings::default());
         write(&dir.path().join("empty.yaml"), "");
-        write(&dir.path().join("comments.yaml"), "# nothing yet\n---\n");
-        let c = load(dir.path()).unwrap();
-        assert!(c.domains.is_empty());
-        assert_eq!(c.files.len(), 2);
+        write(
+            &dir.path().join("comments.yaml"),
+            "\u{feff}# nothing yet\n---\n  \r\n",
+        );
+        let e = load(dir.path()).unwrap_err();
+        assert_eq!(e.0.len(), 2, "{e}");
+        assert!(
+            e.0.iter().all(|e| e.message == EMPTY_FILE && e.line == 0),
+            "{e}"
+        );
+        write(&dir.path().join("empty.yaml"), "domain: x\n");
+        write(
+            &dir.path().join("comments.yaml"),
+            "# a comment\nsettings: {}\n",
+        );
+        assert_eq!(load(dir.path()).unwrap().domains.len(), 1);
     }
 
     #[test]

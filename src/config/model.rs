@@ -178,6 +178,9 @@ pub struct DescriptorConfig {
     pub detailed_metric: bool,
     /// Include the request's value in the metric key (reference semantics).
     pub value_to_metric: bool,
+    /// Every value matching this descriptor's wildcard shares one counter (the reference's
+    /// `share_threshold`); without it each value has its own. Only with a wildcard value.
+    pub share_threshold: bool,
     /// Nested descriptors, matched against the request's next entry.
     pub descriptors: Vec<DescriptorConfig>,
     /// 1-based line of the descriptor in its file, for messages and `/v1/config`.

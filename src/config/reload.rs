@@ -5,9 +5,14 @@
 //! watched directory), editors that write a temp file and rename it, and bursts of events
 //! (debounced). File events are a hint only: a periodic poll compares content versions, so a
 //! missed event delays a reload, never loses it. A bad config keeps the last good one.
+//!
+//! Never limitless by accident: an empty file is a load error (`load`), a new configuration
+//! without any domain while the one in force has some is refused unless the operator allowed
+//! it (`--allow-empty-config`), and a change is put in force only once the files read the
+//! same twice, `SETTLE` apart — a file caught mid-rewrite (`cat > f`) is never loaded.
 
 use super::live::LiveConfig;
-use super::{Config, ConfigErrors, load};
+use super::{Config, ConfigError, ConfigErrors, load};
 use crate::telemetry::ServiceMetrics;
 use notify::{RecursiveMode, Watcher};
 use parking_lot::RwLock;
@@ -55,7 +60,11 @@ pub struct Reloader {
     live: Arc<LiveConfig>,
     metrics: Arc<ServiceMetrics>,
     status: Arc<RwLock<ReloadStatus>>,
+    allow_empty: bool,
 }
+
+/// How long a changed configuration must read the same before it is put in force.
+const SETTLE: Duration = Duration::from_millis(100);
 
 impl std::fmt::Debug for Reloader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -77,7 +86,14 @@ impl Reloader {
             live,
             metrics,
             status,
+            allow_empty: false,
         }
+    }
+
+    /// Whether a reload may remove every domain in force (`--allow-empty-config`).
+    pub fn allow_empty(mut self, allow: bool) -> Self {
+        self.allow_empty = allow;
+        self
     }
 
     /// Publishes an already loaded config (the one `serve` validated before binding).
@@ -92,33 +108,88 @@ impl Reloader {
     /// Loads the path once. `Ok(true)` when a new version went into force, `Ok(false)` when
     /// nothing changed; on error the rules in force stay.
     pub fn reload(&self) -> Result<bool, ConfigErrors> {
-        match load(&self.path) {
-            Ok(config) => {
-                if self.live.file_version().as_deref() == Some(config.version.as_str()) {
-                    return Ok(false);
-                }
-                self.install(&config);
-                tracing::info!(
-                    version = %config.version,
-                    domains = config.domains.len(),
-                    "configuration loaded"
-                );
+        match self.load_change() {
+            Ok(Some(config)) => {
+                self.put_in_force(&config);
                 Ok(true)
             }
+            Ok(None) => Ok(false),
             Err(errors) => {
-                let text = errors.to_string();
-                let mut st = self.status.write();
-                // The poll retries every interval: count and log a bad config once per
-                // distinct error, not once per poll.
-                if st.last_error.as_deref() != Some(text.as_str()) {
-                    self.metrics.config_load_error.fetch_add(1, Relaxed);
-                    for e in errors.iter() {
-                        tracing::error!("config error, keeping version {:?}: {e}", st.version);
-                    }
-                    st.last_error = Some(text);
-                }
+                self.record_error(&errors);
                 Err(errors)
             }
+        }
+    }
+
+    /// `reload`, acting only on what reads the same twice, `SETTLE` apart: a file caught
+    /// between truncate and write, or half written, is neither loaded nor reported.
+    pub async fn reload_settled(&self) {
+        let first = self.load_change();
+        if matches!(first, Ok(None)) {
+            // The files read as the version in force again: a refused edit was undone.
+            if self.status.read().last_error.is_some() {
+                self.status.write().last_error = None;
+            }
+            return;
+        }
+        tokio::time::sleep(SETTLE).await;
+        match (first, self.load_change()) {
+            (Ok(Some(a)), Ok(Some(b))) if a.version == b.version => self.put_in_force(&b),
+            (Err(a), Err(b)) if a.to_string() == b.to_string() => self.record_error(&b),
+            _ => tracing::debug!("configuration still changing; retrying at the next tick"),
+        }
+    }
+
+    /// The configuration at the path if it differs from the one in force and may replace it.
+    fn load_change(&self) -> Result<Option<Config>, ConfigErrors> {
+        let config = load(&self.path)?;
+        if self.live.file_version().as_deref() == Some(config.version.as_str()) {
+            return Ok(None);
+        }
+        let in_force = self.live.file_domains();
+        if config.domains.is_empty() && !in_force.is_empty() && !self.allow_empty {
+            let mut names = in_force
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ");
+            if in_force.len() > 5 {
+                names.push_str(", ...");
+            }
+            return Err(ConfigErrors(vec![ConfigError::file(
+                &self.path,
+                format!(
+                    "this configuration defines no domain and would remove every domain in \
+                     force ({} : {names}); refused. Start serve with --allow-empty-config \
+                     (RATETHROTTLE_ALLOW_EMPTY_CONFIG=true) if that is meant",
+                    in_force.len()
+                ),
+            )]));
+        }
+        Ok(Some(config))
+    }
+
+    fn put_in_force(&self, config: &Config) {
+        self.install(config);
+        tracing::info!(
+            version = %config.version,
+            domains = config.domains.len(),
+            "configuration loaded"
+        );
+    }
+
+    fn record_error(&self, errors: &ConfigErrors) {
+        let text = errors.to_string();
+        let mut st = self.status.write();
+        // The poll retries every interval: count and log a bad config once per distinct
+        // error, not once per poll.
+        if st.last_error.as_deref() != Some(text.as_str()) {
+            self.metrics.config_load_error.fetch_add(1, Relaxed);
+            for e in errors.iter() {
+                tracing::error!("config error, keeping version {:?}: {e}", st.version);
+            }
+            st.last_error = Some(text);
         }
     }
 
@@ -153,7 +224,7 @@ impl Reloader {
                 }
                 _ = tick.tick() => {}
             }
-            let _ = self.reload();
+            self.reload_settled().await;
         }
     }
 }

@@ -89,6 +89,10 @@ pub struct DescriptorSpec {
     pub detailed_metric: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value_to_metric: Option<bool>,
+    /// Every value matching this wildcard shares one counter (envoyproxy/ratelimit's
+    /// `share_threshold`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_threshold: Option<bool>,
     /// Nested descriptors, matched against the request's next entry.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "descriptors_schema")]

@@ -319,7 +319,7 @@ impl RateLimitEngine {
                         if is_replaced(&replaced, l.name.as_deref()) {
                             continue;
                         }
-                        let key = entry_key(l.fingerprint, d.entries());
+                        let key = rule_key(rule, l.fingerprint, d.entries());
                         let mut op = CounterOp::new(key, l.limit, hits, rule.shadow_mode);
                         op.negative = d.is_negative();
                         ops.push(op);
@@ -502,6 +502,15 @@ fn is_replaced(replaced: &[&str], name: Option<&str>) -> bool {
 
 fn entry_key<E: rules::Entry>(fingerprint: u64, entries: &[E]) -> rules::CounterKey {
     rules::counter_key(fingerprint, entries.iter().map(|e| (e.key(), e.value())))
+}
+
+/// `entry_key`, with the rule's shared wildcard patterns in place of the values they cover.
+fn rule_key<E: rules::Entry>(rule: &Rule, fingerprint: u64, entries: &[E]) -> rules::CounterKey {
+    let pairs = entries.iter().enumerate();
+    rules::counter_key(
+        fingerprint,
+        pairs.map(|(i, e)| (e.key(), rule.key_value(i, e.value()))),
+    )
 }
 
 /// Among several limits of one descriptor, the one to report: a rejecting limit with the

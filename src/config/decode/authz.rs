@@ -40,6 +40,7 @@ const JWT_KEYS: &[&str] = &[
     "audiences",
     "leeway",
     "allow_unverified",
+    "require_exp",
     "on_invalid",
 ];
 const LISTS_KEYS: &[&str] = &["allow", "block"];
@@ -458,6 +459,7 @@ impl Decoder<'_> {
             audiences: Vec::new(),
             leeway: 30,
             allow_unverified: false,
+            require_exp: true,
             on_invalid: JwtInvalid::Deny,
         };
         if let Some(field) = f.get("header")
@@ -550,6 +552,11 @@ impl Decoder<'_> {
             j.allow_unverified = self
                 .boolean(field.value, &f.path("allow_unverified"))
                 .unwrap_or(false);
+        }
+        if let Some(field) = f.get("require_exp") {
+            j.require_exp = self
+                .boolean(field.value, &f.path("require_exp"))
+                .unwrap_or(true);
         }
         if let Some(field) = f.get("on_invalid") {
             let path = f.path("on_invalid");
@@ -1099,20 +1106,59 @@ impl Decoder<'_> {
 /// identity (`<source>:<value>`) as given.
 pub fn canonical_entry(raw: &str) -> Result<String, String> {
     let raw = raw.trim();
-    let looks_like_ip = raw.contains('/')
-        || raw.parse::<std::net::IpAddr>().is_ok()
-        || (raw.contains('.') && raw.bytes().all(|b| b.is_ascii_digit() || b == b'.'));
-    if looks_like_ip {
+    if raw.is_empty() || raw.len() > MAX_ENTRY_BYTES || raw.chars().any(char::is_control) {
+        return Err(format!(
+            "{} is neither an IP address, a CIDR, nor an identity like user:alice (at most \
+             {MAX_ENTRY_BYTES} bytes, no control characters)",
+            shorten(raw)
+        ));
+    }
+    if let Ok(net) = IpNet::parse(raw) {
+        return Ok(net.to_string());
+    }
+    // An identity is `<source name>:<value>`; only its value may hold `/` (SPIFFE IDs,
+    // base64 keys, URL subjects). What looks like an address is one, so a CIDR with host bits
+    // set stays an error instead of becoming an identity that never matches.
+    if looks_like_ip(raw) {
         return IpNet::parse(raw)
             .map(|n| n.to_string())
             .map_err(|e| e.to_string());
     }
-    if raw.is_empty() || raw.len() > 1024 || raw.chars().any(char::is_control) {
+    if raw.contains('/')
+        && !raw
+            .split_once(':')
+            .is_some_and(|(name, v)| !name.is_empty() && !name.contains('/') && !v.is_empty())
+    {
         return Err(format!(
-            "{raw:?} is neither an IP address, a CIDR, nor an identity like user:alice"
+            "{} is neither an IP address, a CIDR, nor an identity like user:alice (a value \
+             with `/` needs its source name: mtls:spiffe://...)",
+            shorten(raw)
         ));
     }
     Ok(raw.to_string())
+}
+
+/// The longest list value accepted.
+pub const MAX_ENTRY_BYTES: usize = 1024;
+
+/// Digits, dots and one `/` (IPv4), or hex digits with `::` or several `:` (IPv6).
+fn looks_like_ip(raw: &str) -> bool {
+    let addr = raw.split_once('/').map_or(raw, |(a, _)| a);
+    let v4 = addr.contains('.') && addr.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    let v6 = (addr.contains("::") || addr.matches(':').count() >= 2)
+        && addr
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+    v4 || v6
+}
+
+/// A value for a message: quoted, at most 64 characters of it (a rejected 1 MB value is not
+/// echoed back whole).
+pub fn shorten(raw: &str) -> String {
+    match raw.char_indices().nth(64) {
+        Some((i, _)) => format!("{:?}... ({} bytes)", &raw[..i], raw.len()),
+        None => format!("{raw:?}"),
+    }
 }
 
 #[cfg(test)]
@@ -1257,5 +1303,33 @@ domains:
         assert!(canonical_entry("10.0.0.1/8").is_err());
         assert!(canonical_entry("300.1.1.1").is_err());
         assert!(canonical_entry("a\nb").is_err());
+    }
+
+    #[test]
+    fn identities_may_hold_slashes_but_addresses_stay_addresses() {
+        for id in [
+            "mtls:spiffe://cluster.local/ns/x/sa/y",
+            "key:YWJj/ZGVm+Zw==",
+            "user:https://idp.example/users/42",
+            "user:zoë/東京",
+            "add:bee",
+        ] {
+            assert_eq!(canonical_entry(id).as_deref(), Ok(id));
+        }
+        for bad in [
+            "2001:db8::1/32",
+            "fe80::1/10",
+            "10.0.0.1/8",
+            "1.2.3.4/33",
+            "a/b",
+            "/x",
+            ":a/b",
+            "user:a\r\nx",
+        ] {
+            assert!(canonical_entry(bad).is_err(), "{bad}");
+        }
+        let huge = format!("user:{}", "é".repeat(4096));
+        let e = canonical_entry(&huge).unwrap_err();
+        assert!(e.len() < 300, "{e}");
     }
 }
