@@ -292,3 +292,55 @@ async fn an_allowlisted_client_is_never_limited() {
     }
     assert_eq!(statuses, vec![200, 200, 429]);
 }
+
+/// A JWT whose identity claim carries CR LF must never become a header upstream: through a
+/// real Envoy the client gets 401 and the upstream (which echoes what it received) sees no
+/// injected header; a clean claim arrives as the identity header.
+#[tokio::test]
+async fn jwt_claims_cannot_inject_headers_upstream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("ratethrottle.yaml");
+    std::fs::write(
+        &file,
+        "authz:\n  identity:\n    sources:\n      - jwt: {hs256_secret: s3cret}\n        name: user\n      - client_ip\n",
+    )
+    .expect("write");
+    let sc = Sidecar::start(Some(&file), &[]);
+    // The stand-in upstream answers with the identity and injected headers it received.
+    let envoy = Envoy::start("ext-authz.yaml", &[sc.grpc], |t| {
+        let direct = r#"direct_response: { status: 200, body: { inline_string: "ok\n" } }"#;
+        let (before, _) = t.split_once(direct).expect("upstream route");
+        let indent = before.rsplit('\n').next().unwrap_or_default();
+        t.replace(
+            direct,
+            &format!(
+                "{direct}\n{indent}response_headers_to_add:\n{indent}  - header: {{ key: x-seen-identity, value: \"%REQ(x-ratethrottle-identity)%\" }}\n{indent}  - header: {{ key: x-seen-injected, value: \"%REQ(x-injected)%\" }}"
+            ),
+        )
+    });
+    let token = |sub: &str| {
+        let claims = serde_json::json!({"sub": sub, "exp": jsonwebtoken::get_current_timestamp() + 300});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(b"s3cret"),
+        )
+        .expect("sign")
+    };
+    let get = |sub: &str| {
+        let auth = format!("Bearer {}", token(sub));
+        let addr = envoy.listener;
+        async move { http_request(addr, "GET", "/", &[("authorization", auth.as_str())], "").await }
+    };
+    let ok = get("alice/42").await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(ok.header("x-seen-identity"), Some("user:alice/42"), "{ok:?}");
+    assert!(ok.header("x-seen-injected").is_none_or(str::is_empty), "{ok:?}");
+
+    for sub in ["a\r\nx-injected: 1", "a\nx-injected: 1", "a\rx-injected: 1"] {
+        let r = get(sub).await;
+        assert_eq!(r.status, 401, "{sub:?}: {r:?}");
+        assert!(r.header("x-seen-injected").is_none_or(str::is_empty), "{r:?}");
+        assert!(r.header("x-injected").is_none(), "{r:?}");
+    }
+}
