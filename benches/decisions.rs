@@ -7,9 +7,9 @@ use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescript
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use ratethrottle::config::parse_str;
+use ratethrottle::engine::RateLimitEngine;
 use ratethrottle::limiter::{Algorithm, Limit, ManualClock, NANOS_PER_SECOND, RejectedHits, Unit};
 use ratethrottle::rules::{RuleSet, StatsRegistry};
-use ratethrottle::service::RateLimitEngine;
 use ratethrottle::storage::{MemoryStore, Storage};
 use ratethrottle::telemetry::ServiceMetrics;
 use std::hint::black_box;

@@ -131,7 +131,7 @@ async fn drive(addr: SocketAddr, seconds: u64, conns: u64, streams: u64, keys: u
 async fn start_sidecar(
     storage: &str,
     dir: &std::path::Path,
-) -> (SocketAddr, ratethrottle::service::RateLimitEngine) {
+) -> (SocketAddr, ratethrottle::engine::RateLimitEngine) {
     let path = dir.join(format!("bench-{}.yaml", storage.len()));
     std::fs::write(
         &path,

@@ -8,11 +8,11 @@ mod json;
 mod lists;
 
 use crate::authz::AuthzEngine;
-use crate::authz::lists::ListKind;
 use crate::config::FailureMode;
-use crate::config::reload::ReloadStatus;
+use crate::engine::RateLimitEngine;
+use crate::lists::ListKind;
 use crate::rules::StatsRegistry;
-use crate::service::RateLimitEngine;
+use crate::runtime::reload::ReloadStatus;
 use crate::telemetry::{self, Gauges, RedisGauges, ServiceMetrics};
 use axum::Router;
 use axum::body::Bytes;

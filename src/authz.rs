@@ -16,27 +16,24 @@
 //! (blocklist), counting (service, storage).
 
 pub mod answer;
-pub mod cidr;
 pub mod graphql;
 pub mod identity;
 pub mod jwt;
-pub mod lists;
-pub mod metrics;
 pub mod policy;
 pub mod request;
 pub mod websocket;
 
-use crate::blocklist::{self, Lists};
 use crate::config::Config;
 use crate::config::authz::{AuthzConfig, AuthzFailureMode};
+use crate::engine::{RateLimitEngine, RequestError, Verdict, Verdicts};
 use crate::limiter::Clock;
-use crate::service::{RateLimitEngine, RequestError, Verdict, Verdicts};
+use crate::runtime::blocklist::{self, Lists};
+use crate::telemetry::authz::{AuthzMetrics, Outcome, Stage};
 use answer::{Denial, Quota};
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use graphql::GraphqlGuard;
 use identity::{IdentityResolver, SourceKind};
-use metrics::{AuthzMetrics, Outcome, Stage};
 use policy::{AuthzDescriptor, DescriptorTemplate, Facts, Policy};
 use request::{Malformed, RequestView};
 use smallvec::SmallVec;
@@ -172,7 +169,7 @@ impl AuthzEngine {
         let listed = {
             let lists = self.lists.snapshot();
             let now_ms = self.clock.now() / 1_000_000;
-            let hit = |l: &lists::CompiledList| {
+            let hit = |l: &crate::lists::CompiledList| {
                 ip.and_then(|a| l.match_addr(a, now_ms))
                     .or_else(|| l.match_identity(&identity.value, now_ms))
                     .map(|e| e.public_code().to_string())

@@ -13,13 +13,12 @@
 pub mod authz;
 mod decode;
 mod error;
-pub mod live;
 mod load;
 mod model;
-pub mod reload;
 pub mod storage_url;
 
-pub use decode::{canonical_entry, shorten};
+pub use decode::uses_burst;
+pub mod jwks;
 pub use error::{ConfigError, ConfigErrors};
 pub use load::{load, parse_domain, parse_lists, parse_str};
 pub use model::{

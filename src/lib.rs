@@ -6,12 +6,15 @@
 
 pub mod admin;
 pub mod authz;
-pub mod blocklist;
 pub mod cli;
 pub mod config;
+pub mod digest;
+pub mod engine;
 pub mod k8s;
 pub mod limiter;
+pub mod lists;
 pub mod rules;
+pub mod runtime;
 pub mod server;
 pub mod service;
 pub mod storage;

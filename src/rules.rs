@@ -20,6 +20,7 @@ pub use stats::{RuleStats, StatsRegistry};
 pub use wildcard::Wildcard;
 
 use crate::config::{Config, DescriptorConfig, RateLimitConfig, Settings};
+use crate::digest::Fnv64;
 use crate::limiter::{Limit, Unit};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -270,26 +271,4 @@ fn stat_key(domain: &str, path: &[(String, Option<String>)]) -> String {
         }
     }
     s
-}
-
-/// FNV-1a: stable across processes and versions (unlike `DefaultHasher`), which matters
-/// because fingerprints name counters that outlive a process in Redis.
-pub(crate) struct Fnv64(u64);
-
-impl Fnv64 {
-    pub(crate) fn new() -> Self {
-        Fnv64(0xcbf2_9ce4_8422_2325)
-    }
-    pub(crate) fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 ^= *b as u64;
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    pub(crate) fn write_u64(&mut self, v: u64) {
-        self.write(&v.to_le_bytes());
-    }
-    pub(crate) fn finish(&self) -> u64 {
-        self.0
-    }
 }

@@ -5,18 +5,18 @@
 
 use crate::admin::{self, AdminState};
 use crate::authz::AuthzEngine;
-use crate::authz::metrics::AuthzMetrics;
-use crate::blocklist::{Lists, RedisLists};
 use crate::config::Config;
-use crate::config::live::LiveConfig;
-use crate::config::reload::{ReloadStatus, Reloader};
+use crate::engine::RateLimitEngine;
 use crate::k8s::{KubernetesOptions, Watcher};
 use crate::limiter::{Clock, SystemClock};
 use crate::rules::{RuleSet, StatsRegistry};
-use crate::service::RateLimitEngine;
+use crate::runtime::blocklist::{Lists, RedisLists};
+use crate::runtime::live::LiveConfig;
+use crate::runtime::reload::{ReloadStatus, Reloader};
 use crate::service::grpc::{AuthorizationGrpc, RateLimitGrpc};
 use crate::storage::{Storage, StorageError};
 use crate::telemetry::ServiceMetrics;
+use crate::telemetry::authz::AuthzMetrics;
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;

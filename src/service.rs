@@ -1,11 +1,6 @@
-//! The gRPC services Envoy calls, and the decision logic behind them.
+//! The gRPC services Envoy calls: thin tonic adapters from the wire types to the engines.
 //!
-//! Owns: `RateLimitEngine` (one `ShouldRateLimit` answer: validate, match, count, report —
-//! plain Rust that tests call without gRPC) and the thin tonic adapters in `grpc`.
-//!
-//! Must not touch: configuration loading, the algorithms' arithmetic, storage internals.
+//! Owns: `RateLimitService` and `Authorization` over gRPC (status codes, request logging).
+//! Must not touch: decisions (`engine`, `authz`), configuration, storage.
 
 pub mod grpc;
-pub mod ratelimit;
-
-pub use ratelimit::{Descriptor, RateLimitEngine, RequestError, Verdict, VerdictLimit, Verdicts};

@@ -7,6 +7,8 @@
 //! Must not touch: decisions. Counters are plain atomics bumped by their owners; rendering
 //! reads them off the hot path.
 
+pub mod authz;
+
 use crate::rules::{RuleStats, StatsRegistry};
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -189,7 +191,7 @@ pub fn render(metrics: &ServiceMetrics, stats: &StatsRegistry, gauges: &Gauges) 
 }
 
 /// The Kubernetes watcher's series.
-pub fn render_kubernetes(out: &mut String, k: &crate::config::reload::KubernetesStatus) {
+pub fn render_kubernetes(out: &mut String, k: &KubernetesStatus) {
     let _ = writeln!(
         out,
         "# HELP ratethrottle_kubernetes_synced Whether the first list of both kinds is in force.\n\
@@ -241,7 +243,7 @@ pub fn render_kubernetes(out: &mut String, k: &crate::config::reload::Kubernetes
 /// The ext_authz series: checks by outcome, stage results, list sizes.
 pub fn render_authz(
     out: &mut String,
-    m: &crate::authz::metrics::AuthzMetrics,
+    m: &crate::telemetry::authz::AuthzMetrics,
     allow_entries: usize,
     block_entries: usize,
 ) {
@@ -289,4 +291,22 @@ pub fn init_tracing(json: bool) {
     } else {
         builder.try_init()
     };
+}
+
+/// What the Kubernetes watcher reports (at `/readyz`, `/v1/config` and `/metrics`).
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct KubernetesStatus {
+    /// False until the first list of both kinds is in force: the replica is not ready, since
+    /// the resources' rules are not in force yet.
+    pub synced: bool,
+    /// The watch's current failure, if it is failing (it retries with backoff).
+    pub error: Option<String>,
+    /// Resources known, by kind, and whether each is accepted.
+    pub accepted: std::collections::BTreeMap<&'static str, u64>,
+    pub refused: std::collections::BTreeMap<&'static str, u64>,
+    /// Full lists made, by kind (the first one and every relist after a 410 or an outage).
+    pub lists: std::collections::BTreeMap<&'static str, u64>,
+    pub watch_errors: u64,
+    pub status_writes: u64,
+    pub status_write_errors: u64,
 }

@@ -319,7 +319,8 @@ async fn jwt_claims_cannot_inject_headers_upstream() {
         )
     });
     let token = |sub: &str| {
-        let claims = serde_json::json!({"sub": sub, "exp": jsonwebtoken::get_current_timestamp() + 300});
+        let claims =
+            serde_json::json!({"sub": sub, "exp": jsonwebtoken::get_current_timestamp() + 300});
         jsonwebtoken::encode(
             &jsonwebtoken::Header::default(),
             &claims,
@@ -334,13 +335,23 @@ async fn jwt_claims_cannot_inject_headers_upstream() {
     };
     let ok = get("alice/42").await;
     assert_eq!(ok.status, 200, "{ok:?}");
-    assert_eq!(ok.header("x-seen-identity"), Some("user:alice/42"), "{ok:?}");
-    assert!(ok.header("x-seen-injected").is_none_or(str::is_empty), "{ok:?}");
+    assert_eq!(
+        ok.header("x-seen-identity"),
+        Some("user:alice/42"),
+        "{ok:?}"
+    );
+    assert!(
+        ok.header("x-seen-injected").is_none_or(str::is_empty),
+        "{ok:?}"
+    );
 
     for sub in ["a\r\nx-injected: 1", "a\nx-injected: 1", "a\rx-injected: 1"] {
         let r = get(sub).await;
         assert_eq!(r.status, 401, "{sub:?}: {r:?}");
-        assert!(r.header("x-seen-injected").is_none_or(str::is_empty), "{r:?}");
+        assert!(
+            r.header("x-seen-injected").is_none_or(str::is_empty),
+            "{r:?}"
+        );
         assert!(r.header("x-injected").is_none(), "{r:?}");
     }
 }

@@ -11,9 +11,9 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{Code, 
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use envoy_types::pb::google::protobuf::UInt64Value;
 use ratethrottle::config::parse_str;
+use ratethrottle::engine::RateLimitEngine;
 use ratethrottle::limiter::{ManualClock, NANOS_PER_SECOND};
 use ratethrottle::rules::{RuleSet, StatsRegistry};
-use ratethrottle::service::RateLimitEngine;
 use ratethrottle::storage::Storage;
 use ratethrottle::telemetry::ServiceMetrics;
 use std::sync::Arc;

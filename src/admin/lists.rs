@@ -12,8 +12,8 @@
 //! ```
 
 use super::AdminState;
-use crate::authz::lists::ListKind;
-use crate::blocklist::ListError;
+use crate::lists::ListKind;
+use crate::runtime::blocklist::ListError;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -207,7 +207,7 @@ pub async fn remove(
             StatusCode::NOT_FOUND,
             format!(
                 "{} is not in the {} list",
-                crate::config::shorten(&value),
+                crate::lists::shorten(&value),
                 kind.as_str()
             ),
         ),

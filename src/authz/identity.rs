@@ -9,10 +9,10 @@
 //!
 //! Must not touch: lists, limits, answers (it reports a bad token; `answer` words it).
 
-use super::cidr::{self, Addr};
 use super::jwt::{JwtError, JwtVerifier};
 use super::request::RequestView;
 use crate::config::authz::{IdentityConfig, IdentitySource, JwtInvalid};
+use crate::lists::cidr::{self, Addr};
 
 enum Source {
     Header { header: String, name: String },

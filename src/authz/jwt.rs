@@ -8,7 +8,7 @@
 //! Must not touch: where the header comes from or what a failure answers (identity, answer).
 
 use crate::config::authz::{JwtConfig, JwtInvalid, JwtKey};
-use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use crate::config::jwks::{EC, HMAC, KeyWithAlgorithms, RSA, parse_jwks};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 
 /// Why a token was not accepted. `Display` is the public reason code.
@@ -56,17 +56,6 @@ impl JwtError {
     }
 }
 
-const HMAC: &[Algorithm] = &[Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
-const RSA: &[Algorithm] = &[
-    Algorithm::RS256,
-    Algorithm::RS384,
-    Algorithm::RS512,
-    Algorithm::PS256,
-    Algorithm::PS384,
-    Algorithm::PS512,
-];
-const EC: &[Algorithm] = &[Algorithm::ES256, Algorithm::ES384];
-
 struct Key {
     kid: Option<String>,
     key: DecodingKey,
@@ -90,30 +79,6 @@ impl std::fmt::Debug for JwtVerifier {
             .field("keys", &self.keys.len())
             .finish_non_exhaustive()
     }
-}
-
-/// A key with its `kid` and the algorithms it may verify.
-pub type KeyWithAlgorithms = (Option<String>, DecodingKey, &'static [Algorithm]);
-
-/// The keys of a JWKS document with the algorithms each may verify.
-pub fn parse_jwks(json: &str) -> Result<Vec<KeyWithAlgorithms>, String> {
-    let set: JwkSet = serde_json::from_str(json).map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    for jwk in &set.keys {
-        let family = match &jwk.algorithm {
-            AlgorithmParameters::RSA(_) => RSA,
-            AlgorithmParameters::EllipticCurve(_) => EC,
-            AlgorithmParameters::OctetKey(_) => HMAC,
-            // EdDSA and others: not offered.
-            AlgorithmParameters::OctetKeyPair(_) => continue,
-        };
-        let key = DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
-        out.push((jwk.common.key_id.clone(), key, family));
-    }
-    if out.is_empty() {
-        return Err("no RSA, EC or HMAC key in the set".into());
-    }
-    Ok(out)
 }
 
 impl JwtVerifier {

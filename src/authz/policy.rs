@@ -10,13 +10,13 @@
 //! Must not touch: counting — descriptors go to the shared rule engine
 //! (`RateLimitEngine::evaluate`) with the domain's rules and algorithms.
 
-use super::cidr::{Addr, AddrText, IpNet};
 use super::request::RequestView;
 use crate::config::authz::{
     ActionConfig, HeaderMatchConfig, MatchConfig, PolicyConfig, StringMatch,
 };
+use crate::engine::Descriptor;
+use crate::lists::cidr::{Addr, AddrText, IpNet};
 use crate::rules::Wildcard;
-use crate::service::Descriptor;
 use regex::Regex;
 use smallvec::SmallVec;
 

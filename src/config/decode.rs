@@ -12,8 +12,6 @@
 
 mod authz;
 
-pub use authz::{canonical_entry, shorten};
-
 use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::path::Path;
@@ -177,7 +175,7 @@ pub(crate) fn decode_lists_doc(
 }
 
 /// Whether `algorithm` has a bucket whose capacity `burst` sets.
-pub(crate) fn uses_burst(algorithm: Algorithm) -> bool {
+pub fn uses_burst(algorithm: Algorithm) -> bool {
     matches!(
         algorithm,
         Algorithm::TokenBucket | Algorithm::LeakyBucket | Algorithm::Gcra

@@ -280,7 +280,7 @@ fn utf8_error(file: &Path, bytes: &[u8], valid_up_to: usize) -> ConfigError {
 /// inputs are merely re-split). Names, not full paths: the same files mounted at another
 /// place have the same version.
 fn digest(sources: &[(PathBuf, Vec<u8>)]) -> String {
-    let mut hash = crate::rules::Fnv64::new();
+    let mut hash = crate::digest::Fnv64::new();
     for (file, bytes) in sources {
         let name = file.file_name().unwrap_or(file.as_os_str());
         for part in [name.as_encoded_bytes(), bytes.as_slice()] {

@@ -3,9 +3,9 @@
 //!
 //! Pure (no I/O, clock passed in), so every status decision is tested without a server.
 
-use crate::authz::lists::{EntrySource, ListEntry};
-use crate::config::live::Admission;
 use crate::config::{ConfigErrors, DescriptorConfig, DomainConfig};
+use crate::lists::{EntrySource, ListEntry};
+use crate::runtime::live::Admission;
 use kube::api::DynamicObject;
 use serde_json::{Value, json};
 
@@ -218,7 +218,7 @@ pub fn validate_manifests(
     files: &[(std::path::PathBuf, String)],
     file: Option<&crate::config::Config>,
 ) -> Vec<ManifestReport> {
-    use crate::config::live::{ExternalDomain, admissions_for};
+    use crate::runtime::live::{ExternalDomain, admissions_for};
     let mut reports = Vec::new();
     let mut tracked: Vec<(usize, Tracked)> = Vec::new();
     for (path, text) in files {
@@ -334,7 +334,7 @@ fn decode(kind: Kind, source: &str, spec: Option<&Value>) -> Result<Content, Str
             .map(|l| {
                 let named = |list: &[crate::config::authz::ListEntryConfig]| {
                     let mut entries =
-                        crate::blocklist::declared_entries(list, EntrySource::Kubernetes);
+                        crate::runtime::blocklist::declared_entries(list, EntrySource::Kubernetes);
                     for e in &mut entries {
                         if e.reason.is_empty() {
                             e.reason = source.to_string();

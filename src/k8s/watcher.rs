@@ -8,9 +8,10 @@
 
 use super::crd::{AccessList, RateLimitPolicy};
 use super::resource::{Content, Kind, Tracked, status_matches, with_transition_time};
-use crate::blocklist::Lists;
-use crate::config::live::{ExternalDomain, LiveConfig};
-use crate::config::reload::{KubernetesStatus, ReloadStatus};
+use crate::runtime::blocklist::Lists;
+use crate::runtime::live::{ExternalDomain, LiveConfig};
+use crate::runtime::reload::ReloadStatus;
+use crate::telemetry::KubernetesStatus;
 use futures_util::{FutureExt, Stream, StreamExt};
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;

@@ -1,7 +1,7 @@
 //! tonic adapters: decode, call the engine, map errors to gRPC codes in one place.
 
-use super::{RateLimitEngine, RequestError};
 use crate::authz::AuthzEngine;
+use crate::engine::{RateLimitEngine, RequestError};
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;

@@ -4,13 +4,13 @@
 //! surprise at the first request.
 
 use super::{Decoder, Fields, child, data, index, is_null};
-use crate::authz::cidr::IpNet;
 use crate::config::authz::{
     ActionConfig, AuthzConfig, AuthzFailureMode, GraphqlConfig, GrpcMatch, HeaderMatchConfig,
     IdentityConfig, IdentitySource, JwtConfig, JwtInvalid, JwtKey, ListEntryConfig, ListsConfig,
     MatchConfig, PolicyConfig, StringMatch, WebsocketConfig,
 };
 use crate::limiter::NANOS_PER_SECOND;
+use crate::lists::canonical_entry;
 use saphyr::{MarkedYaml, Scalar, YamlData};
 use std::path::PathBuf;
 
@@ -522,7 +522,7 @@ impl Decoder<'_> {
                 let parsed = String::from_utf8(bytes)
                     .map_err(|e| e.to_string())
                     .and_then(|json| {
-                        crate::authz::jwt::parse_jwks(&json)
+                        super::super::jwks::parse_jwks(&json)
                             .map(|_| json)
                             .map_err(|e| e.to_string())
                     });
@@ -1102,65 +1102,6 @@ impl Decoder<'_> {
     }
 }
 
-/// The canonical text of a list entry: an address or CIDR printed canonically, or an
-/// identity (`<source>:<value>`) as given.
-pub fn canonical_entry(raw: &str) -> Result<String, String> {
-    let raw = raw.trim();
-    if raw.is_empty() || raw.len() > MAX_ENTRY_BYTES || raw.chars().any(char::is_control) {
-        return Err(format!(
-            "{} is neither an IP address, a CIDR, nor an identity like user:alice (at most \
-             {MAX_ENTRY_BYTES} bytes, no control characters)",
-            shorten(raw)
-        ));
-    }
-    if let Ok(net) = IpNet::parse(raw) {
-        return Ok(net.to_string());
-    }
-    // An identity is `<source name>:<value>`; only its value may hold `/` (SPIFFE IDs,
-    // base64 keys, URL subjects). What looks like an address is one, so a CIDR with host bits
-    // set stays an error instead of becoming an identity that never matches.
-    if looks_like_ip(raw) {
-        return IpNet::parse(raw)
-            .map(|n| n.to_string())
-            .map_err(|e| e.to_string());
-    }
-    if raw.contains('/')
-        && !raw
-            .split_once(':')
-            .is_some_and(|(name, v)| !name.is_empty() && !name.contains('/') && !v.is_empty())
-    {
-        return Err(format!(
-            "{} is neither an IP address, a CIDR, nor an identity like user:alice (a value \
-             with `/` needs its source name: mtls:spiffe://...)",
-            shorten(raw)
-        ));
-    }
-    Ok(raw.to_string())
-}
-
-/// The longest list value accepted.
-pub const MAX_ENTRY_BYTES: usize = 1024;
-
-/// Digits, dots and one `/` (IPv4), or hex digits with `::` or several `:` (IPv6).
-fn looks_like_ip(raw: &str) -> bool {
-    let addr = raw.split_once('/').map_or(raw, |(a, _)| a);
-    let v4 = addr.contains('.') && addr.bytes().all(|b| b.is_ascii_digit() || b == b'.');
-    let v6 = (addr.contains("::") || addr.matches(':').count() >= 2)
-        && addr
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
-    v4 || v6
-}
-
-/// A value for a message: quoted, at most 64 characters of it (a rejected 1 MB value is not
-/// echoed back whole).
-pub fn shorten(raw: &str) -> String {
-    match raw.char_indices().nth(64) {
-        Some((i, _)) => format!("{:?}... ({} bytes)", &raw[..i], raw.len()),
-        None => format!("{raw:?}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1290,46 +1231,5 @@ domains:
             "authz:\n  identity:\n    sources: [{jwt: {rsa_public_key_file: /nonexistent.pem}}]\n",
         );
         assert!(e[0].contains("cannot read /nonexistent.pem"), "{e:?}");
-    }
-
-    #[test]
-    fn entries_are_canonical() {
-        assert_eq!(canonical_entry("10.0.0.0/8").as_deref(), Ok("10.0.0.0/8"));
-        assert_eq!(
-            canonical_entry("2001:DB8::/32").as_deref(),
-            Ok("2001:db8::/32")
-        );
-        assert_eq!(canonical_entry(" user:alice ").as_deref(), Ok("user:alice"));
-        assert!(canonical_entry("10.0.0.1/8").is_err());
-        assert!(canonical_entry("300.1.1.1").is_err());
-        assert!(canonical_entry("a\nb").is_err());
-    }
-
-    #[test]
-    fn identities_may_hold_slashes_but_addresses_stay_addresses() {
-        for id in [
-            "mtls:spiffe://cluster.local/ns/x/sa/y",
-            "key:YWJj/ZGVm+Zw==",
-            "user:https://idp.example/users/42",
-            "user:zoë/東京",
-            "add:bee",
-        ] {
-            assert_eq!(canonical_entry(id).as_deref(), Ok(id));
-        }
-        for bad in [
-            "2001:db8::1/32",
-            "fe80::1/10",
-            "10.0.0.1/8",
-            "1.2.3.4/33",
-            "a/b",
-            "/x",
-            ":a/b",
-            "user:a\r\nx",
-        ] {
-            assert!(canonical_entry(bad).is_err(), "{bad}");
-        }
-        let huge = format!("user:{}", "é".repeat(4096));
-        let e = canonical_entry(&huge).unwrap_err();
-        assert!(e.len() < 300, "{e}");
     }
 }

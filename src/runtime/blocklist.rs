@@ -16,8 +16,8 @@ mod redis;
 
 pub use redis::RedisLists;
 
-use crate::authz::lists::{CompiledList, EntrySource, ListEntry, ListKind, ListSet};
 use crate::limiter::Clock;
+use crate::lists::{CompiledList, EntrySource, ListEntry, ListKind, ListSet};
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -174,7 +174,7 @@ impl Lists {
         reason: &str,
         code: Option<&str>,
     ) -> Result<ListEntry, ListError> {
-        let value = crate::config::canonical_entry(value).map_err(ListError::Invalid)?;
+        let value = crate::lists::canonical_entry(value).map_err(ListError::Invalid)?;
         if let Some(c) = code
             && (c.is_empty()
                 || c.len() > 64
@@ -219,7 +219,7 @@ impl Lists {
 
     /// Removes a runtime entry; `Ok(false)` when there was none.
     pub async fn remove(&self, kind: ListKind, value: &str) -> Result<bool, ListError> {
-        let value = crate::config::canonical_entry(value).map_err(ListError::Invalid)?;
+        let value = crate::lists::canonical_entry(value).map_err(ListError::Invalid)?;
         self.check_not_declared(kind, &value)?;
         let removed = match &self.backend {
             Backend::Memory => {
@@ -362,8 +362,8 @@ pub fn declared_entries(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authz::cidr::parse_addr;
     use crate::limiter::ManualClock;
+    use crate::lists::cidr::parse_addr;
 
     fn block_on<F: std::future::Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()

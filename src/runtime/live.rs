@@ -11,10 +11,10 @@
 //! Must not touch: reading files (reload) or talking to Kubernetes (k8s). Each source hands
 //! in already-decoded domains; a source that fails to decode keeps its last good input.
 
-use super::decode::uses_burst;
-use super::{Config, DescriptorConfig, DomainConfig};
-use crate::config::reload::ReloadStatus;
-use crate::rules::{Fnv64, RuleSet, StatsRegistry};
+use crate::config::{Config, DescriptorConfig, DomainConfig, uses_burst};
+use crate::digest::Fnv64;
+use crate::rules::{RuleSet, StatsRegistry};
+use crate::runtime::reload::ReloadStatus;
 use crate::telemetry::ServiceMetrics;
 use arc_swap::ArcSwap;
 use parking_lot::{Mutex, RwLock};

@@ -12,7 +12,7 @@
 //! same twice, `SETTLE` apart — a file caught mid-rewrite (`cat > f`) is never loaded.
 
 use super::live::LiveConfig;
-use super::{Config, ConfigError, ConfigErrors, load};
+use crate::config::{Config, ConfigError, ConfigErrors, load};
 use crate::telemetry::ServiceMetrics;
 use notify::{RecursiveMode, Watcher};
 use parking_lot::RwLock;
@@ -33,25 +33,7 @@ pub struct ReloadStatus {
     /// The effective configuration (files and resources merged), as JSON.
     pub config: serde_json::Value,
     /// The Kubernetes watcher's state, with `--kubernetes`.
-    pub kubernetes: Option<KubernetesStatus>,
-}
-
-/// What the Kubernetes watcher reports (at `/readyz`, `/v1/config` and `/metrics`).
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct KubernetesStatus {
-    /// False until the first list of both kinds is in force: the replica is not ready, since
-    /// the resources' rules are not in force yet.
-    pub synced: bool,
-    /// The watch's current failure, if it is failing (it retries with backoff).
-    pub error: Option<String>,
-    /// Resources known, by kind, and whether each is accepted.
-    pub accepted: std::collections::BTreeMap<&'static str, u64>,
-    pub refused: std::collections::BTreeMap<&'static str, u64>,
-    /// Full lists made, by kind (the first one and every relist after a 410 or an outage).
-    pub lists: std::collections::BTreeMap<&'static str, u64>,
-    pub watch_errors: u64,
-    pub status_writes: u64,
-    pub status_write_errors: u64,
+    pub kubernetes: Option<crate::telemetry::KubernetesStatus>,
 }
 
 /// Loads a path into the live configuration, now and whenever it changes.

@@ -5,7 +5,7 @@
 //! script call) and read both hashes in one call only when it moved.
 
 use super::ListError;
-use crate::authz::lists::{ListEntry, ListKind};
+use crate::lists::{ListEntry, ListKind};
 use fred::clients::Pool;
 use fred::interfaces::LuaInterface;
 use parking_lot::Mutex;
