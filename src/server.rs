@@ -22,9 +22,9 @@ use crate::service::grpc::{AuthorizationGrpc, DecodeErrorsAreInvalidArgument, Ra
 use crate::storage::{Storage, StorageError};
 use crate::telemetry::ServiceMetrics;
 use arc_swap::ArcSwap;
-use listen::{Incoming, Port};
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
+use listen::{Incoming, Port};
 use parking_lot::RwLock;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -212,8 +212,11 @@ impl BoundServer {
             .filter(|t| !t.is_empty())
             .map(Arc::from);
         let bind = |what, addr| {
-            listen::bind(addr, listen::BACKLOG)
-                .map_err(|source| ServerError::Bind { what, addr, source })
+            listen::bind(addr, listen::BACKLOG).map_err(|source| ServerError::Bind {
+                what,
+                addr,
+                source,
+            })
         };
         let grpc = bind("gRPC", opts.grpc_addr)?;
         let admin = bind("admin HTTP", opts.admin_addr)?;

@@ -59,11 +59,19 @@ pub struct ServeArgs {
     /// A new connection (either port) must send its HTTP/2 preface or HTTP/1 request head
     /// within this or it is closed; also the admin port's HTTP/1 header read / keep-alive
     /// idle timeout.
-    #[arg(long, env = "RATETHROTTLE_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(
+        long,
+        env = "RATETHROTTLE_HANDSHAKE_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
     handshake_timeout_ms: u64,
     /// HTTP/2 PING interval on both ports; a peer that leaves a PING unanswered this long
     /// is disconnected.
-    #[arg(long, env = "RATETHROTTLE_HTTP2_KEEPALIVE_MS", default_value_t = 30_000)]
+    #[arg(
+        long,
+        env = "RATETHROTTLE_HTTP2_KEEPALIVE_MS",
+        default_value_t = 30_000
+    )]
     http2_keepalive_ms: u64,
     /// After SIGTERM/SIGINT, requests in flight get this long to finish; then the process
     /// exits whatever is still connected. Keep it under the pod's termination grace period
@@ -197,10 +205,16 @@ fn raise_nofile_limit() {
         let before = Resource::NOFILE.get().map(|(soft, _)| soft).ok();
         match rlimit::increase_nofile_limit(u64::MAX) {
             Ok(now) if before.is_some_and(|b| b < now) => {
-                tracing::info!(from = before, to = now, "raised the open file limit (RLIMIT_NOFILE soft → hard)")
+                tracing::info!(
+                    from = before,
+                    to = now,
+                    "raised the open file limit (RLIMIT_NOFILE soft → hard)"
+                )
             }
             Ok(now) => tracing::debug!(limit = now, "open file limit"),
-            Err(e) => tracing::warn!(error = %e, "could not raise the open file limit (RLIMIT_NOFILE)"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not raise the open file limit (RLIMIT_NOFILE)")
+            }
         }
     }
 }

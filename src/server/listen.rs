@@ -106,7 +106,10 @@ impl Incoming {
     fn failed(&mut self, e: &io::Error) {
         self.counter().fetch_add(1, Relaxed);
         let now = Instant::now();
-        if self.last_log.is_none_or(|t| now.duration_since(t) >= LOG_EVERY) {
+        if self
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= LOG_EVERY)
+        {
             tracing::warn!(
                 port = self.port.label(),
                 error = %e,
@@ -262,9 +265,8 @@ mod tests {
     async fn backlog_queues_hundreds_of_unaccepted_connections() {
         let listener = bind("127.0.0.1:0".parse().unwrap(), BACKLOG).unwrap();
         let addr = listener.local_addr().unwrap();
-        let connects = (0..600).map(|_| {
-            tokio::time::timeout(Duration::from_millis(800), TcpStream::connect(addr))
-        });
+        let connects = (0..600)
+            .map(|_| tokio::time::timeout(Duration::from_millis(800), TcpStream::connect(addr)));
         let results = futures_util::future::join_all(connects).await;
         let ok = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
         assert_eq!(ok, 600, "connections completed without an accept");
@@ -288,7 +290,10 @@ mod tests {
         // A client that sends its 24 bytes in time is past the deadline for good.
         let mut talker = TcpStream::connect(addr).await.unwrap();
         let mut conn = incoming.next().await.unwrap().unwrap();
-        talker.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+        talker
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
         let mut got = 0;
         while got < 24 {
             got += conn.read(&mut buf).await.unwrap();

@@ -3,11 +3,11 @@
 use super::{RateLimitEngine, RequestError};
 use crate::authz::AuthzEngine;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
-use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use futures_util::TryFutureExt;
 use futures_util::future::{Either, MapOk};
 use std::task::{Context, Poll};
@@ -122,7 +122,11 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         if is_ours(req.uri().path()) {
-            Either::Left(self.inner.call(req).map_ok(internal_to_invalid_argument as Remap<RB>))
+            Either::Left(
+                self.inner
+                    .call(req)
+                    .map_ok(internal_to_invalid_argument as Remap<RB>),
+            )
         } else {
             Either::Right(self.inner.call(req))
         }
@@ -156,14 +160,18 @@ mod tests {
 
     #[test]
     fn only_internal_answers_of_our_services_are_rewritten() {
-        assert!(is_ours("/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"));
+        assert!(is_ours(
+            "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
+        ));
         assert!(is_ours("/envoy.service.auth.v3.Authorization/Check"));
         assert!(!is_ours("/grpc.health.v1.Health/Check"));
         assert!(!is_ours("/envoy.service.auth.v3.AuthorizationX/Check"));
         let with = |code: &str| {
             let mut r = http::Response::new(());
-            r.headers_mut()
-                .insert(Status::GRPC_STATUS, http::HeaderValue::from_str(code).unwrap());
+            r.headers_mut().insert(
+                Status::GRPC_STATUS,
+                http::HeaderValue::from_str(code).unwrap(),
+            );
             internal_to_invalid_argument(r).headers()[Status::GRPC_STATUS].clone()
         };
         assert_eq!(with("13"), "3");
