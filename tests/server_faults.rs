@@ -165,7 +165,8 @@ fn cpu_ticks(pid: u32) -> u64 {
     let rest = &stat[stat.rfind(')').expect("comm") + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // `rest` starts at field 3 (state), so fields 14 and 15 are at 11 and 12.
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    let ticks = |i: usize| fields[i].parse::<u64>().expect("clock ticks");
+    ticks(11) + ticks(12)
 }
 
 fn clock_ticks_per_second() -> u64 {
