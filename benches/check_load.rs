@@ -358,6 +358,7 @@ fn main() {
             admin_token: None,
             redis_password: None,
             kubernetes: None,
+            connections: Default::default(),
         })
         .await
         .expect("bind");

@@ -150,6 +150,7 @@ async fn start_sidecar(
         admin_token: None,
         redis_password: None,
         kubernetes: None,
+        connections: Default::default(),
     })
     .await
     .expect("bind");

@@ -1,7 +1,11 @@
 //! Assembles a running ratethrottle: config → rules → storage → engine → gRPC + admin.
 //!
-//! Owns: binding (before anything runs, so a taken port fails fast and loud), and running
-//! every server task together — if one ends, the process ends. Must not touch: decisions.
+//! Owns: binding (before anything runs, so a taken port fails fast and loud), running every
+//! server task together — if one ends, the process ends — and the bounded shutdown drain.
+//! Must not touch: decisions.
+
+mod admin_http;
+pub mod listen;
 
 use crate::admin::{self, AdminState};
 use crate::authz::AuthzEngine;
@@ -13,13 +17,14 @@ use crate::rules::{RuleSet, StatsRegistry};
 use crate::runtime::blocklist::{Lists, RedisLists};
 use crate::runtime::live::LiveConfig;
 use crate::runtime::reload::{ReloadStatus, Reloader};
-use crate::service::grpc::{AuthorizationGrpc, RateLimitGrpc};
+use crate::service::grpc::{AuthorizationGrpc, DecodeErrorsAreInvalidArgument, RateLimitGrpc};
 use crate::storage::{Storage, StorageError};
 use crate::telemetry::ServiceMetrics;
 use crate::telemetry::authz::AuthzMetrics;
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
+use listen::{Incoming, Port};
 use parking_lot::RwLock;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -49,6 +54,32 @@ pub struct ServerOptions {
     pub admin_token: Option<String>,
     /// Also take rules and lists from `RateLimitPolicy`/`AccessList` resources.
     pub kubernetes: Option<KubernetesOptions>,
+    /// Timeouts of client connections and of the shutdown drain.
+    pub connections: ConnectionOptions,
+}
+
+/// How long clients may hold connections, on both ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionOptions {
+    /// A new connection must send its HTTP/2 preface (or HTTP/1 request head) within this,
+    /// or it is closed. On the admin port it is also the HTTP/1 header read timeout, which
+    /// closes a keep-alive connection idle this long.
+    pub handshake_timeout: Duration,
+    /// HTTP/2 PING interval; a peer that leaves a PING unanswered this long is dropped.
+    pub http2_keepalive: Duration,
+    /// After SIGTERM: requests in flight get this long to finish, then the process exits
+    /// whatever is still connected.
+    pub shutdown_drain: Duration,
+}
+
+impl Default for ConnectionOptions {
+    fn default() -> Self {
+        ConnectionOptions {
+            handshake_timeout: Duration::from_secs(10),
+            http2_keepalive: Duration::from_secs(30),
+            shutdown_drain: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +94,8 @@ pub enum ServerError {
     Grpc(#[from] tonic::transport::Error),
     #[error("admin server: {0}")]
     Admin(std::io::Error),
+    #[error("server task: {0}")]
+    Task(#[from] tokio::task::JoinError),
     #[error("reflection service: {0}")]
     Reflection(String),
     #[error(transparent)]
@@ -78,6 +111,8 @@ pub struct BoundServer {
     pub admin_addr: SocketAddr,
     grpc: tokio::net::TcpListener,
     admin: tokio::net::TcpListener,
+    connections: ConnectionOptions,
+    metrics: Arc<ServiceMetrics>,
     engine: RateLimitEngine,
     authz: AuthzEngine,
     admin_state: AdminState,
@@ -176,13 +211,15 @@ impl BoundServer {
             .or_else(|| settings.admin_token.clone())
             .filter(|t| !t.is_empty())
             .map(Arc::from);
-        let bind = |what, addr| async move {
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServerError::Bind { what, addr, source })
+        let bind = |what, addr| {
+            listen::bind(addr, listen::BACKLOG).map_err(|source| ServerError::Bind {
+                what,
+                addr,
+                source,
+            })
         };
-        let grpc = bind("gRPC", opts.grpc_addr).await?;
-        let admin = bind("admin HTTP", opts.admin_addr).await?;
+        let grpc = bind("gRPC", opts.grpc_addr)?;
+        let admin = bind("admin HTTP", opts.admin_addr)?;
         let local = |l: &tokio::net::TcpListener, what, addr| {
             l.local_addr()
                 .map_err(|source| ServerError::Bind { what, addr, source })
@@ -192,6 +229,8 @@ impl BoundServer {
             admin_addr: local(&admin, "admin HTTP", opts.admin_addr)?,
             grpc,
             admin,
+            connections: opts.connections,
+            metrics: metrics.clone(),
             admin_state: AdminState {
                 engine: engine.clone(),
                 metrics,
@@ -238,9 +277,17 @@ impl BoundServer {
             let _ = rx.wait_for(|s| *s).await;
         };
 
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(self.grpc).with_nodelay(Some(true));
+        let conns = self.connections;
+        let incoming = Incoming::new(
+            self.grpc,
+            Port::Grpc,
+            self.metrics.clone(),
+            conns.handshake_timeout,
+        );
         let grpc = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(conns.http2_keepalive))
+            .http2_keepalive_timeout(Some(conns.http2_keepalive))
+            .layer(DecodeErrorsAreInvalidArgument::layer())
             .add_service(RateLimitServiceServer::new(RateLimitGrpc::new(
                 self.engine.clone(),
             )))
@@ -250,11 +297,20 @@ impl BoundServer {
             .add_service(health_service)
             .add_service(reflection)
             .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
-        let admin = axum::serve(self.admin, admin::router(self.admin_state))
-            .with_graceful_shutdown(stopped(stop_rx.clone()));
+        let admin = admin_http::serve(
+            Incoming::new(
+                self.admin,
+                Port::Admin,
+                self.metrics.clone(),
+                conns.handshake_timeout,
+            ),
+            admin::router(self.admin_state),
+            conns,
+            stop_rx.clone(),
+        );
 
         let mut grpc = tokio::spawn(grpc);
-        let mut admin = tokio::spawn(async move { admin.await });
+        let mut admin = tokio::spawn(admin);
         let reload_task = self
             .reloader
             .map(|r| tokio::spawn(r.run(self.reload_interval)));
@@ -278,11 +334,25 @@ impl BoundServer {
         );
         let result = tokio::select! {
             _ = shutdown => {
-                tracing::info!("shutting down");
+                let drain = conns.shutdown_drain;
+                tracing::info!(
+                    drain_ms = drain.as_millis() as u64,
+                    "shutting down: not accepting; open connections close after their requests in flight"
+                );
                 let _ = stop_tx.send(true);
-                let g = (&mut grpc).await;
-                let a = (&mut admin).await;
-                flatten_grpc(g).and(flatten_admin(a))
+                let both = async { ((&mut grpc).await, (&mut admin).await) };
+                match tokio::time::timeout(drain, both).await {
+                    Ok((g, a)) => flatten_grpc(g).and(a.map_err(ServerError::Task)),
+                    Err(_) => {
+                        tracing::warn!(
+                            drain_ms = drain.as_millis() as u64,
+                            "shutdown drain bound reached with connections still open; exiting"
+                        );
+                        grpc.abort();
+                        admin.abort();
+                        Ok(())
+                    }
+                }
             }
             g = &mut grpc => {
                 let _ = stop_tx.send(true);
@@ -290,7 +360,7 @@ impl BoundServer {
             }
             a = &mut admin => {
                 let _ = stop_tx.send(true);
-                Err(flatten_admin(a).err().unwrap_or_else(|| ServerError::Admin(std::io::Error::other("admin server stopped"))))
+                Err(a.err().map_or_else(|| ServerError::Admin(std::io::Error::other("admin server stopped")), ServerError::Task))
             }
         };
         if let Some(t) = reload_task {
@@ -313,15 +383,6 @@ fn flatten_grpc(
 ) -> Result<(), ServerError> {
     match r {
         Ok(r) => r.map_err(ServerError::Grpc),
-        Err(e) => Err(ServerError::Admin(std::io::Error::other(e.to_string()))),
-    }
-}
-
-fn flatten_admin(
-    r: Result<Result<(), std::io::Error>, tokio::task::JoinError>,
-) -> Result<(), ServerError> {
-    match r {
-        Ok(r) => r.map_err(ServerError::Admin),
         Err(e) => Err(ServerError::Admin(std::io::Error::other(e.to_string()))),
     }
 }

@@ -22,6 +22,10 @@ pub struct ServiceMetrics {
     pub storage_errors: AtomicU64,
     pub config_load_success: AtomicU64,
     pub config_load_error: AtomicU64,
+    /// Failed `accept()` calls (out of file descriptors, …) on the gRPC port.
+    pub accept_errors_grpc: AtomicU64,
+    /// Failed `accept()` calls on the admin port.
+    pub accept_errors_admin: AtomicU64,
 }
 
 /// Facts the renderer needs that live elsewhere (storage, config).
@@ -85,6 +89,17 @@ pub fn render(metrics: &ServiceMetrics, stats: &StatsRegistry, gauges: &Gauges) 
     for (name, help, v) in counters {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
         let _ = writeln!(out, "{name} {}", v.load(Relaxed));
+    }
+    let name = "ratethrottle_accept_errors_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Failed accepts by port (out of file descriptors, …); each backs off 50 ms doubling to 1 s.\n# TYPE {name} counter"
+    );
+    for (port, v) in [
+        ("grpc", &metrics.accept_errors_grpc),
+        ("admin", &metrics.accept_errors_admin),
+    ] {
+        let _ = writeln!(out, "{name}{{port=\"{port}\"}} {}", v.load(Relaxed));
     }
 
     let _ = writeln!(

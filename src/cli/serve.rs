@@ -1,6 +1,6 @@
 //! `ratethrottle serve`.
 
-use crate::server::{BoundServer, ServerError, ServerOptions};
+use crate::server::{BoundServer, ConnectionOptions, ServerError, ServerOptions};
 use crate::storage::StorageError;
 use clap::Args;
 use std::net::SocketAddr;
@@ -56,6 +56,28 @@ pub struct ServeArgs {
     /// has some (refused by default: an emptied or truncated file must not drop every limit).
     #[arg(long, env = "RATETHROTTLE_ALLOW_EMPTY_CONFIG")]
     allow_empty_config: bool,
+    /// A new connection (either port) must send its HTTP/2 preface or HTTP/1 request head
+    /// within this or it is closed; also the admin port's HTTP/1 header read / keep-alive
+    /// idle timeout.
+    #[arg(
+        long,
+        env = "RATETHROTTLE_HANDSHAKE_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    handshake_timeout_ms: u64,
+    /// HTTP/2 PING interval on both ports; a peer that leaves a PING unanswered this long
+    /// is disconnected.
+    #[arg(
+        long,
+        env = "RATETHROTTLE_HTTP2_KEEPALIVE_MS",
+        default_value_t = 30_000
+    )]
+    http2_keepalive_ms: u64,
+    /// After SIGTERM/SIGINT, requests in flight get this long to finish; then the process
+    /// exits whatever is still connected. Keep it under the pod's termination grace period
+    /// (Kubernetes default 30 s).
+    #[arg(long, env = "RATETHROTTLE_SHUTDOWN_DRAIN_MS", default_value_t = 10_000)]
+    shutdown_drain_ms: u64,
     /// Log as JSON lines.
     #[arg(long, env = "RATETHROTTLE_LOG_JSON")]
     log_json: bool,
@@ -63,6 +85,7 @@ pub struct ServeArgs {
 
 pub fn run(args: ServeArgs) -> ExitCode {
     crate::telemetry::init_tracing(args.log_json);
+    raise_nofile_limit();
     // Config is parsed and validated before any port is bound.
     let config = match &args.config {
         Some(path) => match crate::config::load(path) {
@@ -140,11 +163,19 @@ pub fn run(args: ServeArgs) -> ExitCode {
         redis_password: args.redis_password,
         admin_token: args.admin_token,
         kubernetes,
+        connections: ConnectionOptions {
+            handshake_timeout: Duration::from_millis(args.handshake_timeout_ms.max(1)),
+            http2_keepalive: Duration::from_millis(args.http2_keepalive_ms.max(1)),
+            shutdown_drain: Duration::from_millis(args.shutdown_drain_ms),
+        },
     };
     let result = rt.block_on(async move {
         let server = BoundServer::bind(opts).await?;
         server.run(shutdown_signal()).await
     });
+    // Tasks still running (connections past the drain bound, background probes) are
+    // dropped, not waited for.
+    rt.shutdown_timeout(Duration::from_millis(500));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -159,6 +190,30 @@ pub fn run(args: ServeArgs) -> ExitCode {
                 ExitCode::from(super::EXIT_CONFIG)
             } else {
                 ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit: every Envoy connection is a file
+/// descriptor, and the usual soft limit of 1024 runs out long before memory or CPU do.
+/// Running out is survivable (accepts back off and are counted) but refuses clients.
+fn raise_nofile_limit() {
+    #[cfg(unix)]
+    {
+        use rlimit::Resource;
+        let before = Resource::NOFILE.get().map(|(soft, _)| soft).ok();
+        match rlimit::increase_nofile_limit(u64::MAX) {
+            Ok(now) if before.is_some_and(|b| b < now) => {
+                tracing::info!(
+                    from = before,
+                    to = now,
+                    "raised the open file limit (RLIMIT_NOFILE soft → hard)"
+                )
+            }
+            Ok(now) => tracing::debug!(limit = now, "open file limit"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not raise the open file limit (RLIMIT_NOFILE)")
             }
         }
     }

@@ -3,9 +3,16 @@
 use crate::authz::AuthzEngine;
 use crate::engine::{RateLimitEngine, RequestError};
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use futures_util::TryFutureExt;
+use futures_util::future::{Either, MapOk};
+use std::task::{Context, Poll};
+use tonic::codegen::http;
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
 /// `envoy.service.ratelimit.v3.RateLimitService` over the engine.
@@ -63,5 +70,112 @@ impl Authorization for AuthorizationGrpc {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         Ok(Response::new(self.engine.check(request.get_ref()).await))
+    }
+}
+
+/// Answers INVALID_ARGUMENT, not INTERNAL, when a RateLimitService or Authorization request
+/// cannot be decoded (not protobuf, a truncated frame, a bad compression flag).
+///
+/// tonic's codec reports those as INTERNAL, following the table in gRPC's status code guide;
+/// for a rate limit sidecar the difference matters: INTERNAL reads as our bug on dashboards
+/// and in alerts, while the fault is the caller's. Our handlers never answer INTERNAL
+/// ([`to_status`] maps every error, and `Check` always answers), so on these two services an
+/// INTERNAL can only come from tonic's request decoding, before a handler ran; it arrives as
+/// a trailers-only response with `grpc-status` in the headers, which is all this rewrites.
+/// Other services (health, reflection) are left as tonic answers them.
+#[derive(Debug, Clone)]
+pub struct DecodeErrorsAreInvalidArgument<S> {
+    inner: S,
+}
+
+/// The tower layer of [`DecodeErrorsAreInvalidArgument`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DecodeErrorsLayer;
+
+impl DecodeErrorsAreInvalidArgument<()> {
+    pub fn layer() -> DecodeErrorsLayer {
+        DecodeErrorsLayer
+    }
+}
+
+impl<S> tower_layer::Layer<S> for DecodeErrorsLayer {
+    type Service = DecodeErrorsAreInvalidArgument<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        DecodeErrorsAreInvalidArgument { inner }
+    }
+}
+
+type Remap<B> = fn(http::Response<B>) -> http::Response<B>;
+
+impl<S, B, RB> tower_service::Service<http::Request<B>> for DecodeErrorsAreInvalidArgument<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<RB>>,
+{
+    type Response = http::Response<RB>;
+    type Error = S::Error;
+    type Future = Either<MapOk<S::Future, Remap<RB>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if is_ours(req.uri().path()) {
+            Either::Left(
+                self.inner
+                    .call(req)
+                    .map_ok(internal_to_invalid_argument as Remap<RB>),
+            )
+        } else {
+            Either::Right(self.inner.call(req))
+        }
+    }
+}
+
+/// Whether `path` (`/package.Service/Method`) is one of the services whose handlers we own.
+fn is_ours(path: &str) -> bool {
+    let service = path
+        .strip_prefix('/')
+        .and_then(|p| p.split_once('/'))
+        .map(|(service, _)| service);
+    matches!(service, Some(s) if s == <RateLimitServiceServer<RateLimitGrpc> as NamedService>::NAME
+        || s == <AuthorizationServer<AuthorizationGrpc> as NamedService>::NAME)
+}
+
+fn internal_to_invalid_argument<B>(mut resp: http::Response<B>) -> http::Response<B> {
+    let internal = tonic::Code::Internal as i32;
+    let status = resp.headers().get(Status::GRPC_STATUS);
+    if status.is_some_and(|v| v.as_bytes() == internal.to_string().as_bytes()) {
+        let code = tonic::Code::InvalidArgument as i32;
+        resp.headers_mut()
+            .insert(Status::GRPC_STATUS, http::HeaderValue::from(code));
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_internal_answers_of_our_services_are_rewritten() {
+        assert!(is_ours(
+            "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
+        ));
+        assert!(is_ours("/envoy.service.auth.v3.Authorization/Check"));
+        assert!(!is_ours("/grpc.health.v1.Health/Check"));
+        assert!(!is_ours("/envoy.service.auth.v3.AuthorizationX/Check"));
+        let with = |code: &str| {
+            let mut r = http::Response::new(());
+            r.headers_mut().insert(
+                Status::GRPC_STATUS,
+                http::HeaderValue::from_str(code).unwrap(),
+            );
+            internal_to_invalid_argument(r).headers()[Status::GRPC_STATUS].clone()
+        };
+        assert_eq!(with("13"), "3");
+        assert_eq!(with("14"), "14");
+        assert_eq!(with("0"), "0");
     }
 }

@@ -52,7 +52,26 @@ impl Sidecar {
 
     /// `start` with extra environment variables (e.g. `KUBECONFIG`).
     pub fn start_with_env(config: Option<&Path>, extra: &[&str], env: &[(&str, &str)]) -> Sidecar {
-        let mut cmd = Command::new(BIN);
+        Sidecar::start_via(&[], config, extra, env)
+    }
+
+    /// `start_with_env` through `launcher`, a command that ends by `exec`ing its arguments
+    /// (e.g. `["sh", "-c", "ulimit -n 64; exec \"$@\"", "sh"]`), so the child's pid is the
+    /// sidecar's.
+    pub fn start_via(
+        launcher: &[&str],
+        config: Option<&Path>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Sidecar {
+        let mut cmd = match launcher.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.envs(env.iter().copied());
         cmd.arg("serve")
             .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])

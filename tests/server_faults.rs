@@ -1,0 +1,331 @@
+//! Connection faults against the real process: clients that connect and never speak, half-sent
+//! requests, SIGTERM with those open, running out of file descriptors, undecodable protobuf.
+//!
+//! Every setting is passed through the environment (`RATETHROTTLE_*`), so each test also runs
+//! against a build without them and fails there on behaviour, not on an unknown flag.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use support::Sidecar;
+
+/// A raw TCP connection that sends `bytes` (maybe nothing) and then only listens.
+fn raw(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.write_all(bytes).expect("write");
+    s
+}
+
+/// Reads until the server closes the connection; the time since `start` when it did, or
+/// `None` if it was still open `within` after `start`.
+fn closed_within(s: &mut TcpStream, start: Instant, within: Duration) -> Option<Duration> {
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = within.checked_sub(start.elapsed())?;
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .expect("timeout");
+        match s.read(&mut buf) {
+            Ok(0) => return Some(start.elapsed()),
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return None;
+            }
+            // Reset by the server: closed too.
+            Err(_) => return Some(start.elapsed()),
+        }
+    }
+}
+
+/// The HTTP/2 connection preface and an empty SETTINGS frame: a client that completed the
+/// handshake and then went silent (it never answers a PING).
+const H2_PREFACE_AND_SETTINGS: &[u8] =
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+const HALF_SENT_REQUEST: &[u8] = b"GET /healthz HTTP/1.1\r\nhost: test\r\n";
+
+fn sigterm(pid: u32) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+}
+
+/// Waits up to `within` for the child to exit; its status, or `None` if still running.
+fn exit_within(sidecar: &mut Sidecar, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(status) = sidecar.child.try_wait().expect("wait") {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn sigterm_with_silent_connections_and_half_sent_requests_exits_within_the_drain_bound() {
+    let drain = Duration::from_millis(1000);
+    let mut sidecar = Sidecar::start_with_env(
+        None,
+        &[],
+        &[
+            ("RATETHROTTLE_SHUTDOWN_DRAIN_MS", "1000"),
+            // Long enough that only the drain bound can end these connections in time.
+            ("RATETHROTTLE_HANDSHAKE_TIMEOUT_MS", "60000"),
+            ("RATETHROTTLE_HTTP2_KEEPALIVE_MS", "60000"),
+        ],
+    );
+    let _silent: Vec<TcpStream> = (0..20).map(|_| raw(sidecar.grpc, b"")).collect();
+    let _half_h2: Vec<TcpStream> = (0..3)
+        .map(|_| raw(sidecar.grpc, &H2_PREFACE_AND_SETTINGS[..10]))
+        .collect();
+    let _half_sent: Vec<TcpStream> = (0..5)
+        .map(|_| raw(sidecar.admin, HALF_SENT_REQUEST))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+
+    let start = Instant::now();
+    sigterm(sidecar.child.id());
+    // The bound plus a generous margin for a loaded machine: this is about exiting at all
+    // (a build without the drain waits for the clients, forever here), not a speed test.
+    let status = exit_within(&mut sidecar, drain + Duration::from_secs(5));
+    let took = start.elapsed();
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "still running {took:?} after SIGTERM with silent connections open; stderr:\n{}",
+            sidecar.stderr()
+        )
+    });
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        took >= drain - Duration::from_millis(50),
+        "left before the drain bound: {took:?}"
+    );
+    eprintln!("exited {took:?} after SIGTERM (drain bound {drain:?})");
+}
+
+#[test]
+fn silent_connections_and_half_sent_requests_are_closed_by_the_server() {
+    let sidecar = Sidecar::start_with_env(
+        None,
+        &[],
+        &[
+            ("RATETHROTTLE_HANDSHAKE_TIMEOUT_MS", "300"),
+            ("RATETHROTTLE_HTTP2_KEEPALIVE_MS", "300"),
+        ],
+    );
+    let within = Duration::from_secs(5);
+    let cases: [(&str, SocketAddr, &[u8]); 5] = [
+        ("gRPC, connected and silent", sidecar.grpc, b""),
+        (
+            "gRPC, half an HTTP/2 preface",
+            sidecar.grpc,
+            &H2_PREFACE_AND_SETTINGS[..10],
+        ),
+        (
+            "gRPC, handshake done, PINGs unanswered",
+            sidecar.grpc,
+            H2_PREFACE_AND_SETTINGS,
+        ),
+        ("admin, connected and silent", sidecar.admin, b""),
+        (
+            "admin, half-sent HTTP/1 request",
+            sidecar.admin,
+            HALF_SENT_REQUEST,
+        ),
+    ];
+    let opened = Instant::now();
+    let mut conns: Vec<_> = cases
+        .iter()
+        .map(|(what, addr, bytes)| (*what, raw(*addr, bytes)))
+        .collect();
+    for (what, conn) in &mut conns {
+        let took = closed_within(conn, opened, within)
+            .unwrap_or_else(|| panic!("{what}: still open after {within:?}"));
+        eprintln!("{what}: closed {took:?} after connecting");
+    }
+    // A client that speaks is served as before.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (code, body) = rt.block_on(sidecar.get("/healthz"));
+    assert_eq!((code, body.as_str()), (200, "OK\n"));
+}
+
+/// `utime + stime` of `pid` in clock ticks (`/proc/<pid>/stat` fields 14 and 15).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // The command name may hold spaces; the fields after it are space-separated.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state), so fields 14 and 15 are at 11 and 12.
+    let ticks = |i: usize| fields[i].parse::<u64>().expect("clock ticks");
+    ticks(11) + ticks(12)
+}
+
+fn clock_ticks_per_second() -> u64 {
+    let out = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .expect("getconf");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("CLK_TCK")
+}
+
+fn metric(text: &str, series: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[test]
+fn out_of_file_descriptors_backs_off_counts_and_recovers() {
+    // `ulimit -n` sets the soft and the hard limit, so raising soft → hard at start keeps 64.
+    let mut sidecar = Sidecar::start_via(
+        &["sh", "-c", "ulimit -n 64 && exec \"$@\"", "sh"],
+        None,
+        &[],
+        &[("RATETHROTTLE_HANDSHAKE_TIMEOUT_MS", "60000")],
+    );
+    let pid = sidecar.child.id();
+    // More connections than descriptors: the rest wait in the backlog, and every accept of
+    // them fails with EMFILE until some close.
+    let flood: Vec<TcpStream> = (0..120).map(|_| raw(sidecar.grpc, b"")).collect();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let hz = clock_ticks_per_second();
+    let window = Duration::from_secs(2);
+    let before = cpu_ticks(pid);
+    std::thread::sleep(window);
+    let used = (cpu_ticks(pid) - before) as f64 / hz as f64 / window.as_secs_f64();
+    eprintln!(
+        "CPU while out of descriptors: {:.1} % of a core",
+        used * 100.0
+    );
+    // A spinning accept loop is ~100 %; backing off is ~0. Half a core leaves a wide margin
+    // on a loaded machine.
+    assert!(
+        used < 0.5,
+        "accept loop spins: {:.0} % of a core; stderr:\n{}",
+        used * 100.0,
+        sidecar.stderr()
+    );
+    assert!(sidecar.child_alive());
+
+    drop(flood);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let errors = loop {
+        // The admin port answers again once the descriptors are back.
+        let answer = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(2), async {
+                let mut s = tokio::net::TcpStream::connect(sidecar.admin).await.ok()?;
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                s.write_all(b"GET /metrics HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+                    .await
+                    .ok()?;
+                let mut buf = Vec::new();
+                s.read_to_end(&mut buf).await.ok()?;
+                Some(String::from_utf8_lossy(&buf).to_string())
+            })
+            .await
+            .ok()
+            .flatten()
+        });
+        if let Some(text) = answer.filter(|t| t.starts_with("HTTP/1.1 200")) {
+            break metric(&text, "ratethrottle_accept_errors_total{port=\"grpc\"}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "admin port not answering after the flood closed; stderr:\n{}",
+            sidecar.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let errors = errors.expect("ratethrottle_accept_errors_total{port=\"grpc\"} in /metrics");
+    assert!(errors > 0, "accept errors not counted");
+    eprintln!("accept errors counted: {errors}");
+    let log = sidecar.stderr();
+    let lines = log.matches("accepting a connection failed").count();
+    assert!(
+        (1..=3).contains(&lines),
+        "accept failures logged {lines} times (rate-limited: ≤ 1 per 5 s); stderr:\n{log}"
+    );
+}
+
+/// Field 1 as raw bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Garbage {
+    #[prost(bytes = "vec", tag = "1")]
+    value: Vec<u8>,
+}
+
+#[tokio::test]
+async fn undecodable_protobuf_is_invalid_argument() {
+    use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
+    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse;
+    use tonic::codegen::http::uri::PathAndQuery;
+
+    let sidecar = Sidecar::start(None, &[]);
+    // Field 1 as bytes that are no valid UTF-8 (RateLimitRequest.domain is a string) and no
+    // valid message (CheckRequest.attributes): protobuf on the wire, undecodable for us.
+    let garbage = Garbage {
+        value: vec![0xff, 0xfe, 0xfd],
+    };
+    async fn call<R: prost::Message + Default + Send + std::fmt::Debug + 'static>(
+        channel: tonic::transport::Channel,
+        path: &'static str,
+        body: Garbage,
+    ) -> tonic::Status {
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.expect("ready");
+        let codec = tonic_prost::ProstCodec::<Garbage, R>::default();
+        grpc.unary(
+            tonic::Request::new(body),
+            PathAndQuery::from_static(path),
+            codec,
+        )
+        .await
+        .expect_err("an undecodable request fails")
+    }
+    for (path, status) in [
+        (
+            "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+            call::<RateLimitResponse>(
+                sidecar.channel().await,
+                "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+                garbage.clone(),
+            )
+            .await,
+        ),
+        (
+            "/envoy.service.auth.v3.Authorization/Check",
+            call::<CheckResponse>(
+                sidecar.channel().await,
+                "/envoy.service.auth.v3.Authorization/Check",
+                garbage.clone(),
+            )
+            .await,
+        ),
+    ] {
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{path}: {status:?}"
+        );
+    }
+    // A well-formed request is still answered.
+    let ok = sidecar
+        .client()
+        .await
+        .should_rate_limit(support::request("d", &[&[("k", "v")]]))
+        .await;
+    assert!(ok.is_ok(), "{ok:?}");
+}
