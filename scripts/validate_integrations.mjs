@@ -92,7 +92,7 @@ if (strict.length > 0) {
       process.execPath,
       [tsc, "--noEmit", "--strict", "--skipLibCheck", "--module", "nodenext",
         "--moduleResolution", "nodenext", join(tmp, "objects.ts")],
-      { encoding: "utf8", cwd: tmp, env: { ...process.env, NODE_PATH: modules } },
+      { encoding: "utf8", cwd: tmp },
     );
     const text = `${out.stdout}${out.stderr}`;
     if (out.status !== 0 && !/objects\.ts\(\d+,/.test(text)) {
