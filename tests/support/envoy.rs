@@ -152,3 +152,44 @@ pub fn validate(path: &Path) -> Result<(), String> {
         ))
     }
 }
+
+/// A free loopback port for a rendered config.
+pub fn port() -> u16 {
+    free_port()
+}
+
+impl Envoy {
+    /// Runs a config a test rendered itself (e.g. a JSON bootstrap; `name` picks the format by
+    /// its extension) whose listener and admin ports are `listener` and `admin`.
+    pub fn start_rendered(name: &str, text: &str, listener: u16, admin: u16) -> Envoy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write config");
+        let log = dir.path().join("envoy.log");
+        let child = Command::new(binary())
+            .arg("-c")
+            .arg(&path)
+            .args([
+                "--concurrency",
+                "1",
+                "--use-dynamic-base-id",
+                "-l",
+                "warning",
+                "--log-path",
+            ])
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start envoy");
+        let envoy = Envoy {
+            child,
+            listener: SocketAddr::from(([127, 0, 0, 1], listener)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+            _dir: dir,
+            log,
+        };
+        envoy.wait_ready();
+        envoy
+    }
+}
