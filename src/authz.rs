@@ -30,7 +30,7 @@ use crate::blocklist::{self, Lists};
 use crate::config::Config;
 use crate::config::authz::{AuthzConfig, AuthzFailureMode};
 use crate::limiter::Clock;
-use crate::service::{RateLimitEngine, RequestError, Verdict, Verdicts};
+use crate::service::{OnStorageFailure, RateLimitEngine, RequestError, Verdict, Verdicts};
 use answer::{Denial, Quota};
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
@@ -260,7 +260,13 @@ impl AuthzEngine {
             } else {
                 self.metrics.stage(Stage::LimitsEvaluated);
                 self.limits
-                    .evaluate(&st.domain, &descriptors, 1, &mut verdicts)
+                    .evaluate(
+                        &st.domain,
+                        &descriptors,
+                        1,
+                        &mut verdicts,
+                        OnStorageFailure::LocalOrError,
+                    )
                     .await
             }
         };
@@ -285,8 +291,8 @@ impl AuthzEngine {
                 Denial::rate_limited(q, graphql_body).into_response(grpc)
             }
             Err(e) => {
+                // The engine logs storage failures (rate-limited); the answer is ours.
                 self.metrics.stage(Stage::LimitsStorageError);
-                tracing::warn!("ext_authz limits: {e}");
                 self.failed(&st, &e, Some(identity.value), grpc)
             }
         }

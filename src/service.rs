@@ -8,4 +8,6 @@
 pub mod grpc;
 pub mod ratelimit;
 
-pub use ratelimit::{Descriptor, RateLimitEngine, RequestError, Verdict, VerdictLimit, Verdicts};
+pub use ratelimit::{
+    Descriptor, OnStorageFailure, RateLimitEngine, RequestError, Verdict, VerdictLimit, Verdicts,
+};
