@@ -139,8 +139,8 @@ impl Shards {
             };
             let i = u16::try_from(i).unwrap_or(u16::MAX);
             let end = usize::from(range.end).min(SLOTS - 1);
-            for slot in usize::from(range.start)..=end {
-                owner[slot] = i;
+            if let Some(slots) = owner.get_mut(usize::from(range.start)..=end) {
+                slots.fill(i);
             }
         }
         let added = nodes
