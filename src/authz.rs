@@ -25,7 +25,7 @@ pub mod websocket;
 
 use crate::config::Config;
 use crate::config::authz::{AuthzConfig, AuthzFailureMode};
-use crate::engine::{RateLimitEngine, RequestError, Verdict, Verdicts};
+use crate::engine::{OnStorageFailure, RateLimitEngine, RequestError, Verdict, Verdicts};
 use crate::limiter::Clock;
 use crate::runtime::blocklist::{self, Lists};
 use crate::telemetry::authz::{AuthzMetrics, Outcome, Stage};
@@ -257,7 +257,13 @@ impl AuthzEngine {
             } else {
                 self.metrics.stage(Stage::LimitsEvaluated);
                 self.limits
-                    .evaluate(&st.domain, &descriptors, 1, &mut verdicts)
+                    .evaluate(
+                        &st.domain,
+                        &descriptors,
+                        1,
+                        &mut verdicts,
+                        OnStorageFailure::LocalOrError,
+                    )
                     .await
             }
         };
@@ -282,8 +288,8 @@ impl AuthzEngine {
                 Denial::rate_limited(q, graphql_body).into_response(grpc)
             }
             Err(e) => {
+                // The engine logs storage failures (rate-limited); the answer is ours.
                 self.metrics.stage(Stage::LimitsStorageError);
-                tracing::warn!("ext_authz limits: {e}");
                 self.failed(&st, &e, Some(identity.value), grpc)
             }
         }

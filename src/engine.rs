@@ -17,7 +17,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
 use smallvec::SmallVec;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Why a request was refused before any counting. Each maps to INVALID_ARGUMENT, except
 /// storage failures (UNAVAILABLE).
@@ -46,6 +46,19 @@ impl rules::Entry for PbEntry {
     }
 }
 
+/// What `evaluate` does when the storage cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStorageFailure {
+    /// Answer by the store's `failure_mode` (allow, deny, local): `ShouldRateLimit`.
+    FailureMode,
+    /// Decide with the local limiter under `failure_mode: local`; otherwise return the
+    /// error, for the caller's own failure mode (ext_authz's `authz.failure_mode`).
+    LocalOrError,
+}
+
+/// At most one storage-failure log line per this many nanoseconds.
+const LOG_EVERY: Nanos = 1_000_000_000;
+
 /// Decides `ShouldRateLimit` requests against the rules in force.
 #[derive(Clone)]
 pub struct RateLimitEngine {
@@ -54,6 +67,8 @@ pub struct RateLimitEngine {
     clock: Arc<dyn Clock>,
     stats: Arc<StatsRegistry>,
     metrics: Arc<ServiceMetrics>,
+    /// Storage failures since the last log line, and when the next may be written.
+    failure_log: Arc<(AtomicU64, AtomicU64)>,
 }
 
 impl std::fmt::Debug for RateLimitEngine {
@@ -167,6 +182,25 @@ impl RateLimitEngine {
             clock,
             stats,
             metrics,
+            failure_log: Arc::default(),
+        }
+    }
+
+    /// Logs a storage failure, at most once a second with the count since the last line.
+    fn log_storage_failure(&self, e: &StorageError, now: Nanos) {
+        let (count, next) = &*self.failure_log;
+        count.fetch_add(1, Relaxed);
+        let due = next.load(Relaxed);
+        if now >= due
+            && next
+                .compare_exchange(due, now.saturating_add(LOG_EVERY), Relaxed, Relaxed)
+                .is_ok()
+        {
+            let n = count.swap(0, Relaxed);
+            tracing::warn!(
+                failures = n,
+                "storage error: {e}; answering by the failure mode (at most one line a second)"
+            );
         }
     }
 
@@ -209,7 +243,13 @@ impl RateLimitEngine {
         };
         let mut verdicts = Verdicts::new();
         let over = self
-            .evaluate(&req.domain, &req.descriptors, request_hits, &mut verdicts)
+            .evaluate(
+                &req.domain,
+                &req.descriptors,
+                request_hits,
+                &mut verdicts,
+                OnStorageFailure::FailureMode,
+            )
             .await?;
         let statuses: Vec<DescriptorStatus> = verdicts
             .into_iter()
@@ -270,6 +310,7 @@ impl RateLimitEngine {
         descriptors: &[D],
         request_hits: u32,
         verdicts: &mut Verdicts,
+        on_failure: OnStorageFailure,
     ) -> Result<bool, RequestError> {
         let rules = self.rules.load();
         let settings = &rules.settings;
@@ -339,10 +380,23 @@ impl RateLimitEngine {
         }
 
         let now = self.clock.now();
-        if !ops.is_empty() {
-            self.storage
+        if !ops.is_empty()
+            && let Err(e) = self
+                .storage
                 .check_and_update(&mut ops, now, settings.rejected_hits)
-                .await?;
+                .await
+        {
+            self.log_storage_failure(&e, now);
+            match on_failure {
+                OnStorageFailure::FailureMode => {
+                    // The reference's redis_error: every request the storage failed.
+                    self.metrics.storage_errors.fetch_add(1, Relaxed);
+                }
+                OnStorageFailure::LocalOrError if self.storage.decides_locally_on_failure() => {}
+                OnStorageFailure::LocalOrError => return Err(e.into()),
+            }
+            self.storage
+                .answer_failure(&mut ops, now, settings.rejected_hits);
         }
 
         let mut over = false;

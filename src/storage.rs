@@ -45,8 +45,11 @@ impl CounterOp {
 /// Storage failures, classified so the service can map them to one answer.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
+    /// The store cannot answer: its connection is known down, refused, reset, or it
+    /// answered with an error.
     #[error("storage unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(std::borrow::Cow<'static, str>),
+    /// It did not answer within its deadline.
     #[error("storage timed out after {0:?}")]
     Timeout(std::time::Duration),
     #[error("storage configuration: {0}")]
@@ -87,10 +90,26 @@ impl Storage {
                 m.check_and_update(ops, now, rejected);
                 Ok(())
             }
-            Storage::Redis(r) => {
-                r.check_and_update(ops, now, rejected).await;
-                Ok(())
-            }
+            Storage::Redis(r) => r.check_and_update(ops, now, rejected).await,
+        }
+    }
+
+    /// After `check_and_update` failed: answers the ops it left open by the store's
+    /// failure mode (`allow`, `deny`, or `local`: the in-memory limiter).
+    pub fn answer_failure(&self, ops: &mut [CounterOp], now: Nanos, rejected: RejectedHits) {
+        match self {
+            // The memory store never fails.
+            Storage::Memory(_) => {}
+            Storage::Redis(r) => r.answer_failure(ops, now, rejected),
+        }
+    }
+
+    /// Whether a failed call is still decided with real limits (`failure_mode: local`),
+    /// rather than by a blanket allow or deny.
+    pub fn decides_locally_on_failure(&self) -> bool {
+        match self {
+            Storage::Memory(_) => true,
+            Storage::Redis(r) => r.failure_mode() == crate::config::FailureMode::Local,
         }
     }
 

@@ -8,11 +8,14 @@
 //! Must not touch: the algorithms' arithmetic (the script mirrors `limiter`), matching, gRPC.
 
 mod cached;
+mod circuit;
 mod local_cache;
 pub mod script;
+mod shards;
 mod url;
 
 pub use cached::CachedCounters;
+pub use circuit::Circuit;
 pub use local_cache::OverLimitCache;
 pub use url::{RedisUrl, Topology, UrlError, redact, with_password};
 
@@ -20,10 +23,16 @@ use super::{CounterOp, MemoryStore, StorageError};
 use crate::config::{FailureMode, RedisSettings};
 use crate::limiter::{Clock, Nanos, Outcome, RejectedHits};
 use fred::clients::Pool;
-use fred::interfaces::{ClientLike, FunctionInterface, LuaInterface};
-use fred::types::config::{ReconnectPolicy, TlsConnector};
+use fred::error::ErrorKind;
+use fred::interfaces::{ClientLike, ClusterInterface, FunctionInterface, LuaInterface};
+use fred::types::ClientState;
+use fred::types::config::Options;
+use fred::types::config::{Config, ReconnectPolicy, ServerConfig, TlsConnector};
 use parking_lot::Mutex;
 use script::ScriptOp;
+use shards::{Node, Shards};
+use std::borrow::Cow;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -36,6 +45,29 @@ fn is_unknown_command(e: &fred::error::Error) -> bool {
     let d = e.details().to_ascii_lowercase();
     d.contains("unknown command") || d.contains("unknown subcommand")
 }
+
+/// A cluster answer that means our slot table is out of date.
+fn is_redirect(e: &fred::error::Error) -> bool {
+    let d = e.details();
+    d.starts_with("MOVED") || d.starts_with("ASK") || d.starts_with("CLUSTERDOWN")
+}
+
+/// A fred error as a storage error, and whether it says the connection is gone (refused,
+/// reset, closed, not connected, refused credentials): then the circuit opens at once.
+fn classify(e: &fred::error::Error, timeout: Duration) -> (StorageError, bool) {
+    match e.kind() {
+        ErrorKind::Timeout => (StorageError::Timeout(timeout), false),
+        ErrorKind::IO | ErrorKind::Canceled | ErrorKind::Routing | ErrorKind::Auth => {
+            (StorageError::Unavailable(Cow::Owned(e.to_string())), true)
+        }
+        _ => (StorageError::Unavailable(Cow::Owned(e.to_string())), false),
+    }
+}
+
+/// What a call gets while its connection is known down: no allocation, no await.
+const KNOWN_DOWN: StorageError = StorageError::Unavailable(Cow::Borrowed(
+    "Redis connection known down (probing in the background)",
+));
 
 /// Storage health as `/readyz` and `/metrics` show it.
 #[derive(Debug, Default)]
@@ -59,16 +91,18 @@ impl StorageHealth {
         self.last_error.lock().clone()
     }
 
-    fn failed(&self, e: &str) {
+    /// A failed call. The reason is kept (and logged) when health turns degraded; later
+    /// failures only count, so an outage costs no lock or allocation per request.
+    fn failed(&self, e: &dyn std::fmt::Display) {
         self.errors.fetch_add(1, Relaxed);
-        if !self.degraded.swap(true, Relaxed) {
+        if !self.degraded.load(Relaxed) && !self.degraded.swap(true, Relaxed) {
             tracing::warn!("Redis degraded: {e}");
+            *self.last_error.lock() = Some(e.to_string());
         }
-        *self.last_error.lock() = Some(e.to_string());
     }
 
     fn ok(&self) {
-        if self.degraded.swap(false, Relaxed) {
+        if self.degraded.load(Relaxed) && self.degraded.swap(false, Relaxed) {
             tracing::info!("Redis recovered");
         }
     }
@@ -76,8 +110,15 @@ impl StorageHealth {
 
 #[derive(Debug)]
 pub struct RedisStore {
+    /// fred's client of the URL: standalone and Sentinel calls, the lists, and the first
+    /// cluster topology.
     pool: Pool,
-    cluster: bool,
+    /// Standalone and Sentinel: the one node (the pool above) and its circuit.
+    single: Arc<Node>,
+    /// Cluster: a pool per master, routed by slot.
+    shards: Option<Shards>,
+    /// The client configuration a cluster master's pool is built from.
+    config: Config,
     script: fred::types::scripts::Script,
     library: script::Library,
     /// FCALL while the server has functions (Redis ≥ 7); EVALSHA after it said it hasn't.
@@ -91,6 +132,26 @@ pub struct RedisStore {
     url: String,
     /// Send the caller's clock instead of letting the script read Redis's `TIME`.
     client_clock: bool,
+    /// Commands fail at once (rather than queue) while their client is reconnecting.
+    fail_fast: Options,
+}
+
+fn build_pool(config: Config, settings: &RedisSettings) -> Result<Pool, fred::error::Error> {
+    let timeout = Duration::from_nanos(settings.timeout);
+    fred::types::Builder::from_config(config)
+        .with_performance_config(|p| {
+            // Commands never outlive the call that waits for them.
+            p.default_command_timeout = timeout;
+        })
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(2);
+            c.internal_command_timeout = Duration::from_secs(2);
+            c.max_command_attempts = 2;
+            c.max_redirections = 5;
+        })
+        // Forever, 50 ms doubling to 1 s: back off, but come back soon after Redis does.
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 1_000, 2))
+        .build_pool(settings.pool_size)
 }
 
 impl RedisStore {
@@ -109,25 +170,14 @@ impl RedisStore {
             config.tls = Some(connector.into());
         }
         let timeout = Duration::from_nanos(settings.timeout);
-        let pool = fred::types::Builder::from_config(config)
-            .with_performance_config(|p| {
-                // Commands never outlive the call that waits for them.
-                p.default_command_timeout = timeout;
-            })
-            .with_connection_config(|c| {
-                c.connection_timeout = Duration::from_secs(2);
-                c.internal_command_timeout = Duration::from_secs(2);
-                c.max_command_attempts = 2;
-                c.max_redirections = 5;
-            })
-            // Forever, 50 ms doubling to 2 s: back off, but come back soon after Redis does.
-            .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
-            .build_pool(settings.pool_size)
+        let pool = build_pool(config.clone(), settings)
             .map_err(|e| StorageError::Config(e.to_string()))?;
         pool.connect();
         let store = RedisStore {
+            single: Node::new(redact(url), pool.clone()),
             pool,
-            cluster: parsed.is_cluster(),
+            shards: parsed.is_cluster().then(Shards::default),
+            config,
             script: fred::types::scripts::Script::from_lua(script::SOURCE),
             library: script::Library::new(),
             functions: AtomicBool::new(true),
@@ -141,17 +191,28 @@ impl RedisStore {
             health: StorageHealth::default(),
             url: redact(url),
             client_clock: false,
+            fail_fast: Options {
+                fail_fast: true,
+                ..Default::default()
+            },
         };
         match tokio::time::timeout(Duration::from_secs(3), store.pool.wait_for_connect()).await {
             Ok(Ok(())) => {
-                if let Err(e) = store.load_script().await {
+                if let Err(e) = store.route_cluster().await {
                     store.health.failed(&e);
                 }
+                for node in store.nodes() {
+                    if let Err(e) = store.load_script(&node).await {
+                        store.health.failed(&e);
+                        node.circuit.open();
+                    }
+                }
             }
-            Ok(Err(e)) => store.health.failed(&e.to_string()),
-            Err(_) => store.health.failed("not reachable at start-up"),
+            Ok(Err(e)) => store.health.failed(&e),
+            Err(_) => store.health.failed(&"not reachable at start-up"),
         }
         if store.health.is_degraded() {
+            store.single.circuit.open();
             tracing::warn!(
                 url = %store.url,
                 failure_mode = store.settings.failure_mode.as_str(),
@@ -159,6 +220,86 @@ impl RedisStore {
             );
         }
         Ok(store)
+    }
+
+    /// Cluster: reads CLUSTER SLOTS from a master whose connection is up (else from fred's
+    /// client of the URL) and routes by it. Standalone and Sentinel: nothing to do.
+    async fn route_cluster(&self) -> Result<(), StorageError> {
+        let Some(shards) = &self.shards else {
+            return Ok(());
+        };
+        let mut answer = None;
+        for node in shards.masters() {
+            if node.circuit.is_open() {
+                continue;
+            }
+            let slots = tokio::time::timeout(
+                Duration::from_millis(500),
+                node.pool
+                    .next()
+                    .with_options(&self.fail_fast)
+                    .cluster_slots::<fred::types::Value>(),
+            )
+            .await;
+            if let Ok(Ok(v)) = slots {
+                answer = Some((v, node.name.clone()));
+                break;
+            }
+        }
+        let routing = match answer {
+            Some((v, from)) => {
+                let host = from.rsplit_once(':').map_or(from.as_str(), |(h, _)| h);
+                fred::types::cluster::ClusterRouting::from_cluster_slots(v, host)
+                    .map_err(|e| StorageError::Unavailable(Cow::Owned(e.to_string())))?
+            }
+            None => self
+                .pool
+                .next()
+                .cached_cluster_state()
+                .ok_or(StorageError::Unavailable(Cow::Borrowed(
+                    "no cluster node answers CLUSTER SLOTS",
+                )))?,
+        };
+        let tls = self.config.tls.is_some();
+        let added = shards
+            .install(&routing, |server| {
+                let mut config = self.config.clone();
+                let mut server = server.clone();
+                if tls && server.tls_server_name.is_none() {
+                    server.tls_server_name = Some(server.host.clone());
+                }
+                config.server = ServerConfig::Centralized { server };
+                let pool = build_pool(config, &self.settings)?;
+                pool.connect();
+                Ok::<_, fred::error::Error>(pool)
+            })
+            .map_err(|e| StorageError::Config(e.to_string()))?;
+        for node in added {
+            tracing::info!(node = %node.name, "Redis Cluster: routing slots to master");
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), node.pool.wait_for_connect()).await;
+            if let Err(e) = self.load_script(&node).await {
+                tracing::warn!(node = %node.name, "Redis Cluster: master not ready: {e}");
+                node.circuit.open();
+            }
+        }
+        Ok(())
+    }
+
+    /// The nodes calls go to: the one node, or the cluster's masters.
+    fn nodes(&self) -> Vec<Arc<Node>> {
+        match &self.shards {
+            Some(s) => s.masters(),
+            None => vec![self.single.clone()],
+        }
+    }
+
+    /// Whether some node's connection is known down.
+    fn any_open(&self) -> bool {
+        match &self.shards {
+            Some(s) => s.is_empty() || s.masters().iter().any(|n| n.circuit.is_open()),
+            None => self.single.circuit.is_open(),
+        }
     }
 
     /// Decide with the caller's clock rather than Redis's. Production keeps Redis's clock
@@ -195,41 +336,28 @@ impl RedisStore {
         &self.pool
     }
 
-    /// Loads the function library (or, on a Redis without functions, the script).
-    async fn load_script(&self) -> Result<(), String> {
-        let client = self.pool.next();
+    /// Loads the function library (or, on a Redis without functions, the script) on a node.
+    async fn load_script(&self, node: &Node) -> Result<(), StorageError> {
+        let client = node.pool.next();
+        let err = |e: fred::error::Error| classify(&e, self.timeout).0;
         if self.functions.load(Relaxed) {
-            let loaded = if self.cluster {
-                client
-                    .function_load_cluster::<(), _>(true, self.library.code.clone())
-                    .await
-            } else {
-                client
-                    .function_load::<String, _>(true, self.library.code.clone())
-                    .await
-                    .map(|_| ())
-            };
-            match loaded {
-                Ok(()) => return Ok(()),
+            match client
+                .function_load::<String, _>(true, self.library.code.clone())
+                .await
+            {
+                Ok(_) => return Ok(()),
                 Err(e) if is_unknown_command(&e) => {
                     tracing::info!("Redis has no functions (Redis < 7): using EVALSHA");
                     self.functions.store(false, Relaxed);
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(err(e)),
             }
         }
-        if self.cluster {
-            client
-                .script_load_cluster::<(), _>(script::SOURCE)
-                .await
-                .map_err(|e| e.to_string())
-        } else {
-            client
-                .script_load::<String, _>(script::SOURCE)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        }
+        client
+            .script_load::<String, _>(script::SOURCE)
+            .await
+            .map(|_| ())
+            .map_err(err)
     }
 
     async fn send(
@@ -240,48 +368,108 @@ impl RedisStore {
     ) -> Result<Vec<i64>, fred::error::Error> {
         if self.functions.load(Relaxed) {
             client
+                .with_options(&self.fail_fast)
                 .fcall(self.library.function.clone(), keys, args)
                 .await
         } else {
+            if client.state() != ClientState::Connected {
+                return Err(fred::error::Error::new(
+                    ErrorKind::Canceled,
+                    "not connected",
+                ));
+            }
             client.evalsha(self.script.sha1().clone(), keys, args).await
         }
     }
 
-    /// One script call; loads the code once more when the server lacks it (a restarted
-    /// server, a flushed script cache, a promoted replica without the script).
+    /// One script call to the node owning the ops; loads the code once more when the server
+    /// lacks it (a restarted server, a flushed script cache, a promoted replica without the
+    /// script). Answers at once, without awaiting Redis, while the node's connection is known
+    /// down; records the result in the node's circuit.
     async fn call(
         &self,
+        node: &Node,
         ops: &[ScriptOp],
         rejected: RejectedHits,
         now: Nanos,
-    ) -> Result<Vec<Outcome>, String> {
+    ) -> Result<Vec<Outcome>, StorageError> {
+        if node.circuit.is_open() {
+            return Err(KNOWN_DOWN);
+        }
         let now_us = self.client_clock.then_some(now / 1_000);
-        let (keys, args) = script::call_args(ops, now_us, rejected);
-        self.health.commands.fetch_add(1, Relaxed);
-        let client = self.pool.next();
-        let reply = match self.send(client, keys, args).await {
-            Err(e) if is_missing_code(&e) => {
-                self.load_script().await?;
-                self.health.commands.fetch_add(1, Relaxed);
-                // Rare: encode again rather than clone every call's arguments up front.
-                let (keys, args) = script::call_args(ops, now_us, rejected);
-                self.send(client, keys, args)
-                    .await
-                    .map_err(|e| e.to_string())?
+        let attempt = async {
+            let (keys, args) = script::call_args(ops, now_us, rejected);
+            self.health.commands.fetch_add(1, Relaxed);
+            let client = node.pool.next();
+            match self.send(client, keys, args).await {
+                Err(e) if is_missing_code(&e) => {
+                    self.load_script(node).await.map_err(|e| (e, Some(false)))?;
+                    self.health.commands.fetch_add(1, Relaxed);
+                    // Rare: encode again rather than clone every call's arguments up front.
+                    let (keys, args) = script::call_args(ops, now_us, rejected);
+                    self.send(client, keys, args).await
+                }
+                other => other,
             }
-            other => other.map_err(|e| e.to_string())?,
+            .map_err(|e| {
+                if is_redirect(&e) {
+                    // The cluster's state, not this connection's: re-read the slot table.
+                    if let Some(s) = &self.shards {
+                        s.stale.notify_one();
+                    }
+                    return (classify(&e, self.timeout).0, None);
+                }
+                let (e, down) = classify(&e, self.timeout);
+                (e, Some(down))
+            })
         };
-        script::parse_reply(&reply, ops.len(), now).map_err(|e| e.to_string())
+        let answered = async {
+            tokio::select! {
+                r = attempt => r,
+                _ = node.opened.notified() => Err((KNOWN_DOWN, None)),
+            }
+        };
+        let reply = match tokio::time::timeout(self.timeout, answered).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err((e, None))) => return Err(e),
+            Ok(Err((e, Some(down)))) => return Err(self.node_failed(node, e, down)),
+            Err(_) => {
+                return Err(self.node_failed(node, StorageError::Timeout(self.timeout), false));
+            }
+        };
+        node.circuit.success();
+        script::parse_reply(&reply, ops.len(), now)
+            .map_err(|e| StorageError::Unavailable(Cow::Owned(e.to_string())))
     }
 
-    /// Decides every op of one request (see `Storage::check_and_update`). Always answers:
-    /// a Redis failure or a missed deadline is answered by the failure mode.
+    fn node_failed(&self, node: &Node, e: StorageError, down: bool) -> StorageError {
+        if node.trip(down) {
+            tracing::warn!(
+                node = %node.name,
+                failure_mode = self.settings.failure_mode.as_str(),
+                "Redis connection known down ({e}): answering by the failure mode at once, probing in the background"
+            );
+            if let Some(s) = &self.shards {
+                s.stale.notify_one();
+            }
+        }
+        e
+    }
+
+    /// The failure mode of this store.
+    pub fn failure_mode(&self) -> FailureMode {
+        self.settings.failure_mode
+    }
+
+    /// Decides every op of one request (see `Storage::check_and_update`). A Redis failure,
+    /// a missed deadline or a connection known down is an error, with the ops Redis should
+    /// have decided left without an outcome: `answer_failure` fills them by the failure mode.
     pub async fn check_and_update(
         &self,
         ops: &mut [CounterOp],
         now: Nanos,
         rejected: RejectedHits,
-    ) {
+    ) -> Result<(), StorageError> {
         let free = rejected == RejectedHits::Free;
         // A request with a counter known to reject is rejected; with free rejections it
         // consumes nothing, so its other counters are only looked at.
@@ -332,7 +520,7 @@ impl RedisStore {
             .filter(|&i| ops[i].outcome.is_none())
             .collect();
         if pending.is_empty() {
-            return;
+            return Ok(());
         }
         let script_ops: Vec<ScriptOp> = pending
             .iter()
@@ -351,9 +539,11 @@ impl RedisStore {
                 }
             })
             .collect();
-        match tokio::time::timeout(self.timeout, self.decide(&script_ops, rejected, now)).await {
-            Ok(Ok(outcomes)) => {
-                self.health.ok();
+        match self.decide(&script_ops, rejected, now).await {
+            Ok(outcomes) => {
+                if self.health.is_degraded() && !self.any_open() {
+                    self.health.ok();
+                }
                 for (&i, o) in pending.iter().zip(outcomes) {
                     ops[i].outcome = Some(o);
                 }
@@ -393,15 +583,15 @@ impl RedisStore {
                         }
                     }
                 }
+                Ok(())
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 self.undo_local(ops, &local_admitted, now);
-                self.fail(ops, &pending, now, rejected, &e)
-            }
-            Err(_) => {
-                self.undo_local(ops, &local_admitted, now);
-                let e = format!("no answer within {:?}", self.timeout);
-                self.fail(ops, &pending, now, rejected, &e)
+                for &i in &pending {
+                    ops[i].outcome = None;
+                }
+                self.health.failed(&e);
+                Err(e)
             }
         }
     }
@@ -442,51 +632,63 @@ impl RedisStore {
                     shadow: true,
                     negative: false,
                 };
-                let r = tokio::time::timeout(
-                    self.timeout.max(Duration::from_millis(250)),
-                    self.call(std::slice::from_ref(&op), RejectedHits::Counted, now),
-                )
-                .await;
+                let r = match self.route(&op.key) {
+                    Ok(node) => {
+                        self.call(&node, std::slice::from_ref(&op), RejectedHits::Counted, now)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
                 match r {
-                    Ok(Ok(o)) => cached.flushed(f, o.first().map(|o| o.remaining)),
-                    Ok(Err(e)) => {
+                    Ok(o) => cached.flushed(f, o.first().map(|o| o.remaining)),
+                    Err(e) => {
                         self.health.failed(&e);
                         cached.flushed(f, None)
                     }
-                    Err(_) => cached.flushed(f, None),
                 }
             });
             futures_util::future::join_all(calls).await;
         }
     }
 
-    fn fail(
-        &self,
-        ops: &mut [CounterOp],
-        pending: &[usize],
-        now: Nanos,
-        rejected: RejectedHits,
-        e: &str,
-    ) {
-        self.health.failed(e);
+    /// Answers the ops a failed `check_and_update` left open by the failure mode: `allow`
+    /// admits, `deny` rejects, `local` decides with this replica's in-memory limiter.
+    pub fn answer_failure(&self, ops: &mut [CounterOp], now: Nanos, rejected: RejectedHits) {
         self.health.fallbacks.fetch_add(1, Relaxed);
         match self.settings.failure_mode {
             FailureMode::Local => {
-                let mut local: Vec<CounterOp> = pending.iter().map(|&i| ops[i].clone()).collect();
+                let pending: smallvec::SmallVec<[usize; 8]> = (0..ops.len())
+                    .filter(|&i| ops[i].outcome.is_none())
+                    .collect();
+                let mut local: smallvec::SmallVec<[CounterOp; 8]> =
+                    pending.iter().map(|&i| ops[i].clone()).collect();
                 self.fallback.check_and_update(&mut local, now, rejected);
                 for (&i, op) in pending.iter().zip(local) {
                     ops[i].outcome = op.outcome;
                 }
             }
             mode => {
-                for &i in pending {
-                    ops[i].outcome = Some(Outcome {
+                for op in ops.iter_mut().filter(|op| op.outcome.is_none()) {
+                    op.outcome = Some(Outcome {
                         allowed: mode == FailureMode::Allow,
                         remaining: 0,
                         reset_after: 0,
                         expires_at: now,
                     });
                 }
+            }
+        }
+    }
+
+    /// The node owning `key`: the one node, or the cluster master of its slot.
+    fn route(&self, key: &str) -> Result<Arc<Node>, StorageError> {
+        match &self.shards {
+            None => Ok(self.single.clone()),
+            Some(s) => {
+                s.node(fred::util::redis_keyslot(key.as_bytes()))
+                    .ok_or(StorageError::Unavailable(Cow::Borrowed(
+                        "no known Redis Cluster master owns the slot",
+                    )))
             }
         }
     }
@@ -499,9 +701,10 @@ impl RedisStore {
         ops: &[ScriptOp],
         rejected: RejectedHits,
         now: Nanos,
-    ) -> Result<Vec<Outcome>, String> {
-        if !self.cluster || ops.len() == 1 {
-            return self.call(ops, rejected, now).await;
+    ) -> Result<Vec<Outcome>, StorageError> {
+        if self.shards.is_none() || ops.len() == 1 {
+            let node = self.route(&ops[0].key)?;
+            return self.call(&node, ops, rejected, now).await;
         }
         let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
         for (i, op) in ops.iter().enumerate() {
@@ -512,15 +715,18 @@ impl RedisStore {
             }
         }
         if groups.len() == 1 {
-            return self.call(ops, rejected, now).await;
+            let node = self.route(&ops[0].key)?;
+            return self.call(&node, ops, rejected, now).await;
         }
         let batches: Vec<Vec<ScriptOp>> = groups
             .iter()
             .map(|(_, members)| members.iter().map(|&i| ops[i].clone()).collect())
             .collect();
-        let replies =
-            futures_util::future::join_all(batches.iter().map(|b| self.call(b, rejected, now)))
-                .await;
+        let replies = futures_util::future::join_all(batches.iter().map(|b| async move {
+            let node = self.route(&b[0].key)?;
+            self.call(&node, b, rejected, now).await
+        }))
+        .await;
         let mut outcomes: Vec<Option<Outcome>> = vec![None; ops.len()];
         for ((_, members), reply) in groups.iter().zip(replies) {
             for (&i, o) in members.iter().zip(reply?) {
@@ -550,12 +756,13 @@ impl RedisStore {
                     )
                 })
                 .collect();
-            let replies = futures_util::future::join_all(
-                refunds
-                    .iter()
-                    .map(|(_, op)| self.call(std::slice::from_ref(op), rejected, now)),
-            )
-            .await;
+            let replies =
+                futures_util::future::join_all(refunds.iter().map(|(_, op)| async move {
+                    let node = self.route(&op.key)?;
+                    self.call(&node, std::slice::from_ref(op), rejected, now)
+                        .await
+                }))
+                .await;
             for ((i, _), reply) in refunds.iter().zip(replies) {
                 if let Some(o) = reply?.into_iter().next() {
                     outcomes[*i] = Some(o);
@@ -564,32 +771,88 @@ impl RedisStore {
         }
         outcomes
             .into_iter()
-            .map(|o| o.ok_or_else(|| "script answered fewer ops than sent".to_string()))
+            .map(|o| {
+                o.ok_or(StorageError::Unavailable(Cow::Borrowed(
+                    "script answered fewer ops than sent",
+                )))
+            })
             .collect()
     }
 
-    /// Pings until the task is dropped, so health recovers (and is reported) without traffic.
+    /// Until the task is dropped: probes every node whose connection is known down and
+    /// closes its circuit (after loading the scripts a restarted server lost) when it
+    /// answers; pings the others so health is reported without traffic; on a cluster,
+    /// re-reads the slot table when told it is stale and while anything is down.
     pub async fn watch_health(&self) {
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut since_routing = Duration::ZERO;
         loop {
-            tick.tick().await;
-            let ping = tokio::time::timeout(
-                Duration::from_secs(1),
-                self.pool.next().ping::<String>(None),
-            )
-            .await;
-            match ping {
-                Ok(Ok(_)) => {
-                    if self.health.is_degraded() {
-                        // A restarted server lost its scripts; load them before traffic does.
-                        match self.load_script().await {
-                            Ok(()) => self.health.ok(),
-                            Err(e) => self.health.failed(&e),
+            let down = self.health.is_degraded() || self.any_open();
+            let every = Duration::from_millis(if down { 100 } else { 500 });
+            let stale = async {
+                match &self.shards {
+                    Some(s) => s.stale.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let woken = tokio::select! {
+                _ = tokio::time::sleep(every) => false,
+                _ = stale => true,
+            };
+            since_routing += every;
+            if self.shards.is_some() && (woken || down || since_routing >= Duration::from_secs(5)) {
+                since_routing = Duration::ZERO;
+                if let Err(e) = self.route_cluster().await {
+                    self.health.failed(&e);
+                }
+            }
+            let nodes = self.nodes();
+            let probes = nodes.iter().map(|node| self.probe(node));
+            let healthy = futures_util::future::join_all(probes)
+                .await
+                .into_iter()
+                .all(|ok| ok);
+            if healthy && !nodes.is_empty() {
+                self.health.ok();
+            }
+        }
+    }
+
+    /// One node's health check; true when it answers.
+    async fn probe(&self, node: &Node) -> bool {
+        let pings = node
+            .pool
+            .clients()
+            .iter()
+            .map(|c| tokio::time::timeout(Duration::from_millis(500), c.ping::<String>(None)));
+        let result = futures_util::future::join_all(pings)
+            .await
+            .into_iter()
+            .find_map(|r| match r {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(classify(&e, self.timeout)),
+                Err(_) => Some((StorageError::Timeout(Duration::from_millis(500)), false)),
+            });
+        match result {
+            None if node.circuit.is_open() => {
+                // A restarted server lost its scripts; load them before traffic does.
+                match self.load_script(node).await {
+                    Ok(()) => {
+                        if node.circuit.close() {
+                            tracing::info!(node = %node.name, "Redis connection back: Redis decides again");
                         }
+                        true
+                    }
+                    Err(e) => {
+                        self.health.failed(&e);
+                        false
                     }
                 }
-                Ok(Err(e)) => self.health.failed(&e.to_string()),
-                Err(_) => self.health.failed("PING timed out"),
+            }
+            None => true,
+            Some((e, down)) => {
+                self.health.failed(&e);
+                self.node_failed(node, e, down);
+                false
             }
         }
     }

@@ -140,9 +140,14 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
+        RedisCluster::start_with(&[])
+    }
+
+    /// `start` with more redis-server arguments for every node.
+    pub fn start_with(extra: &[&str]) -> RedisCluster {
         let nodes: Vec<RedisServer> = (0..6)
             .map(|_| {
-                RedisServer::start(&[
+                let mut args = vec![
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
@@ -151,7 +156,9 @@ impl RedisCluster {
                     "1000",
                     "--repl-diskless-sync-delay",
                     "0",
-                ])
+                ];
+                args.extend_from_slice(extra);
+                RedisServer::start(&args)
             })
             .collect();
         let addrs: Vec<String> = nodes
