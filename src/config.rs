@@ -7,8 +7,9 @@
 //! path (`ConfigErrors`).
 //!
 //! Must not touch: descriptor matching, the limiter algorithms, storage, or any I/O beyond
-//! reading the config files. Watching for changes is `reload`'s alone: it calls `load`
-//! again and swaps the result in only when loading succeeded.
+//! reading the config files, no environment variables. Watching for changes and swapping
+//! rules in is `runtime`'s: it calls `load` again and swaps the result in only when loading
+//! succeeded.
 
 pub mod authz;
 mod decode;

@@ -1,4 +1,10 @@
-//! `ShouldRateLimit`: envoyproxy/ratelimit's answers, plus our algorithms and semantics.
+//! The decision engine: one `ShouldRateLimit` answer — validate, match, count, report — as
+//! envoyproxy/ratelimit gives it, plus our algorithms and semantics. Plain Rust that the gRPC
+//! service, ext_authz policies and tests call alike.
+//!
+//! Owns: planning the counters a request touches, the storage call, the failure mode when
+//! storage fails, stats and verdicts. Must not touch: gRPC, configuration loading, the
+//! algorithms' arithmetic (limiter) or storage internals.
 
 use crate::limiter::{Clock, Limit, Nanos, Outcome, Unit};
 use crate::rules::{self, Rule, RuleSet, RuleStats, StatsRegistry};

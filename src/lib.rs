@@ -1,7 +1,13 @@
 //! ratethrottle: an Envoy rate limit and external authorization sidecar.
 //!
-//! Data flows one way: config → rules → limiter → storage, with `service` the thin gRPC face
-//! and `admin` the HTTP one. See each module's top comment for what it owns.
+//! Layers, lowest first; a module uses only layers below its own (`tests/architecture.rs`
+//! checks every `crate::` path against this map): `digest`, `limiter` (pure algorithms) →
+//! `lists` (allow/block entry model, CIDR trie) → `config` (text → validated model) → `rules`
+//! (compiled match tree) → `storage` (counters in memory or Redis) and `telemetry` (metric
+//! counters) → `engine` (one ShouldRateLimit decision) → `runtime` (live merge of files and
+//! resources, reload, runtime lists) → `authz` (ext_authz decisions) → `service` (gRPC face)
+//! and `k8s` (resource watcher) → `admin` (HTTP face) → `server` (assembly) → `cli`.
+//! See each module's top comment for what it owns and must not touch.
 #![forbid(unsafe_code)]
 
 pub mod admin;

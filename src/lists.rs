@@ -6,7 +6,11 @@
 //! prefix trie (IPv4 and IPv6 in one), identities in a hash map. Lookups skip expired
 //! entries, so an entry stops applying at its expiry even before the next rebuild.
 //!
-//! Must not touch: where entries come from or how they propagate (blocklist), answers.
+//! Also canonical entry text (`canonical_entry`: an address, a CIDR, or `<source>:<value>`
+//! whose value may hold `/`), shared by the settings file, resources and the admin API.
+//!
+//! Must not touch: where entries come from or how they propagate (runtime::blocklist),
+//! answers.
 
 pub mod cidr;
 
