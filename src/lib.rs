@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod anomaly;
 pub mod authz;
 pub mod cli;
 pub mod config;
