@@ -28,7 +28,8 @@ pub mod trace;
 mod tests;
 
 pub use config::{
-    Config, FailureRatio, Merge, PathSpread, PopulationShift, PrefixEscalation, SelfAnomaly, Ttl, Volumetric,
+    Config, FailureRatio, Merge, PathSpread, PopulationShift, PrefixEscalation, SelfAnomaly, Ttl,
+    Volumetric,
 };
 pub use decision::{Action, Decision, DetectorKind, Evidence, Key, Scope, Target, mask};
 pub use detector::{Allowlist, Detector, Explanation, RemoteCount, Stats, TopKeys};

@@ -64,7 +64,7 @@ impl Default for Config {
             volume_from: Source::Authz,
             sketch_width: 1 << 16,
             sketch_depth: 4,
-            max_tracked: 65_536,
+            max_tracked: 32_768,
             admit_count: 8,
             admit_failures: 3,
             slow_window_ms: 60_000,
@@ -100,7 +100,11 @@ pub struct Volumetric {
 
 impl Default for Volumetric {
     fn default() -> Self {
-        Volumetric { dry_run: false, p99_multiple: 10.0, floor: 50.0 }
+        Volumetric {
+            dry_run: false,
+            p99_multiple: 10.0,
+            floor: 50.0,
+        }
     }
 }
 
@@ -123,7 +127,14 @@ pub struct SelfAnomaly {
 
 impl Default for SelfAnomaly {
     fn default() -> Self {
-        SelfAnomaly { dry_run: false, z: 6.0, min_std: 0.5, warm_windows: 30, alpha: 0.02, floor: 30.0 }
+        SelfAnomaly {
+            dry_run: false,
+            z: 6.0,
+            min_std: 0.5,
+            warm_windows: 30,
+            alpha: 0.02,
+            floor: 30.0,
+        }
     }
 }
 
@@ -138,7 +149,11 @@ pub struct FailureRatio {
 
 impl Default for FailureRatio {
     fn default() -> Self {
-        FailureRatio { dry_run: false, min_failures: 8, ratio: 0.6 }
+        FailureRatio {
+            dry_run: false,
+            min_failures: 8,
+            ratio: 0.6,
+        }
     }
 }
 
@@ -152,7 +167,10 @@ pub struct PathSpread {
 
 impl Default for PathSpread {
     fn default() -> Self {
-        PathSpread { dry_run: false, min_paths: 30 }
+        PathSpread {
+            dry_run: false,
+            min_paths: 30,
+        }
     }
 }
 
@@ -169,7 +187,12 @@ pub struct PrefixEscalation {
 
 impl Default for PrefixEscalation {
     fn default() -> Self {
-        PrefixEscalation { dry_run: false, min_offenders: 3, memory_ms: 10 * 60_000, max_prefixes: 16_384 }
+        PrefixEscalation {
+            dry_run: false,
+            min_offenders: 3,
+            memory_ms: 10 * 60_000,
+            max_prefixes: 4096,
+        }
     }
 }
 
@@ -188,7 +211,12 @@ pub struct PopulationShift {
 
 impl Default for PopulationShift {
     fn default() -> Self {
-        PopulationShift { dry_run: false, surge_multiple: 50.0, floor: 5000.0, ttl_ms: 5 * 60_000 }
+        PopulationShift {
+            dry_run: false,
+            surge_multiple: 50.0,
+            floor: 5000.0,
+            ttl_ms: 5 * 60_000,
+        }
     }
 }
 
@@ -234,6 +262,10 @@ pub struct Merge {
 
 impl Default for Merge {
     fn default() -> Self {
-        Merge { top_n: 256, min_count: 5, max_keys: 8192 }
+        Merge {
+            top_n: 256,
+            min_count: 5,
+            max_keys: 8192,
+        }
     }
 }

@@ -21,8 +21,13 @@ pub enum Scope {
 
 impl Scope {
     /// Key levels, in the order of [`Scope::index`].
-    pub const LEVELS: [Scope; 5] =
-        [Scope::Identity, Scope::Ip, Scope::Ipv4Slash24, Scope::Ipv6Slash64, Scope::Ipv6Slash48];
+    pub const LEVELS: [Scope; 5] = [
+        Scope::Identity,
+        Scope::Ip,
+        Scope::Ipv4Slash24,
+        Scope::Ipv6Slash64,
+        Scope::Ipv6Slash48,
+    ];
 
     /// Index into per-level arrays (`Population` has none and maps past the end).
     pub fn index(self) -> usize {
@@ -41,7 +46,10 @@ impl Scope {
     }
 
     pub fn is_prefix(self) -> bool {
-        matches!(self, Scope::Ipv4Slash24 | Scope::Ipv6Slash64 | Scope::Ipv6Slash48)
+        matches!(
+            self,
+            Scope::Ipv4Slash24 | Scope::Ipv6Slash64 | Scope::Ipv6Slash48
+        )
     }
 }
 
@@ -121,12 +129,20 @@ pub fn mask(ip: IpAddr, len: u8) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => {
             let bits = u32::from(v4);
-            let m = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) };
+            let m = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len.min(32)))
+            };
             IpAddr::V4(Ipv4Addr::from(bits & m))
         }
         IpAddr::V6(v6) => {
             let bits = u128::from(v6);
-            let m = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len.min(128))) };
+            let m = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len.min(128)))
+            };
             IpAddr::V6(Ipv6Addr::from(bits & m))
         }
     }

@@ -92,7 +92,11 @@ impl Entry {
     }
 
     fn sample_paths(&self) -> Vec<String> {
-        self.sample_paths.iter().filter(|l| !l.is_empty()).map(Label::display).collect()
+        self.sample_paths
+            .iter()
+            .filter(|l| !l.is_empty())
+            .map(Label::display)
+            .collect()
     }
 }
 
@@ -237,12 +241,18 @@ impl Detector {
         cfg.window_ms = cfg.window_ms.max(10);
         cfg.slow_window_ms = cfg.slow_window_ms.max(cfg.window_ms);
         cfg.max_tracked = cfg.max_tracked.max(16);
-        let sketch = |n| (0..n).map(|_| CountMin::new(cfg.sketch_width, cfg.sketch_depth)).collect();
+        let sketch = |n| {
+            (0..n)
+                .map(|_| CountMin::new(cfg.sketch_width, cfg.sketch_depth))
+                .collect()
+        };
         let hasher = || FixedState::with_seed(0xA11);
         Detector {
             rate: sketch(LEVELS),
             fail: [sketch(2), sketch(2)],
-            samples: (0..LEVELS).map(|_| RateSample::new(cfg.sample_capacity)).collect(),
+            samples: (0..LEVELS)
+                .map(|_| RateSample::new(cfg.sample_capacity))
+                .collect(),
             p99: [None; LEVELS],
             seen: [vec![0; SEEN_BITS / 64], vec![0; SEEN_BITS / 64]],
             seen_epoch: 0,
@@ -309,9 +319,11 @@ impl Detector {
                 }
             }
             if failure && level <= 1 {
-                let est = self.fail[0][level].add(key.hash) + self.fail[1][level].estimate(key.hash);
+                let est =
+                    self.fail[0][level].add(key.hash) + self.fail[1][level].estimate(key.hash);
                 if !self.entries.contains_key(&key) {
-                    let bound = self.fail[0][level].error_bound() + self.fail[1][level].error_bound();
+                    let bound =
+                        self.fail[0][level].error_bound() + self.fail[1][level].error_bound();
                     if u64::from(est) >= u64::from(self.cfg.admit_failures) + bound {
                         self.admit(key, target, 0, 0);
                         if let Some(e) = self.entries.get_mut(&key) {
@@ -322,7 +334,9 @@ impl Detector {
                     }
                 }
             }
-            let Some(e) = self.entries.get_mut(&key) else { continue };
+            let Some(e) = self.entries.get_mut(&key) else {
+                continue;
+            };
             e.last_seen_ms = now;
             if key.scope == Scope::Ip && !ev.identity.is_empty() {
                 e.identities.insert(ev.identity.hash());
@@ -334,7 +348,10 @@ impl Detector {
                     e.fail[0] = e.fail[0].saturating_add(1);
                     e.failing_paths.insert(ev.path.hash());
                 }
-                let slot = e.sample_paths.iter().position(|p| p.is_empty() || *p == ev.path);
+                let slot = e
+                    .sample_paths
+                    .iter()
+                    .position(|p| p.is_empty() || *p == ev.path);
                 if let Some(i) = slot {
                     if e.sample_paths[i].is_empty() && (failure || i + 1 < SAMPLE_PATHS) {
                         e.sample_paths[i] = ev.path;
@@ -343,7 +360,9 @@ impl Detector {
             }
             if counts_volume {
                 e.cur = e.cur.saturating_add(1);
-                if f64::from(e.cur) > self.volumetric_threshold(level) && volumetric_level(key.scope) {
+                if f64::from(e.cur) > self.volumetric_threshold(level)
+                    && volumetric_level(key.scope)
+                {
                     self.check_volumetric(key);
                 }
             }
@@ -370,11 +389,16 @@ impl Detector {
             return;
         }
         for rc in other.keys.iter().take(self.cfg.merge.top_n) {
-            let Some(mut target) = Target::parse(rc.scope, &rc.value) else { continue };
+            let Some(mut target) = Target::parse(rc.scope, &rc.value) else {
+                continue;
+            };
             if matches!(target, Target::Population) {
                 continue;
             }
-            let key = Key { scope: rc.scope, hash: rc.hash };
+            let key = Key {
+                scope: rc.scope,
+                hash: rc.hash,
+            };
             if let Target::Identity(_) = target {
                 // keep the exporter's full-text hash; the label only names it
                 if key.hash == 0 {
@@ -423,7 +447,11 @@ impl Detector {
                     threshold,
                     window_ms: self.cfg.window_ms,
                     figures: vec![("p99", self.p99[level].unwrap_or(0.0)), ("merged", 1.0)],
-                    sample_paths: self.entries.get(&key).map(Entry::sample_paths).unwrap_or_default(),
+                    sample_paths: self
+                        .entries
+                        .get(&key)
+                        .map(Entry::sample_paths)
+                        .unwrap_or_default(),
                     members: Vec::new(),
                     replicas,
                 };
@@ -456,7 +484,11 @@ impl Detector {
             scope: key.scope,
             value: e.map_or_else(|| target.value(), |e| e.target.value()),
             tracked: e.is_some(),
-            sketch_count: if key.scope == Scope::Population { 0 } else { self.rate[level].estimate(key.hash) },
+            sketch_count: if key.scope == Scope::Population {
+                0
+            } else {
+                self.rate[level].estimate(key.hash)
+            },
             sketch_error_bound: self.rate[level].error_bound(),
             window_count: e.map_or(0, |e| e.cur),
             last_window_count: e.map_or(0, |e| e.last),
@@ -483,13 +515,19 @@ impl Detector {
 
     /// Bytes the module holds now (sketches, samples, filters, maps at their capacity).
     pub fn memory_bytes(&self) -> usize {
-        let cms: usize = self.rate.iter().chain(self.fail.iter().flatten()).map(CountMin::memory_bytes).sum();
+        let cms: usize = self
+            .rate
+            .iter()
+            .chain(self.fail.iter().flatten())
+            .map(CountMin::memory_bytes)
+            .sum();
         let samples: usize = self.samples.iter().map(RateSample::memory_bytes).sum();
         let seen = self.seen.iter().map(|s| s.capacity() * 8).sum::<usize>();
         let slot = |k: usize, v: usize| k + v + 1;
         let maps = self.entries.capacity() * slot(16, std::mem::size_of::<Entry>())
             + self.history.capacity() * slot(16, std::mem::size_of::<History>())
-            + self.prefixes.capacity() * (slot(16, std::mem::size_of::<PrefixOffenders>()) + 8 * 64)
+            + self.prefixes.capacity()
+                * (slot(16, std::mem::size_of::<PrefixOffenders>()) + 8 * 64)
             + self.remote.capacity() * (slot(16, std::mem::size_of::<Remote>()) + 4 * 32)
             + self.pending.capacity() * (std::mem::size_of::<Decision>() + 256);
         cms + samples + seen + maps + std::mem::size_of::<Self>()
@@ -498,7 +536,12 @@ impl Detector {
     /// The most [`Detector::memory_bytes`] can reach with this config: sketches, samples and
     /// filters are fixed; exact state, history, prefixes and remote keys are capped.
     pub fn memory_bound(&self) -> usize {
-        let cms: usize = self.rate.iter().chain(self.fail.iter().flatten()).map(CountMin::memory_bytes).sum();
+        let cms: usize = self
+            .rate
+            .iter()
+            .chain(self.fail.iter().flatten())
+            .map(CountMin::memory_bytes)
+            .sum();
         let samples: usize = self.samples.iter().map(RateSample::memory_bytes).sum();
         let seen = 2 * SEEN_BITS / 8;
         // hashbrown keeps at most 8/7 × capacity buckets, rounded to a power of two.
@@ -510,7 +553,8 @@ impl Detector {
             + seen
             + buckets(c.max_tracked) * slot(16, std::mem::size_of::<Entry>())
             + buckets(c.ttl.max_history) * slot(16, std::mem::size_of::<History>())
-            + buckets(c.prefix.max_prefixes) * (slot(16, std::mem::size_of::<PrefixOffenders>()) + 8 * 64)
+            + buckets(c.prefix.max_prefixes)
+                * (slot(16, std::mem::size_of::<PrefixOffenders>()) + 8 * 64)
             + buckets(c.merge.max_keys) * (slot(16, std::mem::size_of::<Remote>()) + 4 * 32)
             + decisions * (std::mem::size_of::<Decision>() + 256)
             + std::mem::size_of::<Self>()
@@ -576,8 +620,14 @@ impl Detector {
         }
     }
 
+    fn warmup_end(&self) -> u64 {
+        self.start_ms
+            .map_or(0, |s| s.saturating_add(self.cfg.warmup_ms))
+    }
+
     fn in_warmup(&self) -> bool {
-        self.start_ms.is_none_or(|s| self.now_ms < s.saturating_add(self.cfg.warmup_ms))
+        self.start_ms
+            .is_none_or(|s| self.now_ms < s.saturating_add(self.cfg.warmup_ms))
     }
 
     /// Closes window `self.epoch`: per-window detectors, baselines, population, export.
@@ -609,12 +659,16 @@ impl Detector {
         for (key, e) in &mut self.entries {
             let count = e.cur;
             e.roll_slow(slow_epoch);
-            let flagged = self.history.get(key).is_some_and(|h| h.flagged && h.active_until_ms > now);
+            let flagged = self
+                .history
+                .get(key)
+                .is_some_and(|h| h.flagged && h.active_until_ms > now);
             // self-anomaly: z of this window against the baseline *before* it learns it
             let x = f64::from(count).ln_1p();
             let std = e.std().max(sa.min_std);
             let z = (x - e.mean) / std;
-            if e.learned >= sa.warm_windows && z >= sa.z && f64::from(count) >= sa.floor && !flagged {
+            if e.learned >= sa.warm_windows && z >= sa.z && f64::from(count) >= sa.floor && !flagged
+            {
                 offenses.push((
                     *key,
                     DetectorKind::SelfAnomaly,
@@ -623,7 +677,11 @@ impl Detector {
                         error_bound: 0,
                         threshold: (e.mean + sa.z * std).exp() - 1.0,
                         window_ms: 0,
-                        figures: vec![("z", z), ("baseline_mean_ln", e.mean), ("baseline_std_ln", e.std())],
+                        figures: vec![
+                            ("z", z),
+                            ("baseline_mean_ln", e.mean),
+                            ("baseline_std_ln", e.std()),
+                        ],
                         sample_paths: e.sample_paths(),
                         members: Vec::new(),
                         replicas: Vec::new(),
@@ -653,7 +711,11 @@ impl Detector {
                             error_bound: 0,
                             threshold: f64::from(fr.min_failures),
                             window_ms: 0,
-                            figures: vec![("ratio", ratio), ("ratio_threshold", fr.ratio), ("responses", f64::from(resp))],
+                            figures: vec![
+                                ("ratio", ratio),
+                                ("ratio_threshold", fr.ratio),
+                                ("responses", f64::from(resp)),
+                            ],
                             sample_paths: e.sample_paths(),
                             members: Vec::new(),
                             replicas: Vec::new(),
@@ -695,19 +757,30 @@ impl Detector {
         }
         // exempt flags need &self; the export is small
         for rc in &mut export {
-            let key = Key { scope: rc.scope, hash: rc.hash };
+            let key = Key {
+                scope: rc.scope,
+                hash: rc.hash,
+            };
             if let Some(e) = self.entries.get(&key) {
                 rc.exempt = self.exempt(key.scope, e, e.last);
             }
         }
         export.sort_by(|a, b| b.count.cmp(&a.count).then(a.hash.cmp(&b.hash)));
         export.truncate(self.cfg.merge.top_n);
-        self.export = Some(TopKeys { replica: self.cfg.replica.clone(), epoch, keys: export });
+        self.export = Some(TopKeys {
+            replica: self.cfg.replica.clone(),
+            epoch,
+            keys: export,
+        });
         self.remote.retain(|_, r| r.epoch > epoch);
         let window_ms = self.cfg.window_ms;
         let slow_ms = self.cfg.slow_window_ms;
         for (key, kind, mut ev) in offenses {
-            ev.window_ms = if kind == DetectorKind::SelfAnomaly { window_ms } else { slow_ms };
+            ev.window_ms = if kind == DetectorKind::SelfAnomaly {
+                window_ms
+            } else {
+                slow_ms
+            };
             if let Some(target) = self.entries.get(&key).map(|e| e.target) {
                 self.offend(key, target, kind, ev);
             }
@@ -719,7 +792,9 @@ impl Detector {
             let before = self.entries.len();
             self.entries.retain(|k, e| {
                 now.saturating_sub(e.last_seen_ms) < idle
-                    || history.get(k).is_some_and(|h| h.active_until_ms > now || h.suppressed_until_ms > now)
+                    || history
+                        .get(k)
+                        .is_some_and(|h| h.active_until_ms > now || h.suppressed_until_ms > now)
             });
             self.stats.evicted += (before - self.entries.len()) as u64;
         }
@@ -731,7 +806,8 @@ impl Detector {
         let pop = self.cfg.population.clone();
         let now = self.now_ms;
         let baseline = self.new_baseline;
-        let surging = baseline.is_some_and(|b| new >= pop.floor && new >= pop.surge_multiple * b.max(1.0));
+        let surging =
+            baseline.is_some_and(|b| new >= pop.floor && new >= pop.surge_multiple * b.max(1.0));
         if surging && self.population_until_ms <= now {
             self.population_until_ms = now + pop.ttl_ms;
             let evidence = Evidence {
@@ -826,10 +902,16 @@ impl Detector {
 
     fn check_volumetric(&mut self, key: Key) {
         let now = self.now_ms;
-        if self.history.get(&key).is_some_and(|h| h.active_until_ms > now) {
+        if self
+            .history
+            .get(&key)
+            .is_some_and(|h| h.active_until_ms > now)
+        {
             return;
         }
-        let Some(e) = self.entries.get(&key) else { return };
+        let Some(e) = self.entries.get(&key) else {
+            return;
+        };
         if self.exempt(key.scope, e, e.cur) {
             return;
         }
@@ -839,7 +921,10 @@ impl Detector {
             error_bound: u64::from(e.seeded_bound),
             threshold: self.volumetric_threshold(level),
             window_ms: self.cfg.window_ms,
-            figures: vec![("p99", self.p99[level].unwrap_or(0.0)), ("p99_multiple", self.cfg.volumetric.p99_multiple)],
+            figures: vec![
+                ("p99", self.p99[level].unwrap_or(0.0)),
+                ("p99_multiple", self.cfg.volumetric.p99_multiple),
+            ],
             sample_paths: e.sample_paths(),
             members: Vec::new(),
             replicas: vec![self.cfg.replica.clone()],
@@ -865,7 +950,11 @@ impl Detector {
             return;
         }
         if let Some(prefix) = parent_prefix(&target) {
-            if self.history.get(&prefix.key()).is_some_and(|h| h.active_until_ms > now) {
+            if self
+                .history
+                .get(&prefix.key())
+                .is_some_and(|h| h.active_until_ms > now)
+            {
                 return; // its prefix is already decided
             }
         }
@@ -874,7 +963,9 @@ impl Detector {
             self.stats.capped += 1;
             self.capped_this_minute += 1;
             self.note_offender(&target);
-            if self.capped_this_minute == self.cfg.max_decisions_per_minute && self.population_until_ms <= now {
+            if self.capped_this_minute == self.cfg.max_decisions_per_minute
+                && self.population_until_ms <= now
+            {
                 self.population_until_ms = now + self.cfg.population.ttl_ms;
                 let ev = Evidence {
                     count: u64::from(self.capped_this_minute),
@@ -893,11 +984,12 @@ impl Detector {
         if !self.history.contains_key(&key) && self.history.len() >= self.cfg.ttl.max_history {
             return; // history is bounded: a new key is not decided while it is full
         }
-        let offense = if now.saturating_sub(h.last_offense_ms) < self.cfg.ttl.memory_ms && h.offenses > 0 {
-            h.offenses.saturating_add(1)
-        } else {
-            1
-        };
+        let offense =
+            if now.saturating_sub(h.last_offense_ms) < self.cfg.ttl.memory_ms && h.offenses > 0 {
+                h.offenses.saturating_add(1)
+            } else {
+                1
+            };
         let ttl_ms = self.ttl(key, offense);
         let action = match key.scope {
             Scope::Identity if offense < 2 => Action::Throttle,
@@ -913,7 +1005,13 @@ impl Detector {
             History {
                 offenses: offense,
                 last_offense_ms: now,
-                active_until_ms: now.saturating_add(ttl_ms),
+                // a warm-up (dry-run) decision lapses when warm-up ends, so the key can be
+                // decided for real right after
+                active_until_ms: if warm {
+                    now.saturating_add(ttl_ms).min(self.warmup_end())
+                } else {
+                    now.saturating_add(ttl_ms)
+                },
                 flagged: !warm,
                 suppressed_until_ms: 0,
             },
@@ -953,7 +1051,10 @@ impl Detector {
     /// 10 min × 2^(offense−1), capped, stretched by a seeded per-key jitter.
     fn ttl(&self, key: Key, offense: u32) -> u64 {
         let t = &self.cfg.ttl;
-        let base = t.base_ms.saturating_mul(1u64 << offense.saturating_sub(1).min(40)).min(t.cap_ms);
+        let base = t
+            .base_ms
+            .saturating_mul(1u64 << offense.saturating_sub(1).min(40))
+            .min(t.cap_ms);
         let mut seed_bytes = [0u8; 12];
         seed_bytes[..8].copy_from_slice(&key.hash.to_le_bytes());
         seed_bytes[8..].copy_from_slice(&offense.to_le_bytes());
@@ -964,7 +1065,9 @@ impl Detector {
     /// Records an offending IP (or /64) against its prefix; enough distinct offenders → the
     /// prefix is decided.
     fn note_offender(&mut self, target: &Target) {
-        let Some(prefix) = parent_prefix(target) else { return };
+        let Some(prefix) = parent_prefix(target) else {
+            return;
+        };
         let key = prefix.key();
         let now = self.now_ms;
         let pe = self.cfg.prefix.clone();
@@ -972,7 +1075,10 @@ impl Detector {
             return;
         }
         let member = target.key().hash;
-        let p = self.prefixes.entry(key).or_insert_with(|| PrefixOffenders { members: Vec::new(), last_ms: now });
+        let p = self.prefixes.entry(key).or_insert_with(|| PrefixOffenders {
+            members: Vec::new(),
+            last_ms: now,
+        });
         if now.saturating_sub(p.last_ms) > pe.memory_ms {
             p.members.clear();
         }
@@ -999,10 +1105,13 @@ impl Detector {
     fn prune(&mut self) {
         let now = self.now_ms;
         let memory = self.cfg.prefix.memory_ms;
-        self.prefixes.retain(|_, p| now.saturating_sub(p.last_ms) <= memory);
+        self.prefixes
+            .retain(|_, p| now.saturating_sub(p.last_ms) <= memory);
         let ttl_memory = self.cfg.ttl.memory_ms;
         self.history.retain(|_, h| {
-            h.active_until_ms > now || h.suppressed_until_ms > now || now.saturating_sub(h.last_offense_ms) < ttl_memory
+            h.active_until_ms > now
+                || h.suppressed_until_ms > now
+                || now.saturating_sub(h.last_offense_ms) < ttl_memory
         });
     }
 }
@@ -1016,9 +1125,16 @@ fn targets(ev: &Event, ip: IpAddr) -> impl Iterator<Item = Target> {
     let identity = (!ev.identity.is_empty()).then_some(Target::Identity(ev.identity));
     let (a, b) = match ip {
         IpAddr::V4(_) => (Some(Target::Prefix(mask(ip, 24), 24)), None),
-        IpAddr::V6(_) => (Some(Target::Prefix(mask(ip, 64), 64)), Some(Target::Prefix(mask(ip, 48), 48))),
+        IpAddr::V6(_) => (
+            Some(Target::Prefix(mask(ip, 64), 64)),
+            Some(Target::Prefix(mask(ip, 48), 48)),
+        ),
     };
-    identity.into_iter().chain(std::iter::once(Target::Ip(ip))).chain(a).chain(b)
+    identity
+        .into_iter()
+        .chain(std::iter::once(Target::Ip(ip)))
+        .chain(a)
+        .chain(b)
 }
 
 /// The prefix an offender escalates into: IP → /24 or /64; /64 → /48.

@@ -20,7 +20,12 @@ pub struct Label {
 
 impl Label {
     /// The empty label (no identity: an unauthenticated caller).
-    pub const EMPTY: Label = Label { hash: 0, len: 0, truncated: false, bytes: [0; LABEL_BYTES] };
+    pub const EMPTY: Label = Label {
+        hash: 0,
+        len: 0,
+        truncated: false,
+        bytes: [0; LABEL_BYTES],
+    };
 
     /// Hashes `text` and keeps its first [`LABEL_BYTES`] bytes, cut back to a char boundary.
     pub fn new(text: &str) -> Label {
@@ -35,7 +40,12 @@ impl Label {
         bytes[..end].copy_from_slice(&text.as_bytes()[..end]);
         // Never hash to 0: 0 means "no label".
         let hash = xxh3_64(text.as_bytes()).max(1);
-        Label { hash, len: end as u8, truncated: end < text.len(), bytes }
+        Label {
+            hash,
+            len: end as u8,
+            truncated: end < text.len(),
+            bytes,
+        }
     }
 
     /// The hash of the whole text (0 for the empty label).
@@ -55,7 +65,11 @@ impl Label {
 
     /// The text for humans: the prefix, with `…` when it was cut.
     pub fn display(&self) -> String {
-        if self.truncated { format!("{}…", self.prefix()) } else { self.prefix().to_string() }
+        if self.truncated {
+            format!("{}…", self.prefix())
+        } else {
+            self.prefix().to_string()
+        }
     }
 }
 
@@ -113,7 +127,11 @@ pub enum Outcome {
     /// Request time: was it over a limit, was it on our blocklist.
     Request { limited: bool, blocked: bool },
     /// Response time, from the access log.
-    Response { status: u16, response_flags: u32, duration_ms: u32 },
+    Response {
+        status: u16,
+        response_flags: u32,
+        duration_ms: u32,
+    },
 }
 
 /// One request as the detector sees it. `Copy` and ~150 bytes.
@@ -145,7 +163,10 @@ impl Event {
             path,
             method: Method::Get,
             source: Source::Authz,
-            outcome: Outcome::Request { limited: false, blocked: false },
+            outcome: Outcome::Request {
+                limited: false,
+                blocked: false,
+            },
             denied_by_us: false,
         }
     }
@@ -159,13 +180,23 @@ impl Event {
             path,
             method: Method::Get,
             source: Source::AccessLog,
-            outcome: Outcome::Response { status, response_flags: 0, duration_ms: 0 },
+            outcome: Outcome::Response {
+                status,
+                response_flags: 0,
+                duration_ms: 0,
+            },
             denied_by_us: false,
         }
     }
 
     /// A response that counts as a failure for the failure-ratio and path-spread detectors.
     pub fn is_failure(&self) -> bool {
-        matches!(self.outcome, Outcome::Response { status: 401 | 403 | 404, .. })
+        matches!(
+            self.outcome,
+            Outcome::Response {
+                status: 401 | 403 | 404,
+                ..
+            }
+        )
     }
 }

@@ -30,7 +30,12 @@ impl CountMin {
     pub fn new(width: usize, depth: usize) -> CountMin {
         let width = width.max(16).next_power_of_two();
         let depth = depth.clamp(1, ROW_MULT.len());
-        CountMin { rows: vec![0; width * depth], width_mask: width - 1, depth, total: 0 }
+        CountMin {
+            rows: vec![0; width * depth],
+            width_mask: width - 1,
+            depth,
+            total: 0,
+        }
     }
 
     #[inline]
@@ -60,7 +65,10 @@ impl CountMin {
     }
 
     pub fn estimate(&self, hash: u64) -> u32 {
-        (0..self.depth).map(|row| self.rows[self.slot(row, hash)]).min().unwrap_or(0)
+        (0..self.depth)
+            .map(|row| self.rows[self.slot(row, hash)])
+            .min()
+            .unwrap_or(0)
     }
 
     /// `e / width × total`: the overestimate bound (holds with probability ≥ 1 − e^(−depth)).
@@ -213,7 +221,11 @@ mod tests {
         }
         let est = u64::from(cm.estimate(heavy));
         assert!(est >= 500);
-        assert!(est <= 500 + cm.error_bound(), "{est} vs bound {}", cm.error_bound());
+        assert!(
+            est <= 500 + cm.error_bound(),
+            "{est} vs bound {}",
+            cm.error_bound()
+        );
     }
 
     #[test]

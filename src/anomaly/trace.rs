@@ -60,7 +60,14 @@ pub struct Population {
 
 impl Default for Population {
     fn default() -> Self {
-        Population { seed: 1, identities: 100_000, zipf_s: 1.0, rate: 2000.0, failure_share: 0.02, responses: true }
+        Population {
+            seed: 1,
+            identities: 100_000,
+            zipf_s: 1.0,
+            rate: 2000.0,
+            failure_share: 0.02,
+            responses: true,
+        }
     }
 }
 
@@ -160,7 +167,8 @@ impl Background {
 }
 
 fn pick(cdf: &[f64], u: f64) -> usize {
-    cdf.partition_point(|c| *c < u).min(cdf.len().saturating_sub(1))
+    cdf.partition_point(|c| *c < u)
+        .min(cdf.len().saturating_sub(1))
 }
 
 impl Iterator for Background {
@@ -186,7 +194,11 @@ impl Iterator for Background {
             let identity = user(i);
             let req = Event::request(at, ip, identity, path);
             if self.pop.responses {
-                let status = if self.rng.unit() < self.pop.failure_share { 404 } else { 200 };
+                let status = if self.rng.unit() < self.pop.failure_share {
+                    404
+                } else {
+                    200
+                };
                 self.pending = Some(Event::response(at, ip, identity, path, status));
             }
             return Some(req);
@@ -208,7 +220,14 @@ pub struct Constant {
 }
 
 impl Constant {
-    pub fn new(seed: u64, ip: IpAddr, identity: Label, rate: f64, from_ms: u64, to_ms: u64) -> Constant {
+    pub fn new(
+        seed: u64,
+        ip: IpAddr,
+        identity: Label,
+        rate: f64,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Constant {
         Constant {
             rng: Rng::new(seed),
             ip,
@@ -235,7 +254,13 @@ impl Iterator for Constant {
             return None;
         }
         self.t += self.gap * (0.5 + self.rng.unit());
-        self.pending = Some(Event::response(at, self.ip, self.identity, self.path, self.status));
+        self.pending = Some(Event::response(
+            at,
+            self.ip,
+            self.identity,
+            self.path,
+            self.status,
+        ));
         Some(Event::request(at, self.ip, self.identity, self.path))
     }
 }
@@ -244,7 +269,12 @@ impl Iterator for Constant {
 pub fn stuffing_ip(n: u64) -> IpAddr {
     let net = n % 20;
     let host = 1 + (n / 20) % 100;
-    IpAddr::V4(Ipv4Addr::new(198, 18 + (net / 10) as u8, (net % 10) as u8 * 7, host as u8))
+    IpAddr::V4(Ipv4Addr::new(
+        198,
+        18 + (net / 10) as u8,
+        (net % 10) as u8 * 7,
+        host as u8,
+    ))
 }
 
 /// Low-and-slow credential stuffing: `ips` addresses (see [`stuffing_ip`]), each a Poisson
@@ -262,7 +292,14 @@ pub struct Stuffing {
 }
 
 impl Stuffing {
-    pub fn new(seed: u64, ips: u64, rate_per_ip: f64, fail_share: f64, from_ms: u64, to_ms: u64) -> Stuffing {
+    pub fn new(
+        seed: u64,
+        ips: u64,
+        rate_per_ip: f64,
+        fail_share: f64,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Stuffing {
         Stuffing {
             rng: Rng::new(seed ^ 0x57FF),
             ips,
@@ -289,7 +326,11 @@ impl Iterator for Stuffing {
             return None;
         }
         let ip = stuffing_ip(self.rng.below(self.ips));
-        let status = if self.rng.unit() < self.fail_share { 401 } else { 200 };
+        let status = if self.rng.unit() < self.fail_share {
+            401
+        } else {
+            200
+        };
         self.pending = Some(Event::response(at, ip, Label::EMPTY, self.login, status));
         Some(Event::request(at, ip, Label::EMPTY, self.login))
     }
@@ -313,7 +354,13 @@ pub struct Flood {
 
 impl Flood {
     pub fn new(seed: u64, sources: u64, rate: f64, from_ms: u64, v6_nets: u16) -> Flood {
-        Flood { rng: Rng::new(seed ^ 0xF100D), left: sources, t: from_ms as f64, gap: 1000.0 / rate, v6_nets: v6_nets.max(1) }
+        Flood {
+            rng: Rng::new(seed ^ 0xF100D),
+            left: sources,
+            t: from_ms as f64,
+            gap: 1000.0 / rate,
+            v6_nets: v6_nets.max(1),
+        }
     }
 }
 
@@ -330,7 +377,9 @@ impl Iterator for Flood {
         let r = self.rng.next_u64();
         let ip = if r & 1 == 0 {
             // 100.0.0.0 and up: never a legitimate address
-            IpAddr::V4(Ipv4Addr::from(0x6400_0000 + ((r >> 1) as u32 % 0x9000_0000)))
+            IpAddr::V4(Ipv4Addr::from(
+                0x6400_0000 + ((r >> 1) as u32 % 0x9000_0000),
+            ))
         } else {
             let net = u128::from(flood_v6_net((r >> 1) as u16 % self.v6_nets));
             IpAddr::V6(Ipv6Addr::from(net | u128::from(self.rng.next_u64())))
@@ -357,11 +406,20 @@ pub struct Probing {
 }
 
 impl Probing {
-    pub fn new(seed: u64, probers: u64, paths: u64, rate: f64, from_ms: u64, to_ms: u64) -> Probing {
+    pub fn new(
+        seed: u64,
+        probers: u64,
+        paths: u64,
+        rate: f64,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Probing {
         Probing {
             rng: Rng::new(seed ^ 0x9A7),
             probers,
-            paths: (0..paths).map(|k| Label::new(&format!("/.probe/{k}/admin.php"))).collect(),
+            paths: (0..paths)
+                .map(|k| Label::new(&format!("/.probe/{k}/admin.php")))
+                .collect(),
             rate,
             t: from_ms as f64,
             to_ms,
@@ -399,7 +457,13 @@ pub fn office_user(i: u64) -> Label {
 }
 
 /// `users` identities behind [`OFFICE_IP`], each a Poisson source of `rate_per_user`.
-pub fn office(seed: u64, users: u64, rate_per_user: f64, from_ms: u64, to_ms: u64) -> impl Iterator<Item = Event> {
+pub fn office(
+    seed: u64,
+    users: u64,
+    rate_per_user: f64,
+    from_ms: u64,
+    to_ms: u64,
+) -> impl Iterator<Item = Event> {
     let mut rng = Rng::new(seed ^ 0x0FF1CE);
     let mut t = from_ms as f64;
     let path = route(1);
@@ -441,7 +505,10 @@ pub fn measured_p99(pop: &Population, seconds: u64) -> f64 {
     let mut per_second: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
     let mut all = Vec::new();
     let mut sec = 0;
-    let quiet = Population { responses: false, ..pop.clone() };
+    let quiet = Population {
+        responses: false,
+        ..pop.clone()
+    };
     for ev in Background::new(quiet, 0, seconds * 1000) {
         if ev.at_ms / 1000 != sec {
             all.extend(per_second.drain().map(|(_, c)| c));
@@ -451,5 +518,6 @@ pub fn measured_p99(pop: &Population, seconds: u64) -> f64 {
     }
     all.extend(per_second.into_values());
     all.sort_unstable();
-    all.get(all.len().saturating_sub(1) * 99 / 100).map_or(1.0, |c| f64::from(*c))
+    all.get(all.len().saturating_sub(1) * 99 / 100)
+        .map_or(1.0, |c| f64::from(*c))
 }
