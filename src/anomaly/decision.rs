@@ -117,7 +117,8 @@ impl Target {
                 let ip: IpAddr = addr.parse().ok()?;
                 let len: u8 = len.parse().ok()?;
                 let t = Target::Prefix(mask(ip, len), len);
-                (t.scope() == scope && matches!(len, 24 | 48 | 64)).then_some(t)
+                let fits = matches!((ip, len), (IpAddr::V4(_), 24) | (IpAddr::V6(_), 48 | 64));
+                (fits && t.scope() == scope).then_some(t)
             }
             Scope::Population => Some(Target::Population),
         }
