@@ -352,10 +352,11 @@ impl Detector {
                     .sample_paths
                     .iter()
                     .position(|p| p.is_empty() || *p == ev.path);
-                if let Some(i) = slot {
-                    if e.sample_paths[i].is_empty() && (failure || i + 1 < SAMPLE_PATHS) {
-                        e.sample_paths[i] = ev.path;
-                    }
+                if let Some(i) = slot
+                    && e.sample_paths[i].is_empty()
+                    && (failure || i + 1 < SAMPLE_PATHS)
+                {
+                    e.sample_paths[i] = ev.path;
                 }
             }
             if counts_volume {
@@ -430,7 +431,7 @@ impl Detector {
             if r.epoch != epoch {
                 continue;
             }
-            if r.replicas.iter().any(|x| *x == other.replica) {
+            if r.replicas.contains(&other.replica) {
                 continue;
             }
             r.count += u64::from(rc.count);
@@ -636,13 +637,13 @@ impl Detector {
         // population p99 per level, smoothed; it does not learn during a population surge
         let surge = self.population_until_ms > self.now_ms;
         for level in 0..LEVELS {
-            if let Some(q) = self.samples[level].quantile(0.99) {
-                if !surge {
-                    self.p99[level] = Some(match self.p99[level] {
-                        Some(p) => p + 0.05 * (q - p),
-                        None => q,
-                    });
-                }
+            if let Some(q) = self.samples[level].quantile(0.99)
+                && !surge
+            {
+                self.p99[level] = Some(match self.p99[level] {
+                    Some(p) => p + 0.05 * (q - p),
+                    None => q,
+                });
             }
             self.samples[level].reset();
             self.rate[level].clear();
@@ -787,7 +788,7 @@ impl Detector {
         }
         // evict idle keys without a decision or suppression
         let idle = self.cfg.idle_evict_ms;
-        if epoch % 16 == 0 {
+        if epoch.is_multiple_of(16) {
             let history = &self.history;
             let before = self.entries.len();
             self.entries.retain(|k, e| {
@@ -949,14 +950,13 @@ impl Detector {
             self.stats.allowlisted += 1;
             return;
         }
-        if let Some(prefix) = parent_prefix(&target) {
-            if self
+        if let Some(prefix) = parent_prefix(&target)
+            && self
                 .history
                 .get(&prefix.key())
                 .is_some_and(|h| h.active_until_ms > now)
-            {
-                return; // its prefix is already decided
-            }
+        {
+            return; // its prefix is already decided
         }
         let is_prefix = key.scope.is_prefix() && kind == DetectorKind::PrefixEscalation;
         if !is_prefix && self.decisions_this_minute >= self.cfg.max_decisions_per_minute {

@@ -489,10 +489,10 @@ pub fn merge(streams: Vec<Box<dyn Iterator<Item = Event> + Send>>) -> impl Itera
     std::iter::from_fn(move || {
         let mut best: Option<(usize, u64)> = None;
         for (i, s) in streams.iter_mut().enumerate() {
-            if let Some(ev) = s.peek() {
-                if best.is_none_or(|(_, t)| ev.at_ms < t) {
-                    best = Some((i, ev.at_ms));
-                }
+            if let Some(ev) = s.peek()
+                && best.is_none_or(|(_, t)| ev.at_ms < t)
+            {
+                best = Some((i, ev.at_ms));
             }
         }
         best.and_then(|(i, _)| streams[i].next())
