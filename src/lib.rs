@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod anomaly;
 pub mod authz;
 pub mod cli;
 pub mod config;
