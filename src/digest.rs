@@ -7,6 +7,12 @@
 /// because fingerprints name counters that outlive a process in Redis.
 pub struct Fnv64(u64);
 
+impl Default for Fnv64 {
+    fn default() -> Self {
+        Fnv64::new()
+    }
+}
+
 impl Fnv64 {
     pub fn new() -> Self {
         Fnv64(0xcbf2_9ce4_8422_2325)
