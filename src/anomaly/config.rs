@@ -163,6 +163,9 @@ impl Default for FailureRatio {
 pub struct PathSpread {
     pub dry_run: bool,
     pub min_paths: u64,
+    /// Share of the key's responses that failed: a busy legitimate client touches many
+    /// paths and fails on a few; a prober fails on most.
+    pub min_failure_ratio: f64,
 }
 
 impl Default for PathSpread {
@@ -170,6 +173,7 @@ impl Default for PathSpread {
         PathSpread {
             dry_run: false,
             min_paths: 30,
+            min_failure_ratio: 0.5,
         }
     }
 }

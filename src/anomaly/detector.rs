@@ -724,7 +724,7 @@ impl Detector {
                     ));
                 }
                 let paths = e.failing_paths.estimate();
-                if paths >= ps.min_paths {
+                if paths >= ps.min_paths && ratio >= ps.min_failure_ratio {
                     offenses.push((
                         *key,
                         DetectorKind::PathSpread,
@@ -733,7 +733,11 @@ impl Detector {
                             error_bound: (paths / 20).max(1),
                             threshold: ps.min_paths as f64,
                             window_ms: 0,
-                            figures: vec![("failures", f64::from(fail))],
+                            figures: vec![
+                                ("failures", f64::from(fail)),
+                                ("failure_ratio", ratio),
+                                ("ratio_threshold", ps.min_failure_ratio),
+                            ],
                             sample_paths: e.sample_paths(),
                             members: Vec::new(),
                             replicas: Vec::new(),
