@@ -494,18 +494,20 @@ impl RateLimitEngine {
         if let Some(r) = rule
             && (r.detailed_metric || r.value_to_metric)
         {
-            let mut key = String::from(&*r.stat_key);
-            key.push('|');
+            let mut value = String::new();
             for (i, e) in entries.iter().enumerate() {
                 if i > 0 {
-                    key.push('.');
+                    value.push('.');
                 }
-                key.push_str(e.key());
-                key.push('_');
+                value.push_str(e.key());
+                value.push('_');
                 // Bound label size: values can be megabytes long.
-                key.push_str(truncate(e.value(), 128));
+                value.push_str(truncate(e.value(), 128));
             }
-            if let Some(s) = self.stats.get_detailed(&key) {
+            if let Some(s) = self
+                .stats
+                .get_detailed(&r.stat_domain, &r.stat_name, &value)
+            {
                 apply(&s);
             }
         }

@@ -50,6 +50,9 @@ pub struct RuleLimit {
 pub struct Rule {
     /// `domain.key_value.key` as envoyproxy/ratelimit names its stats.
     pub stat_key: Arc<str>,
+    /// The stat key's parts: the domain and the rest (`key1_value1.key2`).
+    pub stat_domain: Arc<str>,
+    pub stat_name: Arc<str>,
     pub limits: Vec<RuleLimit>,
     pub unlimited: bool,
     pub shadow_mode: bool,
@@ -90,7 +93,7 @@ impl RuleSet {
             version: String::new(),
             settings: Settings::default(),
             domains: HashMap::default(),
-            override_stats: stats.get("override"),
+            override_stats: stats.get("override", ""),
         }
     }
 
@@ -116,7 +119,7 @@ impl RuleSet {
             version: config.version.clone(),
             settings,
             domains,
-            override_stats: stats.get("override"),
+            override_stats: stats.get("override", ""),
         }
     }
 
@@ -204,6 +207,8 @@ fn compile_rule(
         .collect();
     Arc::new(Rule {
         stat_key: stat_key.into(),
+        stat_domain: domain.into(),
+        stat_name: stat_key.get(domain.len() + 1..).unwrap_or_default().into(),
         limits,
         unlimited,
         shadow_mode: d.shadow_mode,
@@ -214,7 +219,7 @@ fn compile_rule(
         } else {
             Box::default()
         },
-        stats: stats.get(stat_key),
+        stats: stats.get(domain, stat_key.get(domain.len() + 1..).unwrap_or_default()),
     })
 }
 

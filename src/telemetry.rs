@@ -186,18 +186,15 @@ pub fn render(metrics: &ServiceMetrics, stats: &StatsRegistry, gauges: &Gauges) 
             out,
             "# HELP {name} Hits per rule (envoyproxy/ratelimit's {field}).\n# TYPE {name} counter"
         );
-        for (key, s) in &series {
-            // Series keys are `domain.rest` or, for detailed metrics, `domain.rest|values`.
-            let (rule, detail) = key.split_once('|').unwrap_or((key, ""));
-            let (domain, rest) = rule.split_once('.').unwrap_or((rule, ""));
+        for (id, s) in &series {
             let _ = write!(
                 out,
                 "{name}{{domain=\"{}\",key=\"{}\"",
-                escape(domain),
-                escape(rest)
+                escape(&id.domain),
+                escape(&id.key)
             );
-            if !detail.is_empty() {
-                let _ = write!(out, ",value=\"{}\"", escape(detail));
+            if !id.value.is_empty() {
+                let _ = write!(out, ",value=\"{}\"", escape(&id.value));
             }
             let _ = writeln!(out, "}} {}", get(s).load(Relaxed));
         }

@@ -276,3 +276,35 @@ fn rand_suffix() -> u128 {
         .map(|d| d.as_nanos())
         .unwrap_or(0)
 }
+
+/// A domain with a dot keeps its name in the `domain` label (the stat key is never split
+/// again at its first dot), and a detailed series carries its value apart.
+#[tokio::test]
+async fn metrics_label_a_dotted_domain_correctly() {
+    let dir = config_dir(
+        "domain: api.v1\ndescriptors:\n  - key: path\n    detailed_metric: true\n    rate_limit: {unit: hour, requests_per_unit: 5}\n",
+    );
+    let sc = Sidecar::start(Some(dir.path()), &[]);
+    let mut client = sc.client().await;
+    client
+        .should_rate_limit(request("api.v1", &[&[("path", "/a.b")]]))
+        .await
+        .expect("rpc");
+    let (_, metrics) = sc.get("/metrics").await;
+    let series: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("ratelimit_service_rate_limit_total_hits{"))
+        .collect();
+    assert!(
+        series
+            .contains(&r#"ratelimit_service_rate_limit_total_hits{domain="api.v1",key="path"} 1"#),
+        "{series:?}"
+    );
+    assert!(
+        series.contains(
+            &r#"ratelimit_service_rate_limit_total_hits{domain="api.v1",key="path",value="path_/a.b"} 1"#
+        ),
+        "{series:?}"
+    );
+    assert!(!metrics.contains(r#"domain="api""#), "{metrics}");
+}

@@ -69,8 +69,10 @@ impl Harness {
     fn advance_secs(&self, s: u64) {
         self.clock.advance(std::time::Duration::from_secs(s));
     }
-    fn stat(&self, key: &str) -> Arc<RuleStats> {
-        self.stats.get(key)
+    /// The stats of `domain.key` (split at the first dot: test domains have none).
+    fn stat(&self, full: &str) -> Arc<RuleStats> {
+        let (domain, key) = full.split_once('.').unwrap_or((full, ""));
+        self.stats.get(domain, key)
     }
 }
 
@@ -619,7 +621,12 @@ descriptors:
     );
     h.one("dm", &[("user", "alice")]);
     h.one("dm", &[("user", "bob")]);
-    let series: Vec<String> = h.stats.snapshot().into_iter().map(|(k, _)| k).collect();
+    let series: Vec<String> = h
+        .stats
+        .snapshot()
+        .into_iter()
+        .map(|(k, _)| k.to_string())
+        .collect();
     assert!(
         series.contains(&"dm.user|user_alice".to_string()),
         "{series:?}"
