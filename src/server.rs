@@ -96,6 +96,10 @@ pub enum ServerError {
     Admin(std::io::Error),
     #[error("server task: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// A background task (reload, list polling, the watcher, sweeping, Redis health) ended:
+    /// they loop for the life of the process, so this is a bug or a panic, never silence.
+    #[error("background task {task} stopped: {reason}")]
+    Background { task: &'static str, reason: String },
     #[error("reflection service: {0}")]
     Reflection(String),
     #[error(transparent)]
@@ -311,20 +315,23 @@ impl BoundServer {
 
         let mut grpc = tokio::spawn(grpc);
         let mut admin = tokio::spawn(admin);
-        let reload_task = self
-            .reloader
-            .map(|r| tokio::spawn(r.run(self.reload_interval)));
-        let watch_task = self.watcher.map(|w| tokio::spawn(w.run()));
-        let sweeper = tokio::spawn(sweep(self.engine.storage().clone()));
-        let lists = tokio::spawn(self.authz.lists().clone().run());
-        let health = self.engine.storage().redis().is_some().then(|| {
+        let mut background = Background::default();
+        if let Some(r) = self.reloader {
+            background.spawn("config reload", r.run(self.reload_interval));
+        }
+        if let Some(w) = self.watcher {
+            background.spawn("kubernetes watcher", w.run());
+        }
+        background.spawn("counter sweeper", sweep(self.engine.storage().clone()));
+        background.spawn("list polling", self.authz.lists().clone().run());
+        if self.engine.storage().redis().is_some() {
             let storage = self.engine.storage().clone();
-            tokio::spawn(async move {
+            background.spawn("redis health", async move {
                 if let Some(r) = storage.redis() {
                     tokio::join!(r.watch_health(), r.run_flusher());
                 }
-            })
-        });
+            });
+        }
 
         tracing::info!(grpc = %self.grpc_addr, admin = %self.admin_addr, "serving");
         // One plain line on stdout: scripts and tests learn the ports bound for `:0`.
@@ -362,18 +369,13 @@ impl BoundServer {
                 let _ = stop_tx.send(true);
                 Err(a.err().map_or_else(|| ServerError::Admin(std::io::Error::other("admin server stopped")), ServerError::Task))
             }
+            Some(e) = background.stopped() => {
+                tracing::error!("{e}; shutting down");
+                let _ = stop_tx.send(true);
+                Err(e)
+            }
         };
-        if let Some(t) = reload_task {
-            t.abort();
-        }
-        if let Some(t) = watch_task {
-            t.abort();
-        }
-        sweeper.abort();
-        lists.abort();
-        if let Some(t) = health {
-            t.abort();
-        }
+        background.tasks.abort_all();
         result
     }
 }
@@ -384,6 +386,33 @@ fn flatten_grpc(
     match r {
         Ok(r) => r.map_err(ServerError::Grpc),
         Err(e) => Err(ServerError::Admin(std::io::Error::other(e.to_string()))),
+    }
+}
+
+/// The tasks that run beside the servers for the life of the process, in one place: one that
+/// ends (a panic included) is noticed and ends the process with its name, instead of a part
+/// of the sidecar silently stopping (lists no longer polled, config no longer reloaded).
+#[derive(Default)]
+struct Background {
+    tasks: tokio::task::JoinSet<()>,
+    names: std::collections::HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Background {
+    fn spawn(&mut self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        let handle = self.tasks.spawn(task);
+        self.names.insert(handle.id(), name);
+    }
+
+    /// Waits for the first task to end; `None` when there are none.
+    async fn stopped(&mut self) -> Option<ServerError> {
+        let (id, reason) = match self.tasks.join_next_with_id().await? {
+            Ok((id, ())) => (id, "returned".to_string()),
+            Err(e) if e.is_panic() => (e.id(), "panicked".to_string()),
+            Err(e) => (e.id(), e.to_string()),
+        };
+        let task = self.names.get(&id).copied().unwrap_or("unnamed");
+        Some(ServerError::Background { task, reason })
     }
 }
 
@@ -401,5 +430,32 @@ async fn sweep(storage: Arc<Storage>) {
             let removed = m.sweep(clock.now());
             tracing::debug!(removed, "swept expired counters");
         }
+    }
+}
+
+#[cfg(test)]
+mod background_tests {
+    use super::{Background, ServerError};
+
+    #[tokio::test]
+    async fn a_panicking_task_is_named_and_ends_the_wait() {
+        let mut b = Background::default();
+        b.spawn("forever", std::future::pending());
+        b.spawn("list polling", async { panic!("boom") });
+        match b.stopped().await {
+            Some(ServerError::Background { task, reason }) => {
+                assert_eq!(task, "list polling");
+                assert_eq!(reason, "panicked");
+            }
+            other => panic!("{other:?}"),
+        }
+        b.spawn("reload", async {});
+        match b.stopped().await {
+            Some(ServerError::Background { task, reason }) => {
+                assert_eq!((task, reason.as_str()), ("reload", "returned"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Background::default().stopped().await.is_none());
     }
 }
