@@ -6,7 +6,7 @@
 //! storage fails, stats and verdicts. Must not touch: gRPC, configuration loading, the
 //! algorithms' arithmetic (limiter) or storage internals.
 
-use crate::limiter::{Clock, Limit, Nanos, Outcome, Unit};
+use crate::limiter::{Clock, Limit, Nanos, Outcome, RejectedHits, Unit};
 use crate::rules::{self, Rule, RuleSet, RuleStats, StatsRegistry};
 use crate::storage::{CounterOp, Storage, StorageError};
 use crate::telemetry::ServiceMetrics;
@@ -319,145 +319,104 @@ impl RateLimitEngine {
         on_failure: OnStorageFailure,
     ) -> Result<bool, RequestError> {
         let rules = self.rules.load();
-        let settings = &rules.settings;
-        let matcher = rules.domain(domain);
-
-        let found: SmallVec<[Option<&Arc<Rule>>; 8]> = descriptors
-            .iter()
-            .map(|d| matcher.and_then(|m| m.find(d.entries())))
-            .collect();
-        let replaced = replaced_names(&found);
-
         let mut ops = Ops::new();
-        let mut plans: SmallVec<[Plan<'_>; 8]> = SmallVec::new();
-        for (i, d) in descriptors.iter().enumerate() {
-            let hits = d.hits().unwrap_or(request_hits);
-            let start = ops.len();
-            // Envoy's per-descriptor override (from dynamic metadata) wins over config, as
-            // in the reference, but only inside a configured domain.
-            if let (Some(o), Some(_)) = (d.limit_override(), matcher) {
-                let unit = unit_from_pb(o.unit).ok_or(RequestError::BadOverrideUnit(i))?;
-                let limit = Limit {
-                    algorithm: settings.default_algorithm,
-                    requests_per_unit: o.requests_per_unit,
-                    unit,
-                    burst: settings
-                        .default_algorithm
-                        .default_burst(o.requests_per_unit)
-                        .max(1),
-                    block_duration: 0,
-                };
-                let fp = rules::override_fingerprint(domain, &limit);
-                let mut op = CounterOp::new(entry_key(fp, d.entries()), limit, hits, false);
-                op.negative = d.is_negative();
-                ops.push(op);
-                plans.push(Plan::Limits {
-                    rule: None,
-                    ops: start..ops.len(),
-                    hits,
-                });
-                continue;
-            }
-            let plan = match found[i] {
-                None => Plan::NoLimit,
-                Some(rule) if rule.unlimited => Plan::Unlimited,
-                Some(rule) => {
-                    for l in &rule.limits {
-                        if is_replaced(&replaced, l.name.as_deref()) {
-                            continue;
-                        }
-                        let key = rule_key(rule, l.fingerprint, d.entries());
-                        let mut op = CounterOp::new(key, l.limit, hits, rule.shadow_mode);
-                        op.negative = d.is_negative();
-                        ops.push(op);
-                    }
-                    if ops.len() == start {
-                        Plan::NoLimit
-                    } else {
-                        Plan::Limits {
-                            rule: Some(rule),
-                            ops: start..ops.len(),
-                            hits,
-                        }
-                    }
-                }
-            };
-            plans.push(plan);
-        }
-
-        let now = self.clock.now();
-        if !ops.is_empty()
-            && let Err(e) = self
-                .storage
-                .check_and_update(&mut ops, now, settings.rejected_hits)
-                .await
-        {
-            self.log_storage_failure(&e, now);
-            match on_failure {
-                OnStorageFailure::FailureMode => {
-                    // The reference's redis_error: every request the storage failed.
-                    self.metrics.storage_errors.fetch_add(1, Relaxed);
-                }
-                OnStorageFailure::LocalOrError if self.storage.decides_locally_on_failure() => {}
-                OnStorageFailure::LocalOrError => return Err(e.into()),
-            }
-            self.storage
-                .answer_failure(&mut ops, now, settings.rejected_hits);
-        }
-
-        let mut over = false;
+        let mut names = LimitNames::new();
+        let plans = plan(
+            &rules,
+            domain,
+            descriptors,
+            request_hits,
+            &mut ops,
+            &mut names,
+        )?;
+        self.count(&mut ops, rules.settings.rejected_hits, on_failure)
+            .await?;
         verdicts.clear();
+        let mut over = false;
         for (plan, d) in plans.iter().zip(descriptors) {
-            let verdict = match plan {
-                Plan::NoLimit => Verdict::no_limit(0),
-                Plan::Unlimited => Verdict::no_limit(u32::MAX),
-                Plan::Limits {
-                    rule,
-                    ops: range,
-                    hits,
-                } => {
-                    let ops = &ops[range.clone()];
-                    let (j, outcome) = reported(ops);
-                    let op = &ops[j];
-                    let shadow = rule.is_some_and(|r| r.shadow_mode);
-                    let rejected = ops.iter().any(|o| o.outcome.is_some_and(|x| !x.allowed));
-                    let stats = rule.map_or(rules.override_stats(), |r| &r.stats);
-                    self.record(
-                        stats,
-                        rule,
-                        d.entries(),
-                        *hits,
-                        rejected,
-                        shadow,
-                        &outcome,
-                        &op.limit,
-                        settings.near_limit_ratio,
-                    );
-                    let over_limit = rejected && !shadow;
-                    over |= over_limit;
-                    // Ops were pushed for the rule's non-replaced limits, in order.
-                    let name = rule
-                        .and_then(|r| {
-                            r.limits
-                                .iter()
-                                .filter(|l| !is_replaced(&replaced, l.name.as_deref()))
-                                .nth(j)
-                        })
-                        .and_then(|l| l.name.clone());
-                    Verdict {
-                        over_limit,
-                        limit: Some(VerdictLimit {
-                            name,
-                            limit: op.limit,
-                        }),
-                        remaining: outcome.remaining,
-                        reset_after: outcome.reset_after,
-                    }
-                }
-            };
+            let verdict = self.verdict(&rules, plan, d.entries(), &ops, &names);
+            over |= verdict.over_limit;
             verdicts.push(verdict);
         }
         Ok(over)
+    }
+
+    /// Phase 2: every counter of the request in one storage call. A storage failure is
+    /// answered by the failure mode (counted as the reference's `redis_error`), or returned
+    /// when the caller decides failures itself (ext_authz without a local fallback).
+    async fn count(
+        &self,
+        ops: &mut Ops,
+        rejected_hits: RejectedHits,
+        on_failure: OnStorageFailure,
+    ) -> Result<(), RequestError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let now = self.clock.now();
+        let Err(e) = self.storage.check_and_update(ops, now, rejected_hits).await else {
+            return Ok(());
+        };
+        self.log_storage_failure(&e, now);
+        match on_failure {
+            OnStorageFailure::FailureMode => {
+                self.metrics.storage_errors.fetch_add(1, Relaxed);
+            }
+            OnStorageFailure::LocalOrError if self.storage.decides_locally_on_failure() => {}
+            OnStorageFailure::LocalOrError => return Err(e.into()),
+        }
+        self.storage.answer_failure(ops, now, rejected_hits);
+        Ok(())
+    }
+
+    /// Phase 3: one descriptor's verdict from its counters' outcomes, with its stats.
+    fn verdict<E: rules::Entry>(
+        &self,
+        rules: &RuleSet,
+        plan: &Plan<'_>,
+        entries: &[E],
+        ops: &Ops,
+        names: &LimitNames<'_>,
+    ) -> Verdict {
+        let Plan::Limits {
+            rule,
+            ops: range,
+            hits,
+        } = plan
+        else {
+            return match plan {
+                Plan::Unlimited => Verdict::no_limit(u32::MAX),
+                _ => Verdict::no_limit(0),
+            };
+        };
+        let (j, outcome) = reported(&ops[range.clone()]);
+        let op = &ops[range.start + j];
+        let shadow = rule.is_some_and(|r| r.shadow_mode);
+        let rejected = ops[range.clone()]
+            .iter()
+            .any(|o| o.outcome.is_some_and(|x| !x.allowed));
+        let stats = rule.map_or(rules.override_stats(), |r| &r.stats);
+        let settings = &rules.settings;
+        self.record(
+            stats,
+            rule,
+            entries,
+            *hits,
+            rejected,
+            shadow,
+            &outcome,
+            &op.limit,
+            settings.near_limit_ratio,
+        );
+        Verdict {
+            over_limit: rejected && !shadow,
+            limit: Some(VerdictLimit {
+                name: names[range.start + j].cloned(),
+                limit: op.limit,
+            }),
+            remaining: outcome.remaining,
+            reset_after: outcome.reset_after,
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -512,6 +471,95 @@ impl RateLimitEngine {
             }
         }
     }
+}
+
+/// The name of each counter op's limit, index for index (for `current_limit.name`).
+type LimitNames<'a> = SmallVec<[Option<&'a Arc<str>>; 8]>;
+
+/// Phase 1: which counters the request touches. Matches every descriptor against the rules
+/// in force (Envoy's per-descriptor `limit` override first), drops replaced limits, and
+/// pushes one op per limit with its counter key; returns one plan per descriptor.
+fn plan<'r, D: Descriptor>(
+    rules: &'r RuleSet,
+    domain: &str,
+    descriptors: &[D],
+    request_hits: u32,
+    ops: &mut Ops,
+    names: &mut LimitNames<'r>,
+) -> Result<SmallVec<[Plan<'r>; 8]>, RequestError> {
+    let matcher = rules.domain(domain);
+    let found: SmallVec<[Option<&Arc<Rule>>; 8]> = descriptors
+        .iter()
+        .map(|d| matcher.and_then(|m| m.find(d.entries())))
+        .collect();
+    let replaced = replaced_names(&found);
+    let mut plans = SmallVec::new();
+    for (i, d) in descriptors.iter().enumerate() {
+        let hits = d.hits().unwrap_or(request_hits);
+        let start = ops.len();
+        // Envoy's override (from dynamic metadata) wins over config, as in the reference,
+        // but only inside a configured domain.
+        if let (Some(o), Some(_)) = (d.limit_override(), matcher) {
+            let limit =
+                override_limit(&rules.settings, o).ok_or(RequestError::BadOverrideUnit(i))?;
+            let fp = rules::override_fingerprint(domain, &limit);
+            let mut op = CounterOp::new(entry_key(fp, d.entries()), limit, hits, false);
+            op.negative = d.is_negative();
+            ops.push(op);
+            names.push(None);
+            plans.push(Plan::Limits {
+                rule: None,
+                ops: start..ops.len(),
+                hits,
+            });
+            continue;
+        }
+        let rule = match found[i] {
+            None => {
+                plans.push(Plan::NoLimit);
+                continue;
+            }
+            Some(rule) if rule.unlimited => {
+                plans.push(Plan::Unlimited);
+                continue;
+            }
+            Some(rule) => rule,
+        };
+        for l in rule
+            .limits
+            .iter()
+            .filter(|l| !is_replaced(&replaced, l.name.as_deref()))
+        {
+            let key = rule_key(rule, l.fingerprint, d.entries());
+            let mut op = CounterOp::new(key, l.limit, hits, rule.shadow_mode);
+            op.negative = d.is_negative();
+            ops.push(op);
+            names.push(l.name.as_ref());
+        }
+        plans.push(if ops.len() == start {
+            Plan::NoLimit
+        } else {
+            Plan::Limits {
+                rule: Some(rule),
+                ops: start..ops.len(),
+                hits,
+            }
+        });
+    }
+    Ok(plans)
+}
+
+/// The limit of Envoy's per-descriptor override, with the default algorithm; `None` for an
+/// unknown unit.
+fn override_limit(settings: &crate::config::Settings, o: &RateLimitOverride) -> Option<Limit> {
+    let algorithm = settings.default_algorithm;
+    Some(Limit {
+        algorithm,
+        requests_per_unit: o.requests_per_unit,
+        unit: unit_from_pb(o.unit)?,
+        burst: algorithm.default_burst(o.requests_per_unit).max(1),
+        block_duration: 0,
+    })
 }
 
 fn truncate(s: &str, max: usize) -> &str {
