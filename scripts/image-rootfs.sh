@@ -9,7 +9,7 @@
 # `builder` stage runs it after `cargo build`, and a binary built on the host goes in through
 # the `prebuilt` stage with OUT_DIR as the build context:
 #
-#   cargo build --release --locked --target x86_64-unknown-linux-musl
+#   cargo rustc --release --locked --target x86_64-unknown-linux-musl --bin ratethrottle -- -C strip=symbols
 #   scripts/image-rootfs.sh target/x86_64-unknown-linux-musl/release/ratethrottle /tmp/ctx
 #   podman build --build-arg ARTIFACTS=prebuilt -f Containerfile -t ratethrottle:0.1.0 /tmp/ctx
 #
@@ -27,7 +27,7 @@ ca=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 here=$(cd "$(dirname "$0")/.." && pwd)
 
 [ -f "$binary" ] || {
-    echo "error: $binary not found: build it first (cargo build --release --locked --target x86_64-unknown-linux-musl)" >&2
+    echo "error: $binary not found: build it first (cargo rustc --release --locked --target x86_64-unknown-linux-musl --bin ratethrottle -- -C strip=symbols)" >&2
     exit 1
 }
 [ -s "$ca" ] || {
