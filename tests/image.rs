@@ -402,7 +402,8 @@ fn write_config_dir(dir: &Path, files: &[(String, String)]) {
     }
 }
 
-#[tokio::test]
+// Multi-threaded: the gRPC connection's task must run while podman blocks this thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_builds_from_the_containerfile_and_runs_the_chart() {
     if let Ok(why) = std::env::var("RATETHROTTLE_TEST_IMAGE_UNAVAILABLE") {
         eprintln!("image test NOT RUN on this machine: {why}");
@@ -703,5 +704,25 @@ async fn image_builds_from_the_containerfile_and_runs_the_chart() {
     }
     // OK, OK, OVER_LIMIT (envoy.service.ratelimit.v3.RateLimitResponse.Code).
     assert_eq!(codes, [1, 1, 2]);
-    ok(store.podman().args(["rm", "--force", "rt-serve"]));
+
+    // SIGTERM (what the kubelet sends) reaches the binary as PID 1 and ends it cleanly; with
+    // no connection left open it exits at once instead of draining for up to 10 s.
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    ok(store.podman().args(["stop", "--time", "10", "rt-serve"]));
+    let stopped = started.elapsed();
+    let code = ok(store
+        .podman()
+        .args(["inspect", "--format", "{{.State.ExitCode}}", "rt-serve"]));
+    assert_eq!(
+        code.trim(),
+        "0",
+        "exit code after SIGTERM (took {stopped:?}; 137 means podman had to SIGKILL it)"
+    );
+    eprintln!(
+        "image: stopped by SIGTERM in {:.2} s",
+        stopped.as_secs_f64()
+    );
+    ok(store.podman().args(["rm", "rt-serve"]));
 }
