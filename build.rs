@@ -1,4 +1,5 @@
-//! Builds the gRPC reflection descriptor set from the one envoy-types ships.
+//! Builds the gRPC reflection descriptor set from the one envoy-types ships, and stamps the
+//! build's git commit and target into the binary for `ratethrottle --version`.
 //!
 //! envoy-types carries a prebuilt `FileDescriptorSet` of every Envoy proto but does not export
 //! it. We find the crate through `cargo metadata`, keep only the files our services need (the
@@ -8,7 +9,7 @@
 use prost::Message;
 use prost_types::{FileDescriptorProto, FileDescriptorSet};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Only services this build serves: reflection must not advertise what isn't there.
 const ROOTS: &[&str] = &[
@@ -18,6 +19,7 @@ const ROOTS: &[&str] = &[
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    stamp_version();
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR is set by cargo"));
     let set_path = envoy_types_dir().join("src/generated/types.bin");
     let bytes =
@@ -48,6 +50,46 @@ fn main() {
     };
     std::fs::write(out.join("reflection.bin"), filtered.encode_to_vec())
         .expect("write reflection.bin");
+}
+
+/// `RATETHROTTLE_GIT_COMMIT` and `RATETHROTTLE_BUILD_TARGET` for the `--version` line.
+///
+/// The commit comes from the environment variable of the same name when set (a container build
+/// has no `.git`: pass `--build-arg GIT_COMMIT=$(git rev-parse --short=12 HEAD)`), else from
+/// `git`, else "unknown" — a build without git or outside a checkout still works.
+fn stamp_version() {
+    println!("cargo:rerun-if-env-changed=RATETHROTTLE_GIT_COMMIT");
+    let from_env = std::env::var("RATETHROTTLE_GIT_COMMIT")
+        .ok()
+        .filter(|c| !c.trim().is_empty());
+    let commit = from_env.unwrap_or_else(|| {
+        // Rebuild when HEAD moves: the HEAD file (a branch switch) and the branch's ref (a
+        // commit). Only files that exist: cargo reruns the script every build for a missing one.
+        let branch = git(&["symbolic-ref", "-q", "HEAD"]);
+        for path in ["HEAD", "packed-refs"].into_iter().chain(branch.as_deref()) {
+            if let Some(p) = git(&["rev-parse", "--git-path", path]) {
+                let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default();
+                if Path::new(&dir).join(&p).exists() {
+                    println!("cargo:rerun-if-changed={p}");
+                }
+            }
+        }
+        git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into())
+    });
+    println!("cargo:rustc-env=RATETHROTTLE_GIT_COMMIT={}", commit.trim());
+    let target = std::env::var("TARGET").unwrap_or_else(|_| "unknown".into());
+    println!("cargo:rustc-env=RATETHROTTLE_BUILD_TARGET={target}");
+}
+
+/// `git <args>`'s trimmed stdout, or None when git is missing, fails or prints nothing.
+fn git(args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new("git")
+        .args(args)
+        .current_dir(std::env::var("CARGO_MANIFEST_DIR").ok()?)
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    (out.status.success() && !text.is_empty()).then_some(text)
 }
 
 fn envoy_types_dir() -> PathBuf {

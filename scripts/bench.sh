@@ -18,5 +18,5 @@ if [ ${#missing[@]} -gt 0 ]; then
         exit 1
     fi
 fi
-cargo build --release --bin ratethrottle --example ok_rls
+cargo build --release --locked --bin ratethrottle --example ok_rls
 exec bash scripts/test.sh python3 scripts/bench.py "$@"

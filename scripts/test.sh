@@ -55,6 +55,9 @@ source scripts/k8s-tools.sh || { echo "error: installing the Kubernetes tools fa
 # node + the npm schema packages for tests/integrations.rs; exports RATETHROTTLE_TEST_NODE and
 # RATETHROTTLE_TEST_SCHEMA_MODULES.
 source scripts/integration-tools.sh || { echo "error: installing the integration schema tools failed (above)" >&2; exit 1; }
+# buildah, podman, skopeo, runc, musl-tools, the musl Rust target and cargo-deny for
+# tests/image.rs (scripts/image-tools.sh).
+source scripts/image-tools.sh || { echo "error: installing the container image tools failed (above)" >&2; exit 1; }
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/ratethrottle-test.XXXXXX")
 PIDS=()

@@ -14,10 +14,20 @@ use std::process::ExitCode;
 /// Exit code for unusable configuration or arguments (sysexits' EX_USAGE).
 pub const EXIT_CONFIG: u8 = 64;
 
+/// `--version`: the crate version, the git commit and the target it was built from (build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("RATETHROTTLE_GIT_COMMIT"),
+    ", ",
+    env!("RATETHROTTLE_BUILD_TARGET"),
+    ")"
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "ratethrottle",
-    version,
+    version = VERSION,
     about = "Envoy rate limit and ext_authz sidecar"
 )]
 pub struct Cli {
