@@ -1,7 +1,7 @@
 //! ratethrottle: an Envoy rate limit and external authorization sidecar.
 //!
 //! Layers, lowest first; a module uses only layers below its own (`tests/architecture.rs`
-//! checks every `crate::` path against this map): `digest`, `limiter` (pure algorithms) →
+//! checks every `crate::` path against this map): `digest`, `text`, `limiter` (pure algorithms), `anomaly` (sans-IO detection) →
 //! `lists` (allow/block entry model, CIDR trie) → `config` (text → validated model) → `rules`
 //! (compiled match tree) → `storage` (counters in memory or Redis) and `telemetry` (metric
 //! counters) → `engine` (one ShouldRateLimit decision) → `runtime` (live merge of files and
@@ -26,3 +26,4 @@ pub mod server;
 pub mod service;
 pub mod storage;
 pub mod telemetry;
+pub mod text;

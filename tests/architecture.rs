@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 /// Each inner list is one layer; modules in a layer may not use each other.
 const LAYERS: &[&[&str]] = &[
     // Leaves: pure algorithms and digests, no crate imports.
-    &["digest", "limiter", "anomaly"],
+    &["digest", "text", "limiter", "anomaly"],
     // The allow/block entry model, CIDR trie and canonical entries.
     &["lists"],
     // Text → validated model. No I/O but reading the files it is given.

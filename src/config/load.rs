@@ -264,9 +264,7 @@ fn located(file: &Path, loc: Loc, message: String) -> ConfigError {
 }
 
 fn utf8_error(file: &Path, bytes: &[u8], valid_up_to: usize) -> ConfigError {
-    let before = String::from_utf8_lossy(bytes.get(..valid_up_to).unwrap_or_default());
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let (line, column) = crate::text::line_column(bytes, valid_up_to);
     ConfigError {
         file: file.to_path_buf(),
         line,

@@ -91,9 +91,7 @@ impl<'a> Parser<'a> {
     }
 
     fn error_at(&self, offset: usize, message: String) -> GraphqlError {
-        let before = self.src.get(..offset).unwrap_or(self.src);
-        let line = before.matches('\n').count() + 1;
-        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        let (line, column) = crate::text::line_column(self.src.as_bytes(), offset);
         GraphqlError {
             message: format!("Syntax Error: {message}"),
             location: Some((line, column)),
