@@ -33,7 +33,7 @@ pub use config::{
     Config, FailureRatio, Merge, PathSpread, PopulationShift, PrefixEscalation, SelfAnomaly, Ttl,
     Volumetric,
 };
-pub use decision::{Action, Decision, DetectorKind, Evidence, Key, Scope, Target, mask};
+pub use decision::{Action, Decision, DetectorKind, Evidence, Key, Scope, Target, canonical, mask};
 pub use detector::{Allowlist, Detector, Explanation, RemoteCount, Stats, TopKeys};
 pub use event::{Event, LABEL_BYTES, Label, Method, Outcome, Source};
 pub use queue::{Drain, Sink, queue};

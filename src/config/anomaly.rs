@@ -24,11 +24,12 @@ pub struct AnomalySettings {
 
 impl Default for AnomalySettings {
     fn default() -> Self {
-        let mut detector = anomaly::Config::default();
-        detector.replica = String::new();
         AnomalySettings {
             enabled: true,
-            detector,
+            detector: anomaly::Config {
+                replica: String::new(),
+                ..Default::default()
+            },
             queue_size: DEFAULT_QUEUE_SIZE,
         }
     }
