@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 const ROOTS: &[&str] = &[
     "envoy/service/ratelimit/v3/rls.proto",
     "envoy/service/auth/v3/external_auth.proto",
+    "envoy/service/accesslog/v3/als.proto",
 ];
 
 fn main() {

@@ -4,6 +4,7 @@
 //! Owns: HTTP routing and JSON shapes of the admin API. Must not touch: decisions (it calls
 //! the same engine as gRPC) or config loading (it reads the reloader's status).
 
+mod anomaly;
 mod json;
 mod lists;
 
@@ -34,6 +35,8 @@ pub struct AdminState {
     pub authz: AuthzEngine,
     /// Bearer token of `/v1/lists`; `None` disables list management.
     pub admin_token: Option<Arc<str>>,
+    /// The anomaly module, when configured.
+    pub anomaly: Option<Arc<crate::runtime::anomaly::Anomaly>>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -47,6 +50,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/lists", get(lists::all))
         .route("/v1/lists/{list}", get(lists::one).post(lists::add))
         .route("/v1/lists/{list}/{*value}", delete(lists::remove))
+        .route("/v1/anomaly/decisions", get(anomaly::decisions))
+        .route("/v1/anomaly/decisions/{*value}", delete(anomaly::unban))
+        .route("/v1/anomaly/explain", get(anomaly::explain))
         .with_state(state)
 }
 
@@ -117,6 +123,9 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         lists.entries(ListKind::Allow).len(),
         lists.entries(ListKind::Block).len(),
     );
+    if let Some(a) = &s.anomaly {
+        a.metrics().render(&mut text, &a.gauges());
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -5,7 +5,8 @@
 //! Owns: the [`Event`] the hot path pushes, the sans-IO [`Detector`] (events in, decisions
 //! out, time injected: deterministic, so traces replay in virtual time), its sketches, its
 //! detectors' thresholds ([`Config`]), the cross-replica top-keys exchange as plain data
-//! ([`TopKeys`]) and the seeded attack-trace generator ([`trace`]).
+//! ([`TopKeys`]), the bounded queue from the hot path to the detector task ([`Sink`],
+//! [`Drain`]) and the seeded attack-trace generator ([`trace`]).
 //!
 //! Must not touch: anything else in the crate (it imports nothing from it), I/O, clocks,
 //! Redis or the blocklist. The services push events; the runtime reads decisions and writes
@@ -21,6 +22,7 @@ mod config;
 mod decision;
 mod detector;
 mod event;
+mod queue;
 mod sketch;
 pub mod trace;
 
@@ -31,7 +33,8 @@ pub use config::{
     Config, FailureRatio, Merge, PathSpread, PopulationShift, PrefixEscalation, SelfAnomaly, Ttl,
     Volumetric,
 };
-pub use decision::{Action, Decision, DetectorKind, Evidence, Key, Scope, Target, mask};
+pub use decision::{Action, Decision, DetectorKind, Evidence, Key, Scope, Target, canonical, mask};
 pub use detector::{Allowlist, Detector, Explanation, RemoteCount, Stats, TopKeys};
 pub use event::{Event, LABEL_BYTES, Label, Method, Outcome, Source};
+pub use queue::{Drain, Sink, queue};
 pub use sketch::{CountMin, Distinct, RateSample};

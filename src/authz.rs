@@ -23,6 +23,7 @@ pub mod policy;
 pub mod request;
 pub mod websocket;
 
+use crate::anomaly;
 use crate::config::Config;
 use crate::config::authz::{AuthzConfig, AuthzFailureMode};
 use crate::engine::{OnStorageFailure, RateLimitEngine, RequestError, Verdict, Verdicts};
@@ -81,6 +82,20 @@ pub struct AuthzEngine {
     lists: Arc<Lists>,
     metrics: Arc<AuthzMetrics>,
     clock: Arc<dyn Clock>,
+    /// The anomaly module's queue, when `anomaly:` is configured: one `Copy` event per
+    /// Check, pushed without waiting, locking or allocating.
+    anomaly: Option<anomaly::Sink>,
+}
+
+/// What one Check tells the anomaly module, filled as the stages learn it (only when the
+/// module is on).
+struct Note {
+    ip: Option<std::net::IpAddr>,
+    identity: anomaly::Label,
+    path: anomaly::Label,
+    method: anomaly::Method,
+    limited: bool,
+    blocked: bool,
 }
 
 impl std::fmt::Debug for AuthzEngine {
@@ -115,7 +130,14 @@ impl AuthzEngine {
             lists,
             metrics,
             clock,
+            anomaly: None,
         }
+    }
+
+    /// Feeds every Check to the anomaly module through `sink`.
+    pub fn with_anomaly(mut self, sink: anomaly::Sink) -> AuthzEngine {
+        self.anomaly = Some(sink);
+        self
     }
 
     /// Puts a loaded configuration's `authz:` block in force (defaults without one).
@@ -140,6 +162,40 @@ impl AuthzEngine {
     /// One Check. Always answers: problems become denials or, with `failure_mode: allow`,
     /// an OK.
     pub async fn check(&self, req: &CheckRequest) -> CheckResponse {
+        let Some(sink) = &self.anomaly else {
+            return self.decide(req, &mut None).await;
+        };
+        let mut note = Some(Note {
+            ip: None,
+            identity: anomaly::Label::EMPTY,
+            path: anomaly::Label::EMPTY,
+            method: anomaly::Method::Other,
+            limited: false,
+            blocked: false,
+        });
+        let resp = self.decide(req, &mut note).await;
+        if let Some(n) = note
+            && let Some(ip) = n.ip
+        {
+            // Stamped by the detector task when it drains the queue (no clock read here).
+            sink.push(anomaly::Event {
+                at_ms: 0,
+                ip,
+                identity: n.identity,
+                path: n.path,
+                method: n.method,
+                source: anomaly::Source::Authz,
+                outcome: anomaly::Outcome::Request {
+                    limited: n.limited,
+                    blocked: n.blocked,
+                },
+                denied_by_us: n.limited || n.blocked,
+            });
+        }
+        resp
+    }
+
+    async fn decide(&self, req: &CheckRequest, note: &mut Option<Note>) -> CheckResponse {
         let st = self.state.load();
         let view = match RequestView::new(req, st.max_header_bytes) {
             Ok(v) => v,
@@ -157,6 +213,15 @@ impl AuthzEngine {
                 return Denial::unauthenticated(&e.to_string()).into_response(grpc);
             }
         };
+        if let Some(n) = note.as_mut() {
+            n.ip = ip.map(crate::lists::cidr::to_ip);
+            n.path = anomaly::Label::new(view.path);
+            n.method = anomaly::Method::parse(view.method);
+            // An identity derived from the address, or none, is the address's business.
+            if !matches!(identity.kind, SourceKind::ClientIp | SourceKind::Anonymous) {
+                n.identity = anomaly::Label::new(&identity.value);
+            }
+        }
         self.metrics.stage(match identity.kind {
             SourceKind::Header => Stage::IdentityHeader,
             SourceKind::Jwt => Stage::IdentityJwt,
@@ -187,6 +252,9 @@ impl AuthzEngine {
                 return self.allowed(&st, Some(identity.value), None);
             }
             Some(Some(code)) => {
+                if let Some(n) = note.as_mut() {
+                    n.blocked = true;
+                }
                 self.metrics.stage(Stage::ListBlock);
                 self.metrics.outcome(Outcome::Blocked);
                 return Denial::blocked(&code).into_response(grpc);
@@ -274,6 +342,9 @@ impl AuthzEngine {
                 self.allowed(&st, Some(identity.value), quota)
             }
             Ok(true) => {
+                if let Some(n) = note.as_mut() {
+                    n.limited = true;
+                }
                 self.metrics.stage(Stage::LimitsOver);
                 // The rejecting limit with the longest wait is the one to report.
                 let (i, q) = rejecting(&verdicts);

@@ -7,6 +7,7 @@
 //! Must not touch: decisions (engine, authz) or serving (service, admin); it reaches the
 //! layers above only through install hooks they register.
 
+pub mod anomaly;
 pub mod blocklist;
 pub mod live;
 pub mod reload;

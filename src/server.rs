@@ -14,14 +14,18 @@ use crate::engine::RateLimitEngine;
 use crate::k8s::{KubernetesOptions, Watcher};
 use crate::limiter::{Clock, SystemClock};
 use crate::rules::{RuleSet, StatsRegistry};
+use crate::runtime::anomaly::Anomaly;
 use crate::runtime::blocklist::{Lists, RedisLists};
 use crate::runtime::live::LiveConfig;
 use crate::runtime::reload::{ReloadStatus, Reloader};
+use crate::service::accesslog::AccessLogGrpc;
 use crate::service::grpc::{AuthorizationGrpc, DecodeErrorsAreInvalidArgument, RateLimitGrpc};
 use crate::storage::{Storage, StorageError};
 use crate::telemetry::ServiceMetrics;
+use crate::telemetry::anomaly::AnomalyMetrics;
 use crate::telemetry::authz::AuthzMetrics;
 use arc_swap::ArcSwap;
+use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use listen::{Incoming, Port};
@@ -123,6 +127,20 @@ pub struct BoundServer {
     reloader: Option<Reloader>,
     reload_interval: Duration,
     watcher: Option<Watcher>,
+    sink: Option<crate::anomaly::Sink>,
+    anomaly: Option<Arc<Anomaly>>,
+    anomaly_metrics: Arc<AnomalyMetrics>,
+    identity_header: String,
+}
+
+/// This host's name (the pod name in Kubernetes), for the anomaly module's replica id.
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "local".into())
 }
 
 impl BoundServer {
@@ -171,12 +189,39 @@ impl BoundServer {
             ),
             None => Lists::memory(clock.clone()),
         });
-        let authz = AuthzEngine::new(
+        // The anomaly module, when the settings file has an `anomaly:` block: a bounded
+        // queue the services push to, and the task that owns the detector.
+        let anomaly_metrics = Arc::new(AnomalyMetrics::default());
+        let (sink, anomaly) = match opts.config.as_ref().and_then(|c| c.anomaly.as_ref()) {
+            Some(a) => {
+                let (sink, drain) = crate::anomaly::queue(a.queue_size);
+                let mut cfg = a.detector.clone();
+                if cfg.replica.is_empty() {
+                    cfg.replica = hostname();
+                }
+                tracing::info!(replica = %cfg.replica, dry_run = cfg.dry_run, warmup_ms = cfg.warmup_ms, "anomaly detection on");
+                let module = Anomaly::new(cfg, drain, lists.clone(), anomaly_metrics.clone());
+                (Some(sink), Some(module))
+            }
+            None => (None, None),
+        };
+        let mut authz = AuthzEngine::new(
             engine.clone(),
             lists,
             Arc::new(AuthzMetrics::default()),
             clock.clone(),
         );
+        if let Some(s) = &sink {
+            authz = authz.with_anomaly(s.clone());
+        }
+        let identity_header = opts
+            .config
+            .as_ref()
+            .and_then(|c| c.authz.as_ref())
+            .map_or_else(
+                || crate::config::authz::AuthzConfig::default().identity.header,
+                |a| a.identity.header.clone(),
+            );
         let hook = authz.clone();
         let live = Arc::new(
             LiveConfig::new(
@@ -242,7 +287,12 @@ impl BoundServer {
                 reload: status,
                 authz: authz.clone(),
                 admin_token,
+                anomaly: anomaly.clone(),
             },
+            sink,
+            anomaly,
+            anomaly_metrics,
+            identity_header,
             engine,
             authz,
             reloader,
@@ -270,6 +320,9 @@ impl BoundServer {
         health_reporter
             .set_serving::<AuthorizationServer<AuthorizationGrpc>>()
             .await;
+        health_reporter
+            .set_serving::<AccessLogServiceServer<AccessLogGrpc>>()
+            .await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(REFLECTION)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -292,8 +345,13 @@ impl BoundServer {
             .http2_keepalive_interval(Some(conns.http2_keepalive))
             .http2_keepalive_timeout(Some(conns.http2_keepalive))
             .layer(DecodeErrorsAreInvalidArgument::layer())
-            .add_service(RateLimitServiceServer::new(RateLimitGrpc::new(
-                self.engine.clone(),
+            .add_service(RateLimitServiceServer::new(
+                RateLimitGrpc::new(self.engine.clone()).with_anomaly(self.sink.clone()),
+            ))
+            .add_service(AccessLogServiceServer::new(AccessLogGrpc::new(
+                self.sink.clone(),
+                &self.identity_header,
+                self.anomaly_metrics.clone(),
             )))
             .add_service(AuthorizationServer::new(AuthorizationGrpc::new(
                 self.authz.clone(),
@@ -324,6 +382,9 @@ impl BoundServer {
         }
         background.spawn("counter sweeper", sweep(self.engine.storage().clone()));
         background.spawn("list polling", self.authz.lists().clone().run());
+        if let Some(a) = self.anomaly.clone() {
+            background.spawn("anomaly detector", a.run());
+        }
         if self.engine.storage().redis().is_some() {
             let storage = self.engine.storage().clone();
             background.spawn("redis health", async move {

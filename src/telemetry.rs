@@ -7,6 +7,7 @@
 //! Must not touch: decisions. Counters are plain atomics bumped by their owners; rendering
 //! reads them off the hot path.
 
+pub mod anomaly;
 pub mod authz;
 
 use crate::rules::{RuleStats, StatsRegistry};

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::json;
 use std::time::Duration;
 
-fn reply(code: StatusCode, body: serde_json::Value) -> Response {
+pub(super) fn reply(code: StatusCode, body: serde_json::Value) -> Response {
     (
         code,
         [(header::CONTENT_TYPE, "application/json")],
@@ -31,7 +31,7 @@ fn reply(code: StatusCode, body: serde_json::Value) -> Response {
         .into_response()
 }
 
-fn error(code: StatusCode, message: impl std::fmt::Display) -> Response {
+pub(super) fn error(code: StatusCode, message: impl std::fmt::Display) -> Response {
     reply(code, json!({ "error": message.to_string() }))
 }
 
@@ -45,7 +45,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// `None` when the caller may proceed; otherwise the refusal.
-fn authorize(s: &AdminState, headers: &HeaderMap) -> Option<Response> {
+pub(super) fn authorize(s: &AdminState, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = s.admin_token.as_deref() else {
         return Some(error(
             StatusCode::NOT_FOUND,

@@ -10,6 +10,7 @@
 //! (`value: 0800` stays `"0800"`), booleans accept `yes`/`no`/`on`/`off`, integers accept
 //! `1_000`, null means "absent", and `<<` merge keys work.
 
+mod anomaly;
 mod authz;
 
 use std::cell::OnceCell;
@@ -18,6 +19,7 @@ use std::path::Path;
 
 use saphyr::{LoadableYamlNode, MarkedYaml, Scalar, YamlData};
 
+use super::anomaly::AnomalySettings;
 use super::authz::AuthzConfig;
 use super::error::ConfigError;
 use super::model::{
@@ -45,11 +47,13 @@ pub(crate) struct FileOutput {
     pub bursts_on_default: Vec<Loc>,
     /// Every `authz` block of the file (more than one in all files is an error).
     pub authz: Vec<(AuthzConfig, Loc)>,
+    /// Every `anomaly` block of the file (more than one in all files is an error).
+    pub anomaly: Vec<(AnomalySettings, Loc)>,
     pub errors: Vec<ConfigError>,
 }
 
 const DOMAIN_KEYS: &[&str] = &["domain", "descriptors"];
-const SETTINGS_DOC_KEYS: &[&str] = &["settings", "domains", "authz"];
+const SETTINGS_DOC_KEYS: &[&str] = &["settings", "domains", "authz", "anomaly"];
 const DESCRIPTOR_KEYS: &[&str] = &[
     "key",
     "value",
@@ -446,6 +450,11 @@ impl Decoder<'_> {
             let authz = self.authz(field.value, &f.path("authz"));
             let loc = Self::loc(field.key, f.path("authz"));
             self.out.authz.push((authz, loc));
+        }
+        if let Some(field) = f.raw("anomaly") {
+            let anomaly = self.anomaly(field.value, &f.path("anomaly"));
+            let loc = Self::loc(field.key, f.path("anomaly"));
+            self.out.anomaly.push((anomaly, loc));
         }
         if let Some(field) = f.get("domains") {
             let path = f.path("domains");

@@ -10,6 +10,7 @@ use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use super::anomaly::AnomalySettings;
 use super::authz::{AuthzConfig, ListsConfig};
 use super::decode::{Loc, decode_domain_doc, decode_file, decode_lists_doc, uses_burst};
 use super::error::{ConfigError, ConfigErrors};
@@ -130,6 +131,7 @@ fn assemble(
     let mut seen: HashMap<String, (PathBuf, usize)> = HashMap::new();
     let mut bursts_on_default: Vec<(PathBuf, Loc)> = Vec::new();
     let mut authz: Option<(AuthzConfig, PathBuf, Loc)> = None;
+    let mut anomaly: Option<(AnomalySettings, PathBuf, Loc)> = None;
 
     for (file, bytes) in &sources {
         let text = match std::str::from_utf8(bytes) {
@@ -168,6 +170,20 @@ fn assemble(
                     loc,
                     format!(
                         "only one authz block is allowed; the first is at {}:{}",
+                        first_file.display(),
+                        first.line
+                    ),
+                )),
+            }
+        }
+        for (block, loc) in out.anomaly {
+            match &anomaly {
+                None => anomaly = Some((block, file.clone(), loc)),
+                Some((_, first_file, first)) => errors.push(located(
+                    file,
+                    loc,
+                    format!(
+                        "only one anomaly block is allowed; the first is at {}:{}",
                         first_file.display(),
                         first.line
                     ),
@@ -234,6 +250,7 @@ fn assemble(
         settings,
         domains,
         authz: authz.map(|(a, _, _)| a),
+        anomaly: anomaly.map(|(a, _, _)| a).filter(|a| a.enabled),
         files: sources.into_iter().map(|(file, _)| file).collect(),
         version,
     })

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Serialize, Serializer};
 
+use super::anomaly::AnomalySettings;
 use super::authz::AuthzConfig;
 use crate::limiter::{Algorithm, Nanos, RejectedHits, Unit};
 
@@ -20,6 +21,8 @@ pub struct Config {
     pub domains: Vec<DomainConfig>,
     /// The settings file's `authz:` block, if any.
     pub authz: Option<AuthzConfig>,
+    /// The settings file's `anomaly:` block, if any (the module is off without one).
+    pub anomaly: Option<AnomalySettings>,
     /// The files read, in the order they were loaded (what a reload watcher should watch).
     #[serde(serialize_with = "ser_paths")]
     pub files: Vec<PathBuf>,

@@ -185,6 +185,7 @@ fn merge(
         settings: Default::default(),
         domains: Vec::new(),
         authz: None,
+        anomaly: None,
         files: Vec::new(),
         version: String::new(),
     });

@@ -1,15 +1,18 @@
 //! tonic adapters: decode, call the engine, map errors to gRPC codes in one place.
 
+use crate::anomaly;
 use crate::authz::AuthzEngine;
 use crate::engine::{RateLimitEngine, RequestError};
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use futures_util::TryFutureExt;
 use futures_util::future::{Either, MapOk};
+use std::net::IpAddr;
 use std::task::{Context, Poll};
 use tonic::codegen::http;
 use tonic::server::NamedService;
@@ -19,12 +22,57 @@ use tonic::{Request, Response, Status};
 #[derive(Debug, Clone)]
 pub struct RateLimitGrpc {
     engine: RateLimitEngine,
+    anomaly: Option<anomaly::Sink>,
 }
 
 impl RateLimitGrpc {
     pub fn new(engine: RateLimitEngine) -> Self {
-        RateLimitGrpc { engine }
+        RateLimitGrpc {
+            engine,
+            anomaly: None,
+        }
     }
+
+    /// Feeds every decided request to the anomaly module through `sink`.
+    pub fn with_anomaly(mut self, sink: Option<anomaly::Sink>) -> Self {
+        self.anomaly = sink;
+        self
+    }
+}
+
+/// What a `ShouldRateLimit` request tells the anomaly module, read from the descriptor
+/// entries Envoy's actions produce: the client address from a `remote_address` entry, the
+/// identity from an `identity` entry (ext_authz's `identity` action, or a `request_headers`
+/// action with `descriptor_key: identity`), the path from a `path` entry (the domain when
+/// there is none) and the method from a `method` entry. A request without a `remote_address`
+/// entry tells it nothing and is not pushed. No allocation: labels copy at most 46 bytes.
+pub fn rate_limit_event(req: &RateLimitRequest, limited: bool) -> Option<anomaly::Event> {
+    let mut ip = None;
+    let mut identity = anomaly::Label::EMPTY;
+    let mut path = None;
+    let mut method = anomaly::Method::Other;
+    for e in req.descriptors.iter().flat_map(|d| d.entries.iter()) {
+        match e.key.as_str() {
+            "remote_address" if ip.is_none() => ip = e.value.parse::<IpAddr>().ok(),
+            "identity" if identity.is_empty() => identity = anomaly::Label::new(&e.value),
+            "path" if path.is_none() => path = Some(anomaly::Label::new(&e.value)),
+            "method" => method = anomaly::Method::parse(&e.value),
+            _ => {}
+        }
+    }
+    Some(anomaly::Event {
+        at_ms: 0,
+        ip: ip?,
+        identity,
+        path: path.unwrap_or_else(|| anomaly::Label::new(&req.domain)),
+        method,
+        source: anomaly::Source::RateLimit,
+        outcome: anomaly::Outcome::Request {
+            limited,
+            blocked: false,
+        },
+        denied_by_us: limited,
+    })
 }
 
 #[tonic::async_trait]
@@ -33,11 +81,14 @@ impl RateLimitService for RateLimitGrpc {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
-        self.engine
-            .should_rate_limit(request.get_ref())
-            .await
-            .map(Response::new)
-            .map_err(to_status)
+        let result = self.engine.should_rate_limit(request.get_ref()).await;
+        if let (Some(sink), Ok(r)) = (&self.anomaly, &result) {
+            let limited = r.overall_code == Code::OverLimit as i32;
+            if let Some(ev) = rate_limit_event(request.get_ref(), limited) {
+                sink.push(ev);
+            }
+        }
+        result.map(Response::new).map_err(to_status)
     }
 }
 

@@ -1,0 +1,347 @@
+//! The anomaly module at run time: the task that owns the detector, drains the hot path's
+//! queue, ticks it with the real clock, and applies its decisions to the runtime lists.
+//!
+//! Owns: the detector's clock (wall milliseconds: windows line up across replicas), the
+//! allowlist it asks (the current lists snapshot: manual allow entries always win), writing
+//! `deny` decisions as block entries (TTL, reason `anomaly:<detector>/v1 …`, code `anomaly`)
+//! through [`Lists`] — in Redis when the counters are, so every replica enforces them, and
+//! two replicas deciding the same key write the same hash field: one entry — the record of
+//! recent decisions (enforced and dry-run, with evidence) for the admin API, and unbans.
+//!
+//! `throttle` decisions (an identity behind a shared address; new callers during a
+//! population surge) are recorded and reported, not enforced yet: scaling an identity's
+//! limits comes with the adaptive limits of issue 13.
+//!
+//! Must not touch: the services (they only push to the queue), HTTP.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::anomaly::{
+    Action, Decision, Detector, Drain, Explanation, Scope, Target, canonical, mask,
+};
+use crate::limiter::{Clock, SystemClock};
+use crate::lists::cidr::{IpNet, addr};
+use crate::lists::{ListKind, MAX_ENTRY_BYTES};
+use crate::runtime::blocklist::Lists;
+use crate::telemetry::anomaly::{AnomalyGauges, AnomalyMetrics};
+
+/// The public code blocked callers see for an anomaly decision.
+pub const CODE: &str = "anomaly";
+/// Decisions kept for the API.
+const KEEP: usize = 1000;
+/// How often the detector closes windows and returns decisions.
+const TICK: Duration = Duration::from_millis(250);
+/// How often the queue is drained.
+const DRAIN: Duration = Duration::from_millis(10);
+/// Most events taken per drain.
+const BATCH: usize = 1 << 16;
+
+/// One decision as the API shows it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub decision: Decision,
+    /// Unix ms when it stops applying.
+    pub expires_at_ms: u64,
+    /// Written to the blocklist (deny, not dry-run, accepted by the store).
+    pub enforced: bool,
+    /// Why an enforceable decision was not written (allowlisted, declared, store down, ...).
+    pub note: Option<String>,
+    /// Unix ms of a manual unban.
+    pub unbanned_at_ms: Option<u64>,
+}
+
+/// The running module, shared by its task and the admin API.
+pub struct Anomaly {
+    detector: Mutex<Detector>,
+    drain: Drain,
+    lists: Arc<Lists>,
+    metrics: Arc<AnomalyMetrics>,
+    recent: Mutex<VecDeque<Recorded>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Anomaly {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Anomaly")
+            .field("queue", &self.drain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `target` is allowlisted now: an allow entry names the identity or contains the
+/// address, or (for a prefix) overlaps it.
+pub fn allowlisted(lists: &Lists, target: &Target, now_ms: u64) -> bool {
+    let snap = lists.snapshot();
+    let allow = &snap.allow;
+    match target {
+        Target::Identity(l) => allow.match_identity(&l.display(), now_ms).is_some(),
+        Target::Ip(ip) => allow.match_addr(addr(canonical(*ip)), now_ms).is_some(),
+        Target::Prefix(ip, len) => {
+            let net = mask(canonical(*ip), *len);
+            let Ok(p) = IpNet::parse(&format!("{net}/{len}")) else {
+                return false;
+            };
+            allow
+                .entries()
+                .iter()
+                .filter(|e| e.is_active(now_ms))
+                .any(|e| {
+                    e.net()
+                        .is_some_and(|n| n.contains(p.network()) || p.contains(n.network()))
+                })
+        }
+        Target::Population => false,
+    }
+}
+
+/// What an operator typed, as a target: a CIDR (`/24` IPv4, `/64` or `/48` IPv6), an
+/// address, or an identity.
+pub fn parse_target(value: &str) -> Option<Target> {
+    let value = value.trim();
+    if value.is_empty() || value.len() > MAX_ENTRY_BYTES {
+        return None;
+    }
+    if let Some((a, len)) = value.split_once('/')
+        && let (Ok(ip), Ok(len)) = (a.parse::<IpAddr>(), len.parse::<u8>())
+    {
+        let scope = match (canonical(ip), len) {
+            (IpAddr::V4(_), 24) => Scope::Ipv4Slash24,
+            (IpAddr::V6(_), 64) => Scope::Ipv6Slash64,
+            (IpAddr::V6(_), 48) => Scope::Ipv6Slash48,
+            _ => return None,
+        };
+        return Target::parse(scope, &format!("{}/{len}", canonical(ip)));
+    }
+    if let Ok(ip) = value.parse::<IpAddr>() {
+        return Some(Target::Ip(canonical(ip)));
+    }
+    Target::parse(Scope::Identity, value)
+}
+
+fn now_ms(clock: &dyn Clock) -> u64 {
+    clock.now() / 1_000_000
+}
+
+impl Anomaly {
+    /// The module over `cfg`, reading events from `drain` and writing to `lists`.
+    pub fn new(
+        cfg: crate::anomaly::Config,
+        drain: Drain,
+        lists: Arc<Lists>,
+        metrics: Arc<AnomalyMetrics>,
+    ) -> Arc<Anomaly> {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let allow = {
+            let lists = lists.clone();
+            let clock = clock.clone();
+            Box::new(move |t: &Target| allowlisted(&lists, t, now_ms(&*clock)))
+        };
+        Arc::new(Anomaly {
+            detector: Mutex::new(Detector::with_allowlist(cfg, allow)),
+            drain,
+            lists,
+            metrics,
+            recent: Mutex::new(VecDeque::new()),
+            clock,
+        })
+    }
+
+    pub fn metrics(&self) -> &Arc<AnomalyMetrics> {
+        &self.metrics
+    }
+
+    pub fn replica(&self) -> String {
+        self.detector.lock().config().replica.clone()
+    }
+
+    pub fn gauges(&self) -> AnomalyGauges {
+        let d = self.detector.lock();
+        AnomalyGauges {
+            dropped: self.drain.dropped(),
+            queue_depth: self.drain.len(),
+            queue_capacity: self.drain.capacity(),
+            memory_bytes: d.memory_bytes(),
+            memory_bound: d.memory_bound(),
+            tracked_keys: d.tracked(),
+        }
+    }
+
+    /// Drains the queue and ticks the detector until the task is dropped.
+    pub async fn run(self: Arc<Self>) {
+        let mut drain = tokio::time::interval(DRAIN);
+        drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_tick = 0;
+        loop {
+            drain.tick().await;
+            let now = now_ms(&*self.clock);
+            self.drain_once(now);
+            if now >= next_tick {
+                next_tick = now + TICK.as_millis() as u64;
+                let decisions = self.detector.lock().tick(now);
+                for d in decisions {
+                    self.apply(d).await;
+                }
+            }
+        }
+    }
+
+    /// Feeds every queued event to the detector, stamped with `now` (events wait at most
+    /// one drain interval, far below a window).
+    fn drain_once(&self, now: u64) -> usize {
+        let mut d = self.detector.lock();
+        let n = self.drain.drain(BATCH, |mut ev| {
+            ev.at_ms = now;
+            d.observe(&ev);
+        });
+        self.metrics
+            .events
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        n
+    }
+
+    async fn apply(&self, d: Decision) {
+        let now = now_ms(&*self.clock);
+        self.metrics.decision(d.detector, d.action, d.dry_run);
+        self.metrics.latency(now.saturating_sub(d.at_ms));
+        let mut rec = Recorded {
+            expires_at_ms: now.saturating_add(d.ttl_ms),
+            enforced: false,
+            note: None,
+            unbanned_at_ms: None,
+            decision: d,
+        };
+        let d = &rec.decision;
+        if d.dry_run {
+            tracing::info!(scope = d.scope.name(), value = %d.value, action = d.action.name(), reason = d.reason, "anomaly decision (dry run)");
+        } else if d.action == Action::Deny {
+            rec.note = self.enforce(d, rec.expires_at_ms).await.err();
+            rec.enforced = rec.note.is_none();
+            tracing::warn!(scope = d.scope.name(), value = %d.value, reason = d.reason, ttl_ms = d.ttl_ms, enforced = rec.enforced, note = ?rec.note, "anomaly decision");
+        } else {
+            rec.note = Some(match d.action {
+                Action::Throttle => {
+                    "recorded, not enforced: scaled limits come with adaptive limits (issue 13)"
+                        .into()
+                }
+                _ => "alert: nothing is enforced".into(),
+            });
+            tracing::warn!(scope = d.scope.name(), value = %d.value, action = d.action.name(), reason = d.reason, "anomaly decision");
+        }
+        let mut recent = self.recent.lock();
+        if recent.len() >= KEEP {
+            recent.pop_front();
+        }
+        recent.push_back(rec);
+    }
+
+    /// Writes a deny as a block entry, unless a longer-lasting one for the value is there.
+    async fn enforce(&self, d: &Decision, expires_at_ms: u64) -> Result<(), String> {
+        if d.value.ends_with('…') {
+            return Err("identity longer than the 46 bytes an event carries: not written".into());
+        }
+        let existing = self
+            .lists
+            .entries(ListKind::Block)
+            .into_iter()
+            .find(|e| e.value == d.value);
+        if let Some(e) = existing
+            && e.expires_at_ms.is_none_or(|t| t >= expires_at_ms)
+        {
+            return Err("already blocked for at least as long".into());
+        }
+        let reason = format!(
+            "anomaly:{} count={} (±{}) threshold={:.1} window={}ms offense={} replica={}",
+            d.reason,
+            d.evidence.count,
+            d.evidence.error_bound,
+            d.evidence.threshold,
+            d.evidence.window_ms,
+            d.offense,
+            d.replica
+        );
+        let ttl = Duration::from_millis(d.ttl_ms);
+        match self
+            .lists
+            .add(ListKind::Block, &d.value, Some(ttl), &reason, Some(CODE))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.metrics
+                    .apply_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Recent decisions, newest first.
+    pub fn decisions(&self) -> Vec<Recorded> {
+        self.recent.lock().iter().rev().cloned().collect()
+    }
+
+    pub fn explain(&self, target: &Target) -> Explanation {
+        self.detector.lock().explain(target)
+    }
+
+    /// A manual unban: suppresses re-detection of the key, removes the block entry an
+    /// anomaly decision wrote (never a manual one), marks its records. `Ok(false)` when there
+    /// was neither a decision nor an anomaly entry for it.
+    pub async fn unban(&self, target: &Target) -> Result<bool, String> {
+        let now = now_ms(&*self.clock);
+        self.detector.lock().unban(target, now);
+        let value = target.value();
+        let mut found = false;
+        for r in self.recent.lock().iter_mut() {
+            if r.decision.value == value && r.unbanned_at_ms.is_none() {
+                r.unbanned_at_ms = Some(now);
+                found = true;
+            }
+        }
+        let ours = self
+            .lists
+            .entries(ListKind::Block)
+            .into_iter()
+            .any(|e| e.value == value && e.code.as_deref() == Some(CODE));
+        if ours {
+            self.lists
+                .remove(ListKind::Block, &value)
+                .await
+                .map_err(|e| e.to_string())?;
+            found = true;
+        }
+        Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operator_text_parses_to_targets() {
+        assert_eq!(
+            parse_target("203.0.113.7"),
+            Some(Target::Ip("203.0.113.7".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_target("203.0.113.0/24").map(|t| t.scope()),
+            Some(Scope::Ipv4Slash24)
+        );
+        assert_eq!(
+            parse_target("2001:db8:1:2::/64").map(|t| t.value()),
+            Some("2001:db8:1:2::/64".to_string())
+        );
+        assert_eq!(parse_target("10.0.0.0/8"), None);
+        assert_eq!(
+            parse_target("user:alice").map(|t| t.scope()),
+            Some(Scope::Identity)
+        );
+        assert_eq!(parse_target(""), None);
+    }
+}
