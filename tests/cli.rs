@@ -268,8 +268,8 @@ fn validate_resources_checks_manifests_like_the_watcher() {
 /// The README's complete `anomaly:` example is a valid settings file.
 #[test]
 fn the_readme_anomaly_example_validates() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("README");
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
     let start = readme.find("```yaml\nanomaly:").expect("anomaly example") + "```yaml\n".len();
     let len = readme[start..].find("```").expect("end of example");
     let dir = tempfile::tempdir().expect("tempdir");
