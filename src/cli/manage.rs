@@ -2,10 +2,11 @@
 //! admin API (`/v1/lists`).
 
 use clap::{ArgGroup, Args};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use std::process::ExitCode;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("action").required(true).args([
@@ -180,8 +181,8 @@ fn encode(v: &str) -> String {
     utf8_percent_encode(v, PATH_VALUE).to_string()
 }
 
-/// One HTTP/1.1 request (connection closed after it): status and body.
-async fn request(
+/// One HTTP/1.1 request over its own connection (hyper's client): status and body.
+pub(crate) async fn request(
     addr: &str,
     method: &str,
     path: &str,
@@ -189,65 +190,41 @@ async fn request(
     body: Option<&str>,
 ) -> Result<(u16, String), String> {
     let work = async {
-        let mut s = tokio::net::TcpStream::connect(addr)
+        let stream = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connecting: {e}"))?;
-        let body = body.unwrap_or_default();
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
-            body.len()
-        );
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("connecting: {e}"))?;
+        tokio::spawn(conn);
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, addr)
+            .header(hyper::header::CONTENT_TYPE, "application/json");
         if let Some(t) = token {
-            req.push_str(&format!("authorization: Bearer {t}\r\n"));
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        req.push_str("\r\n");
-        req.push_str(body);
-        s.write_all(req.as_bytes())
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default().to_string())))
+            .map_err(|e| format!("bad request: {e}"))?;
+        let resp = sender
+            .send_request(req)
             .await
             .map_err(|e| format!("sending: {e}"))?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf)
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
             .await
-            .map_err(|e| format!("reading: {e}"))?;
-        parse_response(&buf)
+            .map_err(|e| format!("reading: {e}"))?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
     };
     tokio::time::timeout(Duration::from_secs(10), work)
         .await
         .map_err(|_| "no answer within 10s".to_string())?
-}
-
-fn parse_response(buf: &[u8]) -> Result<(u16, String), String> {
-    let text = String::from_utf8_lossy(buf);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or("malformed HTTP response")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or("malformed HTTP status line")?;
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    let body = if chunked {
-        let mut out = String::new();
-        let mut rest = body;
-        while let Some((size, after)) = rest.split_once("\r\n") {
-            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-            let (Some(chunk), Some(next)) = (after.get(..n), after.get(n..)) else {
-                break;
-            };
-            if n == 0 {
-                break;
-            }
-            out.push_str(chunk);
-            rest = next.trim_start_matches("\r\n");
-        }
-        out
-    } else {
-        body.to_string()
-    };
-    Ok((status, body))
 }
 
 #[cfg(test)]
@@ -259,20 +236,5 @@ mod tests {
         assert_eq!(encode("10.0.0.0/8"), "10.0.0.0/8");
         assert_eq!(encode("2001:db8::/32"), "2001:db8::/32");
         assert_eq!(encode("user:a b?"), "user:a%20b%3F");
-    }
-
-    #[test]
-    fn parses_plain_and_chunked_responses() {
-        assert_eq!(
-            parse_response(b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}"),
-            Ok((201, "{}".into()))
-        );
-        assert_eq!(
-            parse_response(
-                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
-            ),
-            Ok((200, "abcde".into()))
-        );
-        assert!(parse_response(b"garbage").is_err());
     }
 }
