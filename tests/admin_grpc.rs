@@ -4,9 +4,9 @@
 
 mod support;
 
+use pb::admin_service_client::AdminServiceClient;
 use ratethrottle::proto::admin::v1 as pb;
 use ratethrottle::telemetry::violations::MAX_VALUE_CHARS;
-use pb::admin_service_client::AdminServiceClient;
 use std::time::Duration;
 use support::check::Check;
 use support::{Sidecar, request};
@@ -186,10 +186,10 @@ async fn config_lists_and_anomaly_rpcs_with_the_token_rules_of_v1_lists() {
 
 #[tokio::test]
 async fn every_rpc_is_reachable_through_reflection_on_the_admin_port() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let (_dir, sc) = start();
     let channel = Channel::from_shared(format!("http://{}", sc.admin))
@@ -234,7 +234,10 @@ async fn every_rpc_is_reachable_through_reflection_on_the_admin_port() {
     match &got[0] {
         MessageResponse::ListServicesResponse(l) => {
             let names: Vec<&str> = l.service.iter().map(|s| s.name.as_str()).collect();
-            assert!(names.contains(&"ratethrottle.admin.v1.AdminService"), "{names:?}");
+            assert!(
+                names.contains(&"ratethrottle.admin.v1.AdminService"),
+                "{names:?}"
+            );
             assert!(
                 !names.iter().any(|n| n.starts_with("envoy.")),
                 "the admin port does not serve Envoy's services: {names:?}"
@@ -312,10 +315,20 @@ async fn watch_stats_and_violations_follow_real_decisions() {
     let top = &snap.top_limited[0];
     assert!(top.stat_key.starts_with("edge.api_key"), "{top:?}");
     assert_eq!(top.over_limit_total, 3);
-    assert!(snap.domains.iter().any(|d| d.domain == "edge" && d.over_limit_total == 3));
-    assert!(snap.blocked_identities.is_empty(), "redacted without the token");
+    assert!(
+        snap.domains
+            .iter()
+            .any(|d| d.domain == "edge" && d.over_limit_total == 3)
+    );
+    assert!(
+        snap.blocked_identities.is_empty(),
+        "redacted without the token"
+    );
     let queues = snap.queues.expect("queues");
-    assert_eq!(queues.violations_recorded, 4, "3 OVER_LIMIT + 1 denied Check");
+    assert_eq!(
+        queues.violations_recorded, 4,
+        "3 OVER_LIMIT + 1 denied Check"
+    );
     let authz = snap.authz.expect("authz");
     assert_eq!(authz.outcomes_total.get("rate_limited"), Some(&1));
 
@@ -336,7 +349,11 @@ async fn watch_stats_and_violations_follow_real_decisions() {
     assert_eq!(over[0].domain, "edge");
     assert_eq!(over[0].limit, "per_key");
     let value = &over[0].entries[0].value;
-    assert_eq!(value.chars().count(), MAX_VALUE_CHARS + 1, "truncated: {value}");
+    assert_eq!(
+        value.chars().count(),
+        MAX_VALUE_CHARS + 1,
+        "truncated: {value}"
+    );
     assert!(value.ends_with('…'));
     let limited = seen
         .iter()
