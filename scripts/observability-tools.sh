@@ -1,0 +1,26 @@
+# Installs what the metrics tests need and exports its path:
+#
+#   RATETHROTTLE_TEST_PROMTOOL   promtool (Debian package `prometheus`), for
+#                                `promtool check metrics` on /metrics (tests/metrics.rs)
+#
+# Sourced by scripts/test.sh; `source scripts/observability-tools.sh` works on its own too.
+# As root on Debian it apt-get installs the package when promtool is missing; otherwise it
+# prints what is missing and returns non-zero (it never exits the shell that sourced it).
+
+ratethrottle_observability_tools() {
+    if ! command -v promtool >/dev/null 2>&1; then
+        if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+            echo "==> installing promtool (Debian package prometheus)"
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 ||
+                { apt-get update -qq >/dev/null 2>&1 &&
+                  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } ||
+                { echo "error: apt-get install prometheus failed" >&2; return 1; }
+        else
+            echo "error: promtool is required (Debian: apt-get install prometheus)" >&2
+            return 1
+        fi
+    fi
+    RATETHROTTLE_TEST_PROMTOOL=$(command -v promtool)
+    export RATETHROTTLE_TEST_PROMTOOL
+}
+ratethrottle_observability_tools

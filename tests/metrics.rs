@@ -1,0 +1,137 @@
+//! `/metrics` of the real binary, after real decisions, checked by Prometheus' own
+//! `promtool check metrics`: it must parse, and lint clean but for the reference's counter
+//! names (envoyproxy/ratelimit's, kept so existing dashboards work) that lack `_total`.
+//!
+//! Needs promtool: `bash scripts/test.sh` installs it (scripts/observability-tools.sh) and
+//! exports RATETHROTTLE_TEST_PROMTOOL.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use support::check::Check;
+use support::{Sidecar, request};
+
+/// The reference's names; renaming them would break its users' dashboards and alerts.
+const REFERENCE_COUNTERS: &[&str] = &[
+    "ratelimit_service_call_should_rate_limit_invalid_request",
+    "ratelimit_service_call_should_rate_limit_redis_error",
+    "ratelimit_service_config_load_error",
+    "ratelimit_service_config_load_success",
+    "ratelimit_service_rate_limit_near_limit",
+    "ratelimit_service_rate_limit_over_limit",
+    "ratelimit_service_rate_limit_shadow_mode",
+    "ratelimit_service_rate_limit_total_hits",
+    "ratelimit_service_rate_limit_within_limit",
+];
+
+const CONFIG: &str = r#"
+settings:
+  admin_token: t
+authz:
+  domain: gate
+  identity:
+    sources: [client_ip]
+  lists:
+    block: [203.0.113.0/24]
+  policies:
+    - name: all
+      match: {path: {prefix: /}}
+      descriptors:
+        - [{generic_key: {descriptor_value: all}}, {identity: {}}]
+domains:
+  - domain: edge
+    descriptors:
+      - key: api_key
+        rate_limit: {unit: minute, requests_per_unit: 2, name: per_key}
+      - key: user
+        detailed_metric: true
+        rate_limit: {unit: minute, requests_per_unit: 1}
+  - domain: gate
+    descriptors:
+      - key: generic_key
+        value: all
+        descriptors:
+          - key: identity
+            rate_limit: {unit: minute, requests_per_unit: 1}
+"#;
+
+fn promtool() -> std::path::PathBuf {
+    std::env::var_os("RATETHROTTLE_TEST_PROMTOOL")
+        .map(Into::into)
+        .unwrap_or_else(|| {
+            panic!(
+                "RATETHROTTLE_TEST_PROMTOOL is not set: run the tests with `bash scripts/test.sh` \
+                 (e.g. `bash scripts/test.sh cargo test --test metrics`), which installs promtool \
+                 (Debian prometheus, scripts/observability-tools.sh)"
+            )
+        })
+}
+
+/// promtool's exit code and the lint lines it printed.
+fn check(text: &str) -> (Option<i32>, String) {
+    let mut child = Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), report)
+}
+
+#[tokio::test]
+async fn metrics_parse_and_lint_clean_with_promtool() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("ratethrottle.yaml");
+    std::fs::write(&file, CONFIG).expect("write");
+    let sc = Sidecar::start(Some(&file), &[]);
+    let mut rl = sc.client().await;
+    for d in [("api_key", "a"), ("user", "u1"), ("user", "u\"2\\")] {
+        for _ in 0..3 {
+            rl.should_rate_limit(request("edge", &[&[d]])).await.expect("rpc");
+        }
+    }
+    for ip in ["198.51.100.1", "198.51.100.1", "203.0.113.5"] {
+        sc.check(&Check::new(ip)).await;
+    }
+    let (code, text) = sc.get("/metrics").await;
+    assert_eq!(code, 200);
+    assert!(text.contains("ratelimit_service_rate_limit_over_limit{"), "{text}");
+
+    let (code, report) = check(&text);
+    let findings: Vec<&str> = report.lines().filter(|l| !l.is_empty()).collect();
+    let unexpected: Vec<&&str> = findings
+        .iter()
+        .filter(|l| {
+            !REFERENCE_COUNTERS
+                .iter()
+                .any(|n| **l == format!("{n} counter metrics should have \"_total\" suffix"))
+        })
+        .collect();
+    assert!(
+        unexpected.is_empty() && matches!(code, Some(0) | Some(3)),
+        "promtool exit {code:?}, unexpected findings:\n{unexpected:#?}\n--- metrics ---\n{text}"
+    );
+}
+
+#[test]
+fn the_promtool_check_fails_a_broken_exposition() {
+    let (code, report) = check("ratethrottle_x{a=\"1\" 1\n");
+    assert_eq!(code, Some(1), "{report}");
+    let (code, report) = check("# TYPE ratethrottle_y counter\nratethrottle_y 1\n");
+    assert_eq!(code, Some(3), "{report}");
+    assert!(report.contains("_total"), "{report}");
+}
