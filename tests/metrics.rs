@@ -101,7 +101,9 @@ async fn metrics_parse_and_lint_clean_with_promtool() {
     let mut rl = sc.client().await;
     for d in [("api_key", "a"), ("user", "u1"), ("user", "u\"2\\")] {
         for _ in 0..3 {
-            rl.should_rate_limit(request("edge", &[&[d]])).await.expect("rpc");
+            rl.should_rate_limit(request("edge", &[&[d]]))
+                .await
+                .expect("rpc");
         }
     }
     for ip in ["198.51.100.1", "198.51.100.1", "203.0.113.5"] {
@@ -109,7 +111,10 @@ async fn metrics_parse_and_lint_clean_with_promtool() {
     }
     let (code, text) = sc.get("/metrics").await;
     assert_eq!(code, 200);
-    assert!(text.contains("ratelimit_service_rate_limit_over_limit{"), "{text}");
+    assert!(
+        text.contains("ratelimit_service_rate_limit_over_limit{"),
+        "{text}"
+    );
 
     let (code, report) = check(&text);
     let findings: Vec<&str> = report.lines().filter(|l| !l.is_empty()).collect();
@@ -134,4 +139,68 @@ fn the_promtool_check_fails_a_broken_exposition() {
     let (code, report) = check("# TYPE ratethrottle_y counter\nratethrottle_y 1\n");
     assert_eq!(code, Some(3), "{report}");
     assert!(report.contains("_total"), "{report}");
+}
+
+/// Metric names a PromQL expression uses (ours and the reference's).
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("rat") {
+        let tail = &rest[i..];
+        let name: String = tail
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if (name.starts_with("ratelimit_") || name.starts_with("ratethrottle_"))
+            && (i == 0 || !rest.as_bytes()[i - 1].is_ascii_alphanumeric())
+        {
+            out.push(name.clone());
+        }
+        rest = &tail[name.len().max(1)..];
+    }
+    out
+}
+
+#[test]
+fn the_grafana_dashboard_queries_only_metrics_we_export() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/charts/ratethrottle/dashboards/ratethrottle.json"
+    );
+    let board: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json");
+    // Every family the renderer can print (some only with Redis or --kubernetes).
+    let src = [
+        include_str!("../src/telemetry.rs"),
+        include_str!("../src/telemetry/authz.rs"),
+    ]
+    .concat();
+    let panels = board["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10);
+    let mut checked = 0;
+    for p in panels {
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{}", p["title"]);
+        for t in targets {
+            let expr = t["expr"].as_str().expect("expr");
+            let names = metric_names(expr);
+            assert!(!names.is_empty(), "{expr}");
+            for n in names {
+                let family = n
+                    .strip_prefix("ratelimit_service_rate_limit_")
+                    .map_or(n.clone(), |_| "ratelimit_service_rate_limit_".into());
+                assert!(
+                    src.contains(family.as_str()),
+                    "{}: {n} is not exported",
+                    p["title"]
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 20, "{checked}");
+    assert_eq!(
+        metric_names("rate(ratethrottle_x_total[1m]) / notratelimit_y"),
+        ["ratethrottle_x_total"]
+    );
 }
