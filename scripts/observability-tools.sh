@@ -1,13 +1,29 @@
-# Installs what the metrics tests need and exports its path:
+# Installs what the metrics and monitor tests need and exports their paths:
 #
 #   RATETHROTTLE_TEST_PROMTOOL   promtool (Debian package `prometheus`), for
 #                                `promtool check metrics` on /metrics (tests/metrics.rs)
+#   RATETHROTTLE_TEST_TMUX       tmux (Debian package `tmux`), to drive `ratethrottle monitor`
+#                                (tests/monitor.rs)
 #
 # Sourced by scripts/test.sh; `source scripts/observability-tools.sh` works on its own too.
 # As root on Debian it apt-get installs the package when promtool is missing; otherwise it
 # prints what is missing and returns non-zero (it never exits the shell that sourced it).
 
 ratethrottle_observability_tools() {
+    if ! command -v tmux >/dev/null 2>&1; then
+        if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+            echo "==> installing tmux (Debian package tmux)"
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null 2>&1 ||
+                { apt-get update -qq >/dev/null 2>&1 &&
+                  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null; } ||
+                { echo "error: apt-get install tmux failed" >&2; return 1; }
+        else
+            echo "error: tmux is required (Debian: apt-get install tmux)" >&2
+            return 1
+        fi
+    fi
+    RATETHROTTLE_TEST_TMUX=$(command -v tmux)
+    export RATETHROTTLE_TEST_TMUX
     if ! command -v promtool >/dev/null 2>&1; then
         if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
             echo "==> installing promtool (Debian package prometheus)"

@@ -7,6 +7,7 @@
 mod check;
 mod fire;
 mod manage;
+mod monitor;
 mod remote;
 mod serve;
 mod stats;
@@ -58,6 +59,8 @@ pub enum Command {
     /// Fire N ShouldRateLimit calls at a running server and print how many were allowed and
     /// how the remaining quota and reset moved.
     Test(fire::TestArgs),
+    /// A live terminal dashboard of a running server (q quits, 1-4/Tab switch views).
+    Monitor(monitor::MonitorArgs),
     /// Print the CustomResourceDefinitions (RateLimitPolicy, AccessList) as YAML.
     Crd {
         /// Write one `<name>.yaml` per CRD into this directory instead.
@@ -113,6 +116,7 @@ pub fn main() -> ExitCode {
         Command::Check(args) => check::run(args),
         Command::Stats(args) => stats::run(args),
         Command::Test(args) => fire::run(args),
+        Command::Monitor(args) => monitor::run(args),
         Command::Manage(args) => manage::run(args),
         Command::Crd { out_dir } => crd(out_dir.as_deref()),
     }

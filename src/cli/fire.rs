@@ -6,6 +6,7 @@ use clap::Args;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -163,9 +164,12 @@ async fn fire(
 }
 
 fn report(answers: &[Answer], errors: u64, elapsed: Duration) {
+    // A closed stdout (`| head`) ends the output, never the process with a panic.
+    let mut out = std::io::stdout().lock();
     let over = answers.iter().filter(|a| a.over).count();
     let allowed = answers.len() - over;
-    println!(
+    let _ = writeln!(
+        out,
         "allowed: {allowed}  over_limit: {over}  errors: {errors}  in {:.3}s ({:.0} calls/s)",
         elapsed.as_secs_f64(),
         answers.len() as f64 / elapsed.as_secs_f64().max(1e-9)
@@ -181,7 +185,8 @@ fn report(answers: &[Answer], errors: u64, elapsed: Duration) {
         let reset = last
             .reset
             .map_or("-".into(), |r| format!("{:.1}s", r.as_secs_f64()));
-        println!(
+        let _ = writeln!(
+            out,
             "calls {:>5}-{:<5} at {:>7.3}s: {:>4} allowed {:>4} over_limit  remaining {}->{}  reset {}",
             first.n + 1,
             last.n + 1,

@@ -186,8 +186,11 @@ async fn record(args: &StatsArgs, mut export: Option<Export>) -> Result<(), Stri
 }
 
 fn print_snapshot(s: &pb::StatsSnapshot, compact: bool) {
+    // A closed stdout (`| head`) ends the output, never the process with a panic.
+    let mut out = std::io::stdout().lock();
     if compact {
-        println!(
+        let _ = writeln!(
+            out,
             "{} requests/s {:.1} over_limit/s {:.1} requests_total {} over_limit_total {}",
             s.unix_ms,
             s.requests_per_second,
@@ -198,16 +201,19 @@ fn print_snapshot(s: &pb::StatsSnapshot, compact: bool) {
         return;
     }
     let storage = s.storage.clone().unwrap_or_default();
-    println!("config version:    {}", s.config_version);
-    println!(
+    let _ = writeln!(out, "config version:    {}", s.config_version);
+    let _ = writeln!(
+        out,
         "requests:          {:.1}/s ({} total)",
         s.requests_per_second, s.requests_total
     );
-    println!(
+    let _ = writeln!(
+        out,
         "over limit:        {:.1}/s ({} total)",
         s.over_limit_per_second, s.over_limit_total
     );
-    println!(
+    let _ = writeln!(
+        out,
         "storage:           {}{}{}",
         storage.kind,
         if storage.degraded { " DEGRADED" } else { " ok" },
@@ -218,26 +224,28 @@ fn print_snapshot(s: &pb::StatsSnapshot, compact: bool) {
         }
     );
     for d in &s.domains {
-        println!(
+        let _ = writeln!(
+            out,
             "domain {}: {:.1} hits/s, {:.1} over limit/s ({} over limit total)",
             d.domain, d.hits_per_second, d.over_limit_per_second, d.over_limit_total
         );
     }
     if !s.top_limited.is_empty() {
-        println!("top limited descriptors:");
+        let _ = writeln!(out, "top limited descriptors:");
         for d in &s.top_limited {
-            println!(
+            let _ = writeln!(
+                out,
                 "  {:<48} {:>8.1}/s {:>10} total",
                 d.stat_key, d.over_limit_per_second, d.over_limit_total
             );
         }
     }
     if s.identities_redacted {
-        println!("blocked identities: (pass --token to see them)");
+        let _ = writeln!(out, "blocked identities: (pass --token to see them)");
     } else if !s.blocked_identities.is_empty() {
-        println!("blocked identities (recent):");
+        let _ = writeln!(out, "blocked identities (recent):");
         for i in &s.blocked_identities {
-            println!("  {:<48} {:>6}", i.identity, i.count);
+            let _ = writeln!(out, "  {:<48} {:>6}", i.identity, i.count);
         }
     }
 }
