@@ -292,7 +292,7 @@ fn overview(f: &mut Frame, area: ratatui::layout::Rect, view: &View, s: &pb::Sta
                 "requests/s {:.1} ({} total)",
                 s.requests_per_second, s.requests_total
             )))
-            .data(&tail(&view.requests, left.width))
+            .data(tail(&view.requests, left.width))
             .style(Style::default().fg(Color::Green)),
         left,
     );
@@ -302,7 +302,7 @@ fn overview(f: &mut Frame, area: ratatui::layout::Rect, view: &View, s: &pb::Sta
                 "over-limit/s {:.1} ({} total)",
                 s.over_limit_per_second, s.over_limit_total
             )))
-            .data(&tail(&view.over_limit, right.width))
+            .data(tail(&view.over_limit, right.width))
             .style(Style::default().fg(Color::Red)),
         right,
     );
