@@ -28,10 +28,14 @@ fn regen() -> bool {
 }
 
 /// The envoy-types sources cargo resolved for this crate (registry, vendor dir or git).
+///
+/// Offline and for this platform only: unfiltered, cargo metadata wants every platform's
+/// packages (crossterm's Windows crates), which a build never downloads.
 fn envoy_types_dir() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = std::process::Command::new(cargo)
         .args(["metadata", "--format-version", "1", "--offline"])
+        .args(["--filter-platform", env!("RATETHROTTLE_BUILD_TARGET")])
         .arg("--manifest-path")
         .arg(Path::new(ROOT).join("Cargo.toml"))
         .output()
