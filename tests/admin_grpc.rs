@@ -171,17 +171,104 @@ async fn config_lists_and_anomaly_rpcs_with_the_token_rules_of_v1_lists() {
     let r = c.remove_entry(with_token(remove, TOKEN)).await;
     assert!(!r.expect("answered").into_inner().removed);
 
-    let d = c
+    // No anomaly block: the anomaly RPCs say it is off, like /v1/anomaly.
+    let e = c
+        .list_decisions(with_token(pb::ListDecisionsRequest::default(), TOKEN))
+        .await
+        .expect_err("anomaly off");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    let e = c
+        .explain(pb::ExplainRequest::default())
+        .await
+        .expect_err("token first");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anomaly_decisions_and_explain_over_grpc() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("settings.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "settings:\n  admin_token: {TOKEN}\nanomaly:\n  warmup: 1s\n  replica: grpc-a\n  \
+             volumetric: {{floor: 30, p99_multiple: 3}}\n  ttl: {{base: 1m, cap: 10m, jitter: 0}}\n"
+        ),
+    )
+    .expect("write");
+    let sc = Sidecar::start(Some(&file), &[]);
+    let mut c = admin(&sc).await;
+    let none = c
         .list_decisions(with_token(pb::ListDecisionsRequest::default(), TOKEN))
         .await
         .expect("decisions")
         .into_inner();
-    assert!(d.decisions.is_empty());
+    assert!(none.decisions.is_empty());
     let e = c
-        .explain(with_token(pb::ExplainRequest::default(), TOKEN))
+        .explain(with_token(
+            pb::ExplainRequest {
+                subject: "10.0.0.0/8".into(),
+            },
+            TOKEN,
+        ))
         .await
-        .expect_err("not wired yet");
-    assert_eq!(e.code(), tonic::Code::Unimplemented);
+        .expect_err("a /8 is no key");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    // Past the warm-up, one address floods Check until a decision shows.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut authz = sc.authz().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let found = loop {
+        for _ in 0..20 {
+            let _ = authz
+                .check(Check::new("10.9.9.9").path("/api/search").build())
+                .await;
+        }
+        let d = c
+            .list_decisions(with_token(pb::ListDecisionsRequest::default(), TOKEN))
+            .await
+            .expect("decisions")
+            .into_inner();
+        if let Some(d) = d.decisions.into_iter().find(|d| d.value == "10.9.9.9") {
+            break d;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no decision in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(found.scope, pb::DecisionScope::Ip as i32);
+    assert_eq!(found.action, pb::DecisionAction::Block as i32);
+    assert_eq!(found.reason, "volumetric/v1");
+    assert_eq!(found.replica, "grpc-a");
+    assert!(found.enforced && !found.dry_run, "{found:?}");
+    assert!(found.score > 30.0, "{found:?}");
+    assert!(found.expires_at_ms > found.created_at_ms);
+
+    let x = c
+        .explain(with_token(
+            pb::ExplainRequest {
+                subject: "10.9.9.9".into(),
+            },
+            TOKEN,
+        ))
+        .await
+        .expect("explain")
+        .into_inner();
+    assert!(x.offenses >= 1, "{x:?}");
+    assert_eq!(
+        x.decision.as_ref().map(|d| d.id.as_str()),
+        Some(found.id.as_str())
+    );
+    let v = x
+        .evidence
+        .iter()
+        .find(|e| e.signal == "volumetric")
+        .expect("volumetric evidence");
+    assert!(v.threshold >= 30.0, "{v:?}");
+    assert!(x.summary.starts_with("ip 10.9.9.9"), "{}", x.summary);
 }
 
 #[tokio::test]

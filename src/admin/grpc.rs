@@ -7,14 +7,17 @@
 
 use super::AdminState;
 use super::lists::same;
+use crate::anomaly::{Action, Scope};
 use crate::lists::{EntrySource, ListEntry, ListKind};
 use crate::proto::admin::v1 as pb;
 use crate::rules::StatKey;
+use crate::runtime::anomaly::{Anomaly, Recorded, parse_target};
 use crate::runtime::blocklist::ListError;
 use crate::telemetry::violations::{self, ViolationKind};
 use pb::admin_service_server::{AdminService, AdminServiceServer};
 use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 use tokio_stream::Stream;
@@ -49,6 +52,46 @@ pub fn router(state: AdminState) -> Result<axum::Router, String> {
 #[derive(Debug, Clone)]
 pub struct AdminGrpc {
     state: AdminState,
+}
+
+impl AdminGrpc {
+    /// The anomaly module for a caller with the token; NOT_FOUND when it is not configured.
+    fn anomaly<T>(&self, req: &Request<T>) -> Result<Arc<Anomaly>, Status> {
+        authorized(&self.state, req, true)?;
+        self.state.anomaly.clone().ok_or_else(|| {
+            Status::not_found("anomaly detection is off: the settings file has no anomaly block")
+        })
+    }
+}
+
+fn decision(r: &Recorded) -> pb::Decision {
+    let d = &r.decision;
+    pb::Decision {
+        id: format!("{}:{}", d.at_ms, d.value),
+        scope: match d.scope {
+            Scope::Ip => pb::DecisionScope::Ip,
+            Scope::Ipv4Slash24 | Scope::Ipv6Slash64 | Scope::Ipv6Slash48 => {
+                pb::DecisionScope::Range
+            }
+            Scope::Identity => pb::DecisionScope::Identity,
+            Scope::Population => pb::DecisionScope::Population,
+        } as i32,
+        value: violations::truncate(&d.value),
+        action: match d.action {
+            Action::Deny => pb::DecisionAction::Block,
+            Action::Throttle => pb::DecisionAction::Throttle,
+            Action::Alert => pb::DecisionAction::Alert,
+        } as i32,
+        reason: d.reason.to_string(),
+        created_at_ms: d.at_ms,
+        expires_at_ms: r.expires_at_ms,
+        score: d.evidence.count as f64,
+        dry_run: d.dry_run,
+        enforced: r.enforced,
+        offense: d.offense,
+        replica: d.replica.clone(),
+        unbanned_at_ms: r.unbanned_at_ms.unwrap_or(0),
+    }
 }
 
 /// Whether the caller showed the admin token: `Ok(true)` yes, `Ok(false)` no token sent,
@@ -213,19 +256,72 @@ impl AdminService for AdminGrpc {
         &self,
         req: Request<pb::ListDecisionsRequest>,
     ) -> Result<Response<pb::ListDecisionsResponse>, Status> {
-        authorized(&self.state, &req, true)?;
-        // The anomaly module is not wired into the server yet: no decisions exist.
-        Ok(Response::new(pb::ListDecisionsResponse::default()))
+        let m = self.anomaly(&req)?;
+        let limit = match req.get_ref().limit {
+            0 => 100,
+            n => n as usize,
+        };
+        Ok(Response::new(pb::ListDecisionsResponse {
+            decisions: m.decisions().iter().take(limit).map(decision).collect(),
+        }))
     }
 
     async fn explain(
         &self,
         req: Request<pb::ExplainRequest>,
     ) -> Result<Response<pb::ExplainResponse>, Status> {
-        authorized(&self.state, &req, true)?;
-        Err(Status::unimplemented(
-            "anomaly decisions are not wired into this server yet",
-        ))
+        let m = self.anomaly(&req)?;
+        let subject = &req.get_ref().subject;
+        let target = parse_target(subject).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "subject {} is not an address, an IPv4 /24, an IPv6 /64 or /48, or an identity",
+                crate::lists::shorten(subject)
+            ))
+        })?;
+        let x = m.explain(&target);
+        let newest = m
+            .decisions()
+            .into_iter()
+            .find(|r| r.decision.scope == x.scope && r.decision.value == x.value);
+        let evidence = vec![
+            pb::Evidence {
+                signal: "volumetric".into(),
+                value: f64::from(x.window_count),
+                threshold: x.volumetric_threshold,
+                window_ms: 0,
+            },
+            pb::Evidence {
+                signal: "failures".into(),
+                value: f64::from(x.slow_failures),
+                threshold: f64::from(x.failure_min),
+                window_ms: 0,
+            },
+            pb::Evidence {
+                signal: "path_spread".into(),
+                value: x.failing_paths as f64,
+                threshold: x.path_spread_min as f64,
+                window_ms: 0,
+            },
+        ];
+        let summary = format!(
+            "{} {}: {}, {} offense(s){}{}",
+            x.scope.name(),
+            violations::truncate(&x.value),
+            if x.tracked { "tracked" } else { "not tracked" },
+            x.offenses,
+            x.active_until_ms
+                .map_or(String::new(), |t| format!(", decision active until {t} ms")),
+            if x.allowlisted { ", allowlisted" } else { "" },
+        );
+        Ok(Response::new(pb::ExplainResponse {
+            decision: newest.as_ref().map(decision),
+            evidence,
+            summary,
+            tracked: x.tracked,
+            offenses: x.offenses,
+            active_until_ms: x.active_until_ms.unwrap_or(0),
+            allowlisted: x.allowlisted,
+        }))
     }
 
     type WatchStatsStream = BoxStream<pb::StatsSnapshot>;
