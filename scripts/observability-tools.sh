@@ -2,6 +2,8 @@
 #
 #   RATETHROTTLE_TEST_PROMTOOL   promtool (Debian package `prometheus`), for
 #                                `promtool check metrics` on /metrics (tests/metrics.rs)
+#   RATETHROTTLE_TEST_PROMETHEUS the Prometheus server of the same package, scraping a sidecar
+#                                and evaluating the Grafana dashboard's queries (tests/metrics.rs)
 #   RATETHROTTLE_TEST_TMUX       tmux (Debian package `tmux`), to drive `ratethrottle monitor`
 #                                (tests/monitor.rs)
 #
@@ -38,5 +40,8 @@ ratethrottle_observability_tools() {
     fi
     RATETHROTTLE_TEST_PROMTOOL=$(command -v promtool)
     export RATETHROTTLE_TEST_PROMTOOL
+    RATETHROTTLE_TEST_PROMETHEUS=$(command -v prometheus) ||
+        { echo "error: the prometheus package did not install /usr/bin/prometheus" >&2; return 1; }
+    export RATETHROTTLE_TEST_PROMETHEUS
 }
 ratethrottle_observability_tools

@@ -9,6 +9,7 @@ mod support;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 use support::check::Check;
 use support::{Sidecar, request};
 
@@ -203,4 +204,112 @@ fn the_grafana_dashboard_queries_only_metrics_we_export() {
         metric_names("rate(ratethrottle_x_total[1m]) / notratelimit_y"),
         ["ratethrottle_x_total"]
     );
+}
+
+/// A real Prometheus scraping the sidecar every second: the samples arrive with the values
+/// the decisions produced, and every query of the Grafana dashboard evaluates.
+#[tokio::test]
+async fn a_real_prometheus_scrapes_the_sidecar_and_runs_the_dashboard_queries() {
+    let bin = std::env::var_os("RATETHROTTLE_TEST_PROMETHEUS").unwrap_or_else(|| {
+        panic!(
+            "RATETHROTTLE_TEST_PROMETHEUS is not set: run the tests with `bash scripts/test.sh` \
+             (scripts/observability-tools.sh installs Debian prometheus)"
+        )
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("ratethrottle.yaml");
+    std::fs::write(&file, CONFIG).expect("write");
+    let sc = Sidecar::start(Some(&file), &[]);
+    let mut rl = sc.client().await;
+    for _ in 0..5 {
+        rl.should_rate_limit(request("edge", &[&[("api_key", "p")]]))
+            .await
+            .expect("rpc");
+    }
+    let prom_cfg = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &prom_cfg,
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n  - job_name: ratethrottle\n    static_configs: [{{targets: ['{}']}}]\n",
+            sc.admin
+        ),
+    )
+    .expect("write");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let prom = Command::new(bin)
+        .arg(format!("--config.file={}", prom_cfg.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start prometheus");
+    /// Prometheus is killed however the test ends.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _prom = Kill(prom);
+    let api: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let query = |q: String| async move {
+        let path = format!(
+            "/api/v1/query?query={}",
+            percent_encoding::utf8_percent_encode(&q, percent_encoding::NON_ALPHANUMERIC)
+        );
+        let (code, body) = support::http(api, "GET", &path, "").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        (code, v)
+    };
+    support::eventually(
+        Duration::from_secs(20),
+        "Prometheus listens",
+        || async move { tokio::net::TcpStream::connect(api).await.is_ok() },
+    )
+    .await;
+    // Targets apply within seconds of start: poll for the first sample (bounded).
+    support::eventually(
+        Duration::from_secs(20),
+        "Prometheus has scraped the sidecar",
+        || {
+            let q = query("ratelimit_service_should_rate_limit_total".into());
+            async move {
+                let (code, v) = q.await;
+                code == 200 && v["data"]["result"][0]["value"][1] == "5"
+            }
+        },
+    )
+    .await;
+    let (_, v) = query("ratelimit_service_should_rate_limit_over_limit_total".into()).await;
+    assert_eq!(v["data"]["result"][0]["value"][1], "3", "{v}");
+
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/charts/ratethrottle/dashboards/ratethrottle.json"
+    );
+    let board: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json");
+    for p in board["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().expect("targets") {
+            let expr = t["expr"]
+                .as_str()
+                .expect("expr")
+                .replace("$__rate_interval", "1m");
+            let (code, v) = query(expr.clone()).await;
+            assert!(
+                code == 200 && v["status"] == "success",
+                "{}: {expr} does not evaluate: {v}",
+                p["title"]
+            );
+        }
+    }
 }
