@@ -19,3 +19,8 @@ pub const ADMIN_DESCRIPTOR_SET: &[u8] =
 /// The descriptors of Envoy's services we serve on the gRPC port and their imports, taken
 /// from envoy-types by `scripts/regen-descriptors.sh` (kept equal by `tests/descriptors.rs`).
 pub const ENVOY_DESCRIPTOR_SET: &[u8] = include_bytes!("../proto/envoy-reflection.bin");
+
+/// The codec the generated clients and servers encode with. Only generated code (in
+/// `OUT_DIR`) names tonic-prost otherwise, so this alias is what ties the dependency to `src/`
+/// for `tests/dependencies.rs`.
+pub type Codec<T, U> = tonic_prost::ProstCodec<T, U>;
