@@ -58,6 +58,9 @@ source scripts/integration-tools.sh || { echo "error: installing the integration
 # buildah, podman, skopeo, runc, musl-tools, the musl Rust target and cargo-deny for
 # tests/image.rs (scripts/image-tools.sh).
 source scripts/image-tools.sh || { echo "error: installing the container image tools failed (above)" >&2; exit 1; }
+# promtool (Debian prometheus) and tmux for tests/metrics.rs and tests/monitor.rs; exports
+# RATETHROTTLE_TEST_PROMTOOL and RATETHROTTLE_TEST_TMUX.
+source scripts/observability-tools.sh || { echo "error: installing promtool or tmux failed (above)" >&2; exit 1; }
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/ratethrottle-test.XXXXXX")
 PIDS=()

@@ -1,12 +1,15 @@
 //! The admin HTTP server: health, readiness, metrics, the reference's `/json` check endpoint
-//! and the effective configuration.
+//! and the effective configuration; and the admin gRPC API (`grpc`) on the same port.
 //!
 //! Owns: HTTP routing and JSON shapes of the admin API. Must not touch: decisions (it calls
 //! the same engine as gRPC) or config loading (it reads the reloader's status).
 
 mod anomaly;
+mod grpc;
 mod json;
 mod lists;
+
+pub use grpc::router as grpc_router;
 
 use crate::authz::AuthzEngine;
 use crate::config::FailureMode;

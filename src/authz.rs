@@ -30,6 +30,7 @@ use crate::engine::{OnStorageFailure, RateLimitEngine, RequestError, Verdict, Ve
 use crate::limiter::Clock;
 use crate::runtime::blocklist::{self, Lists};
 use crate::telemetry::authz::{AuthzMetrics, Outcome, Stage};
+use crate::telemetry::violations::{Violation, ViolationKind, truncate};
 use answer::{Denial, Quota};
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
@@ -159,6 +160,24 @@ impl AuthzEngine {
         &self.metrics
     }
 
+    /// Puts a denial in the violation ring (sampled, bounded, truncated; see
+    /// `telemetry::violations`).
+    fn record_violation(&self, kind: ViolationKind, domain: &str, identity: &str, limit: &str) {
+        let unix_ms = self.clock.now() / 1_000_000;
+        let log = &self.limits.metrics().violations;
+        if log.admit(unix_ms) {
+            log.push(Violation {
+                seq: 0,
+                unix_ms,
+                kind,
+                domain: truncate(domain),
+                entries: Vec::new(),
+                limit: truncate(limit),
+                identity: truncate(identity),
+            });
+        }
+    }
+
     /// One Check. Always answers: problems become denials or, with `failure_mode: allow`,
     /// an OK.
     pub async fn check(&self, req: &CheckRequest) -> CheckResponse {
@@ -257,6 +276,7 @@ impl AuthzEngine {
                 }
                 self.metrics.stage(Stage::ListBlock);
                 self.metrics.outcome(Outcome::Blocked);
+                self.record_violation(ViolationKind::Blocked, &st.domain, &identity.value, &code);
                 return Denial::blocked(&code).into_response(grpc);
             }
             None => {}
@@ -355,6 +375,17 @@ impl AuthzEngine {
                     Origin::Policy => {}
                 }
                 self.metrics.outcome(Outcome::RateLimited);
+                let limit = verdicts
+                    .get(i)
+                    .and_then(|v| v.limit.as_ref())
+                    .and_then(|l| l.name.as_deref())
+                    .unwrap_or_default();
+                self.record_violation(
+                    ViolationKind::RateLimited,
+                    &st.domain,
+                    &identity.value,
+                    limit,
+                );
                 let graphql_body = graphql_request && origin == Origin::GraphqlCost;
                 Denial::rate_limited(q, graphql_body).into_response(grpc)
             }

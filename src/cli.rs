@@ -1,11 +1,16 @@
-//! The `ratethrottle` command line: `serve`, `config validate`, `check`, `manage`, `crd`.
+//! The `ratethrottle` command line: `serve`, `config validate|show`, `check`, `manage`, `crd`,
+//! and the operators' commands against a running server: `stats`, `test`, `monitor`.
 //!
 //! Owns: argument parsing (every flag also from a `RATETHROTTLE_*` env var), exit codes, and
 //! reporting errors with context. Must not touch: decisions or config semantics.
 
 mod check;
+mod fire;
 mod manage;
+mod monitor;
+mod remote;
 mod serve;
+mod stats;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -48,6 +53,14 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Add, remove and list runtime allow/block entries of a running server.
     Manage(manage::ManageArgs),
+    /// Print a running server's stats (requests/s, over-limit/s, top limited descriptors,
+    /// storage health) once, or record them to JSON/CSV.
+    Stats(stats::StatsArgs),
+    /// Fire N ShouldRateLimit calls at a running server and print how many were allowed and
+    /// how the remaining quota and reset moved.
+    Test(fire::TestArgs),
+    /// A live terminal dashboard of a running server (q quits, 1-4/Tab switch views).
+    Monitor(monitor::MonitorArgs),
     /// Print the CustomResourceDefinitions (RateLimitPolicy, AccessList) as YAML.
     Crd {
         /// Write one `<name>.yaml` per CRD into this directory instead.
@@ -74,6 +87,17 @@ pub enum ConfigCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Print a running server's effective configuration (files and resources merged) and
+    /// its version, through the admin API.
+    Show {
+        /// Admin address of a running `ratethrottle serve`.
+        #[arg(
+            long,
+            env = "RATETHROTTLE_ADMIN_ADDR",
+            default_value = "127.0.0.1:8080"
+        )]
+        admin_addr: String,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -86,9 +110,68 @@ pub fn main() -> ExitCode {
         Command::Config {
             command: ConfigCommand::ValidateResources { files, config },
         } => validate_resources(&files, config.as_deref()),
+        Command::Config {
+            command: ConfigCommand::Show { admin_addr },
+        } => config_show(&admin_addr),
         Command::Check(args) => check::run(args),
+        Command::Stats(args) => stats::run(args),
+        Command::Test(args) => fire::run(args),
+        Command::Monitor(args) => monitor::run(args),
         Command::Manage(args) => manage::run(args),
         Command::Crd { out_dir } => crd(out_dir.as_deref()),
+    }
+}
+
+fn config_show(admin_addr: &str) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let mut client = remote::connect(admin_addr).await?;
+        client
+            .get_config(crate::proto::admin::v1::GetConfigRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| remote::status(&s))
+    });
+    match result {
+        Ok(c) => {
+            println!("# version: {}", c.version);
+            if !c.source.is_empty() {
+                println!("# source: {}", c.source);
+            }
+            println!(
+                "# storage: {}{}",
+                c.storage,
+                if c.storage_degraded {
+                    " (degraded)"
+                } else {
+                    ""
+                }
+            );
+            if !c.last_error.is_empty() {
+                println!(
+                    "# last load error (the version above stays in force): {}",
+                    c.last_error
+                );
+            }
+            let pretty = serde_json::from_str::<serde_json::Value>(&c.config_json)
+                .and_then(|v| serde_json::to_string_pretty(&v))
+                .unwrap_or(c.config_json);
+            println!("{pretty}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

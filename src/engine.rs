@@ -10,6 +10,7 @@ use crate::limiter::{Clock, Limit, Nanos, Outcome, RejectedHits, Unit};
 use crate::rules::{self, Rule, RuleSet, RuleStats, StatsRegistry};
 use crate::storage::{CounterOp, Storage, StorageError};
 use crate::telemetry::ServiceMetrics;
+use crate::telemetry::violations::{self, Violation, ViolationKind};
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
@@ -218,6 +219,46 @@ impl RateLimitEngine {
         &self.storage
     }
 
+    pub fn metrics(&self) -> &Arc<ServiceMetrics> {
+        &self.metrics
+    }
+
+    /// Puts an OVER_LIMIT answer in the violation ring (sampled; nothing is built when the
+    /// second's budget is spent): its first rejected descriptor, values truncated.
+    fn record_violation(&self, req: &RateLimitRequest, resp: &RateLimitResponse) {
+        let unix_ms = self.clock.now() / 1_000_000;
+        let log = &self.metrics.violations;
+        if !log.admit(unix_ms) {
+            return;
+        }
+        let over = resp
+            .statuses
+            .iter()
+            .position(|s| s.code == Code::OverLimit as i32);
+        let descriptor = over.and_then(|i| req.descriptors.get(i));
+        let limit = over
+            .and_then(|i| resp.statuses.get(i))
+            .and_then(|s| s.current_limit.as_ref())
+            .map(|l| l.name.clone())
+            .unwrap_or_default();
+        log.push(Violation {
+            seq: 0,
+            unix_ms,
+            kind: ViolationKind::OverLimit,
+            domain: violations::truncate(&req.domain),
+            entries: descriptor
+                .map(|d| {
+                    d.entries
+                        .iter()
+                        .map(|e| (violations::truncate(&e.key), violations::truncate(&e.value)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            limit,
+            identity: String::new(),
+        });
+    }
+
     pub async fn should_rate_limit(
         &self,
         req: &RateLimitRequest,
@@ -227,6 +268,7 @@ impl RateLimitEngine {
         match &result {
             Ok(r) if r.overall_code == Code::OverLimit as i32 => {
                 self.metrics.over_limit.fetch_add(1, Relaxed);
+                self.record_violation(req, r);
             }
             Ok(_) => {}
             Err(RequestError::Storage(_)) => {

@@ -1,7 +1,8 @@
 //! ratethrottle: an Envoy rate limit and external authorization sidecar.
 //!
 //! Layers, lowest first; a module uses only layers below its own (`tests/architecture.rs`
-//! checks every `crate::` path against this map): `digest`, `text`, `limiter` (pure algorithms), `anomaly` (sans-IO detection) →
+//! checks every `crate::` path against this map): `digest`, `text`, `limiter` (pure algorithms), `anomaly` (sans-IO detection),
+//! `proto` (generated API types) →
 //! `lists` (allow/block entry model, CIDR trie) → `config` (text → validated model) → `rules`
 //! (compiled match tree) → `storage` (counters in memory or Redis) and `telemetry` (metric
 //! counters) → `engine` (one ShouldRateLimit decision) → `runtime` (live merge of files and
@@ -20,6 +21,7 @@ pub mod engine;
 pub mod k8s;
 pub mod limiter;
 pub mod lists;
+pub mod proto;
 pub mod rules;
 pub mod runtime;
 pub mod server;

@@ -16,7 +16,7 @@ mod wildcard;
 mod tests;
 
 pub use matcher::{DescriptorMatcher, Entry};
-pub use stats::{RuleStats, StatsRegistry};
+pub use stats::{RuleStats, StatKey, StatsRegistry};
 pub use wildcard::Wildcard;
 
 use crate::config::{Config, DescriptorConfig, RateLimitConfig, Settings};

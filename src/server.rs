@@ -36,8 +36,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The reflection descriptors of our services (built by build.rs from envoy-types).
-const REFLECTION: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/reflection.bin"));
+/// The reflection descriptors of the gRPC port's services (checked in under `proto/`).
+const REFLECTION: &[u8] = crate::proto::ENVOY_DESCRIPTOR_SET;
 
 /// Everything `serve` needs, already validated.
 #[derive(Debug)]
@@ -366,7 +366,8 @@ impl BoundServer {
                 self.metrics.clone(),
                 conns.handshake_timeout,
             ),
-            admin::router(self.admin_state),
+            admin::router(self.admin_state.clone())
+                .merge(admin::grpc_router(self.admin_state).map_err(ServerError::Reflection)?),
             conns,
             stop_rx.clone(),
         );

@@ -9,6 +9,7 @@
 
 pub mod anomaly;
 pub mod authz;
+pub mod violations;
 
 use crate::rules::{RuleStats, StatsRegistry};
 use std::fmt::Write;
@@ -27,6 +28,8 @@ pub struct ServiceMetrics {
     pub accept_errors_grpc: AtomicU64,
     /// Failed `accept()` calls on the admin port.
     pub accept_errors_admin: AtomicU64,
+    /// Recent over-limit and blocked events (sampled, bounded) for `WatchViolations`.
+    pub violations: violations::ViolationLog,
 }
 
 /// Facts the renderer needs that live elsewhere (storage, config).

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 /// Each inner list is one layer; modules in a layer may not use each other.
 const LAYERS: &[&[&str]] = &[
-    // Leaves: pure algorithms and digests, no crate imports.
-    &["digest", "text", "limiter", "anomaly"],
+    // Leaves: pure algorithms and digests, generated protobuf types; no crate imports.
+    &["digest", "text", "limiter", "anomaly", "proto"],
     // The allow/block entry model, CIDR trie and canonical entries.
     &["lists"],
     // Text → validated model. No I/O but reading the files it is given.

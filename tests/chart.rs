@@ -125,6 +125,21 @@ fn find<'a>(objs: &'a [Value], kind: &str) -> &'a Value {
     found[0]
 }
 
+/// The ConfigMap of the configuration (not the Grafana dashboard's).
+fn config_map(objs: &[Value]) -> &Value {
+    let found: Vec<&Value> = objs
+        .iter()
+        .filter(|o| o["kind"] == "ConfigMap" && o["data"].get("ratethrottle.json").is_none())
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one config ConfigMap in {:?}",
+        kinds(objs)
+    );
+    found[0]
+}
+
 fn container(objs: &[Value]) -> &Value {
     let containers = find(objs, "Deployment")["spec"]["template"]["spec"]["containers"]
         .as_array()
@@ -250,7 +265,7 @@ fn defaults_render_valid_objects_and_nothing_optional() {
     assert_eq!(volumes[0]["name"], mounts[0]["name"]);
     assert_eq!(
         volumes[0]["configMap"]["name"],
-        find(&objs, "ConfigMap")["metadata"]["name"]
+        config_map(&objs)["metadata"]["name"]
     );
 }
 
@@ -265,6 +280,7 @@ fn everything_on_renders_valid_objects_including_the_crds() {
         [
             "ClusterRole",
             "ClusterRoleBinding",
+            "ConfigMap",
             "ConfigMap",
             "CustomResourceDefinition",
             "CustomResourceDefinition",
@@ -298,6 +314,23 @@ fn everything_on_renders_valid_objects_including_the_crds() {
     assert_eq!(sm["spec"]["endpoints"][0]["port"], "admin");
     assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
     assert_eq!(sm["metadata"]["labels"]["release"], "prometheus");
+    // The Grafana dashboard ConfigMap carries the chart's dashboard and the sidecar label.
+    let board = objs
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["data"].get("ratethrottle.json").is_some())
+        .expect("dashboard ConfigMap");
+    assert_eq!(board["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(
+        board["metadata"]["annotations"]["grafana_folder"],
+        "ratethrottle"
+    );
+    let shipped = std::fs::read_to_string(root().join(CHART).join("dashboards/ratethrottle.json"))
+        .expect("dashboard");
+    assert_eq!(
+        serde_json::from_str::<Value>(board["data"]["ratethrottle.json"].as_str().expect("str"))
+            .expect("dashboard json"),
+        serde_json::from_str::<Value>(&shipped).expect("shipped json")
+    );
     let svc = find(&objs, "Service");
     assert_eq!(svc["spec"]["clusterIP"], "None");
     for (k, v) in sm["spec"]["selector"]["matchLabels"]
@@ -591,7 +624,7 @@ fn storage_and_secrets_reach_the_container() {
 
 /// The files of the rendered ConfigMap.
 fn config_files(objs: &[Value]) -> Vec<(String, String)> {
-    find(objs, "ConfigMap")["data"]
+    config_map(objs)["data"]
         .as_object()
         .expect("data")
         .iter()

@@ -36,7 +36,7 @@ pub(super) fn error(code: StatusCode, message: impl std::fmt::Display) -> Respon
 }
 
 /// Compares without leaking, through timing, how much of the token was right.
-fn same(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn same(a: &[u8], b: &[u8]) -> bool {
     let mut diff = a.len() ^ b.len();
     for (i, x) in a.iter().enumerate() {
         diff |= usize::from(x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0));

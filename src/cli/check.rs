@@ -112,7 +112,7 @@ pub fn run(args: CheckArgs) -> ExitCode {
     }
 }
 
-fn parse_descriptor(s: &str, hits: Option<u32>) -> Result<RateLimitDescriptor, String> {
+pub(super) fn parse_descriptor(s: &str, hits: Option<u32>) -> Result<RateLimitDescriptor, String> {
     let mut entries = Vec::new();
     for part in s.split(',') {
         let (k, v) = part.split_once('=').unwrap_or((part, ""));
