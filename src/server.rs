@@ -366,8 +366,10 @@ impl BoundServer {
                 self.metrics.clone(),
                 conns.handshake_timeout,
             ),
-            admin::router(self.admin_state.clone())
-                .merge(admin::grpc_router(self.admin_state).map_err(ServerError::Reflection)?),
+            admin::router(self.admin_state.clone()).merge(
+                admin::grpc_router(self.admin_state, stop_rx.clone())
+                    .map_err(ServerError::Reflection)?,
+            ),
             conns,
             stop_rx.clone(),
         );

@@ -472,3 +472,64 @@ async fn watch_stats_and_violations_follow_real_decisions() {
         s.blocked_identities
     );
 }
+
+#[tokio::test]
+async fn open_streams_end_on_sigterm_instead_of_holding_the_drain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("ratethrottle.yaml");
+    std::fs::write(&file, CONFIG).expect("write");
+    // A drain bound far longer than the test waits: only the streams ending lets it exit.
+    let mut sc = Sidecar::start_with_env(
+        Some(&file),
+        &[],
+        &[("RATETHROTTLE_SHUTDOWN_DRAIN_MS", "60000")],
+    );
+    let mut c = admin(&sc).await;
+    let mut stats = c
+        .watch_stats(pb::WatchStatsRequest {
+            interval_ms: 100,
+            top_n: 1,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut violations = c
+        .watch_violations(with_token(pb::WatchViolationsRequest::default(), TOKEN))
+        .await
+        .expect("watch")
+        .into_inner();
+    stats.next().await.expect("snapshot").expect("ok");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &sc.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let end = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(r) = stats.next().await {
+            r.expect("no error, just the end");
+        }
+        while let Some(r) = violations.next().await {
+            r.expect("no error, just the end");
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the streams did not end after SIGTERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(s) = sc.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running after SIGTERM: {}",
+            sc.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        !sc.stderr().contains("drain bound reached"),
+        "the drain bound, not the streams, ended it:\n{}",
+        sc.stderr()
+    );
+}

@@ -20,6 +20,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::server::NamedService;
@@ -29,7 +30,9 @@ use tonic::{Request, Response, Status};
 const VIOLATION_POLL: Duration = Duration::from_millis(200);
 
 /// The admin gRPC service and reflection as axum routes, for the admin port's router.
-pub fn router(state: AdminState) -> Result<axum::Router, String> {
+/// `stop` turning true ends every open stream (with OK), so a watching `monitor` never holds
+/// a shutdown up to its drain bound.
+pub fn router(state: AdminState, stop: watch::Receiver<bool>) -> Result<axum::Router, String> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::ADMIN_DESCRIPTOR_SET)
         .build_v1()
@@ -38,7 +41,7 @@ pub fn router(state: AdminState) -> Result<axum::Router, String> {
         "/{}/{{*method}}",
         <tonic_reflection::server::v1::ServerReflectionServer<()> as NamedService>::NAME
     );
-    let routes = tonic::service::Routes::new(AdminServiceServer::new(AdminGrpc { state }))
+    let routes = tonic::service::Routes::new(AdminServiceServer::new(AdminGrpc { state, stop }))
         .add_service(reflection);
     let admin_name = format!(
         "/{}/{{*method}}",
@@ -52,6 +55,7 @@ pub fn router(state: AdminState) -> Result<axum::Router, String> {
 #[derive(Debug, Clone)]
 pub struct AdminGrpc {
     state: AdminState,
+    stop: watch::Receiver<bool>,
 }
 
 impl AdminGrpc {
@@ -342,12 +346,16 @@ impl AdminService for AdminGrpc {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let state = self.state.clone();
+        let mut stop = self.stop.clone();
         tokio::spawn(async move {
             let mut prev: Option<Sample> = None;
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
                 let now = Sample::take(&state);
                 let snap = snapshot(&state, &now, prev.as_ref(), top_n, identities).await;
                 if tx.send(Ok(snap)).await.is_err() {
@@ -373,10 +381,14 @@ impl AdminService for AdminGrpc {
             log_owner.violations.next_seq()
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let mut stop = self.stop.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(VIOLATION_POLL);
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
                 if tx.is_closed() {
                     return;
                 }
