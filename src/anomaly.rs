@@ -5,7 +5,8 @@
 //! Owns: the [`Event`] the hot path pushes, the sans-IO [`Detector`] (events in, decisions
 //! out, time injected: deterministic, so traces replay in virtual time), its sketches, its
 //! detectors' thresholds ([`Config`]), the cross-replica top-keys exchange as plain data
-//! ([`TopKeys`]), the bounded queue from the hot path to the detector task ([`Sink`],
+//! ([`TopKeys`]), per-caller trust for adaptive limits ([`TrustBook`], [`TrustTable`]), the
+//! bounded queue from the hot path to the detector task ([`Sink`],
 //! [`Drain`]) and the seeded attack-trace generator ([`trace`]).
 //!
 //! Must not touch: anything else in the crate (it imports nothing from it), I/O, clocks,
@@ -25,6 +26,7 @@ mod event;
 mod queue;
 mod sketch;
 pub mod trace;
+mod trust;
 
 #[cfg(test)]
 mod tests;
@@ -38,3 +40,7 @@ pub use detector::{Allowlist, Detector, Explanation, RemoteCount, Stats, TopKeys
 pub use event::{Event, LABEL_BYTES, Label, Method, Outcome, Source};
 pub use queue::{Drain, Sink, queue};
 pub use sketch::{CountMin, Distinct, RateSample};
+pub use trust::{
+    Adaptive, NEUTRAL, TrustBook, TrustConfig, TrustExplanation, TrustQ, TrustStats, TrustTable,
+    subject,
+};

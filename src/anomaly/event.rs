@@ -38,14 +38,20 @@ impl Label {
         }
         let mut bytes = [0; LABEL_BYTES];
         bytes[..end].copy_from_slice(&text.as_bytes()[..end]);
-        // Never hash to 0: 0 means "no label".
-        let hash = xxh3_64(text.as_bytes()).max(1);
+        let hash = Label::hash_of(text);
         Label {
             hash,
             len: end as u8,
             truncated: end < text.len(),
             bytes,
         }
+    }
+
+    /// The hash a label of `text` has, without building the label (the request path keys
+    /// trust by it). Never 0: 0 means "no label".
+    #[inline]
+    pub fn hash_of(text: &str) -> u64 {
+        xxh3_64(text.as_bytes()).max(1)
     }
 
     /// The hash of the whole text (0 for the empty label).
