@@ -6,8 +6,9 @@
 //! storage fails, stats and verdicts. Must not touch: gRPC, configuration loading, the
 //! algorithms' arithmetic (limiter) or storage internals.
 
+use crate::anomaly::{Adaptive, TrustQ, TrustTable};
 use crate::limiter::{Clock, Limit, Nanos, Outcome, RejectedHits, Unit};
-use crate::rules::{self, Rule, RuleSet, RuleStats, StatsRegistry};
+use crate::rules::{self, Rule, RuleLimit, RuleSet, RuleStats, StatsRegistry};
 use crate::storage::{CounterOp, Storage, StorageError};
 use crate::telemetry::ServiceMetrics;
 use crate::telemetry::violations::{self, Violation, ViolationKind};
@@ -74,6 +75,8 @@ pub struct RateLimitEngine {
     clock: Arc<dyn Clock>,
     stats: Arc<StatsRegistry>,
     metrics: Arc<ServiceMetrics>,
+    /// Callers' trust, read by adaptive limits (empty unless the anomaly module is on).
+    trust: Arc<TrustTable>,
     /// Storage failures since the last log line, and when the next may be written.
     failure_log: Arc<(AtomicU64, AtomicU64)>,
 }
@@ -189,8 +192,19 @@ impl RateLimitEngine {
             clock,
             stats,
             metrics,
+            trust: Arc::default(),
             failure_log: Arc::default(),
         }
+    }
+
+    /// Adaptive limits read callers' trust from `table` (the anomaly module writes it).
+    pub fn with_trust(mut self, table: Arc<TrustTable>) -> Self {
+        self.trust = table;
+        self
+    }
+
+    pub fn trust(&self) -> &Arc<TrustTable> {
+        &self.trust
     }
 
     /// Logs a storage failure, at most once a second with the count since the last line.
@@ -363,11 +377,13 @@ impl RateLimitEngine {
         let rules = self.rules.load();
         let mut ops = Ops::new();
         let mut names = LimitNames::new();
+        let trust = TrustLookup::new(&self.trust, self.clock.now());
         let plans = plan(
             &rules,
             domain,
             descriptors,
             request_hits,
+            trust,
             &mut ops,
             &mut names,
         )?;
@@ -526,6 +542,7 @@ fn plan<'r, D: Descriptor>(
     domain: &str,
     descriptors: &[D],
     request_hits: u32,
+    mut trust: TrustLookup<'_>,
     ops: &mut Ops,
     names: &mut LimitNames<'r>,
 ) -> Result<SmallVec<[Plan<'r>; 8]>, RequestError> {
@@ -573,7 +590,8 @@ fn plan<'r, D: Descriptor>(
             .filter(|l| !is_replaced(&replaced, l.name.as_deref()))
         {
             let key = rule_key(rule, l.fingerprint, d.entries());
-            let mut op = CounterOp::new(key, l.limit, hits, rule.shadow_mode);
+            let limit = trust.effective(l, descriptors);
+            let mut op = CounterOp::new(key, limit, hits, rule.shadow_mode);
             op.negative = d.is_negative();
             ops.push(op);
             names.push(l.name.as_ref());
@@ -589,6 +607,60 @@ fn plan<'r, D: Descriptor>(
         });
     }
     Ok(plans)
+}
+
+/// The caller's trust, looked up at most once per request and only when an adaptive limit
+/// matched: the request path of a config without `adaptive` pays one branch per limit.
+struct TrustLookup<'t> {
+    table: &'t TrustTable,
+    now_ms: u64,
+    looked_up: Option<Option<TrustQ>>,
+}
+
+impl<'t> TrustLookup<'t> {
+    fn new(table: &'t TrustTable, now: Nanos) -> Self {
+        TrustLookup {
+            table,
+            now_ms: now / 1_000_000,
+            looked_up: None,
+        }
+    }
+
+    /// `l`'s limit as enforced for this request: scaled by the caller's factor when
+    /// adaptive (the counter key is the same either way).
+    #[inline]
+    fn effective<D: Descriptor>(&mut self, l: &RuleLimit, descriptors: &[D]) -> Limit {
+        let Some(adaptive) = &l.adaptive else {
+            return l.limit;
+        };
+        let trust = *self.looked_up.get_or_insert_with(|| {
+            caller(descriptors).and_then(|key| self.table.get(key, self.now_ms))
+        });
+        let factor = adaptive.factor(trust);
+        Limit {
+            requests_per_unit: Adaptive::scale(l.limit.requests_per_unit, factor),
+            burst: Adaptive::scale(l.limit.burst, factor),
+            ..l.limit
+        }
+    }
+}
+
+/// Whose trust applies: the request's `identity` entry (ext_authz's `identity` action, or a
+/// header action with `descriptor_key: identity`), else its `remote_address` — the same
+/// keys the anomaly module learns trust under.
+fn caller<D: Descriptor>(descriptors: &[D]) -> Option<u64> {
+    let mut address = None;
+    use rules::Entry as _;
+    for e in descriptors.iter().flat_map(|d| d.entries()) {
+        match e.key() {
+            "identity" if !e.value().is_empty() => {
+                return crate::anomaly::subject(e.value(), None);
+            }
+            "remote_address" if address.is_none() => address = e.value().parse().ok(),
+            _ => {}
+        }
+    }
+    crate::anomaly::subject("", address)
 }
 
 /// The limit of Envoy's per-descriptor override, with the default algorithm; `None` for an

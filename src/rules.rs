@@ -43,6 +43,9 @@ pub struct RuleLimit {
     /// descriptor path and the limit's parameters. Unchanged rules keep their fingerprint
     /// across reloads, so their counters carry over.
     pub fingerprint: u64,
+    /// Scale the limit by the caller's trust. Not part of the fingerprint: turning it on or
+    /// off, or the factor moving, never resets the counter.
+    pub adaptive: Option<crate::anomaly::Adaptive>,
 }
 
 /// What a matched descriptor node says.
@@ -125,6 +128,11 @@ impl RuleSet {
 
     pub fn domain(&self, domain: &str) -> Option<&DescriptorMatcher> {
         self.domains.get(domain)
+    }
+
+    /// Every rule of every domain (for the admin API; not the request path).
+    pub fn all_rules(&self) -> impl Iterator<Item = &Arc<Rule>> {
+        self.domains.values().flat_map(|m| m.rules())
     }
 
     pub fn domain_count(&self) -> usize {
@@ -261,6 +269,7 @@ fn compile_limit(
         name: l.name.as_deref().map(Arc::from),
         replaces: l.replaces.iter().map(|s| Arc::from(s.as_str())).collect(),
         fingerprint: h.finish(),
+        adaptive: l.adaptive,
     }
 }
 

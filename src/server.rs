@@ -14,6 +14,7 @@ use crate::engine::RateLimitEngine;
 use crate::k8s::{KubernetesOptions, Watcher};
 use crate::limiter::{Clock, SystemClock};
 use crate::rules::{RuleSet, StatsRegistry};
+use crate::runtime::adaptive::{RedisTrust, TrustSink};
 use crate::runtime::anomaly::Anomaly;
 use crate::runtime::blocklist::{Lists, RedisLists};
 use crate::runtime::live::LiveConfig;
@@ -173,13 +174,25 @@ impl BoundServer {
         let storage = Arc::new(Storage::connect(&url, &settings).await?);
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
 
+        let anomaly_settings = opts
+            .config
+            .as_ref()
+            .and_then(|c| c.anomaly.as_ref())
+            .filter(|a| a.enabled);
+        // Adaptive limits read callers' trust from this table; the anomaly task fills it.
+        let trust_table = Arc::new(
+            anomaly_settings.map_or_else(crate::anomaly::TrustTable::default, |a| {
+                crate::anomaly::TrustTable::new(a.trust.table_slots)
+            }),
+        );
         let engine = RateLimitEngine::new(
             rules.clone(),
             storage.clone(),
             clock.clone(),
             stats.clone(),
             metrics.clone(),
-        );
+        )
+        .with_trust(trust_table.clone());
         // Runtime allow/block entries live where the counters do: shared through Redis when
         // the counters are, so every replica sees the same lists.
         let lists = Arc::new(match storage.redis() {
@@ -192,7 +205,7 @@ impl BoundServer {
         // The anomaly module, when the settings file has an `anomaly:` block: a bounded
         // queue the services push to, and the task that owns the detector.
         let anomaly_metrics = Arc::new(AnomalyMetrics::default());
-        let (sink, anomaly) = match opts.config.as_ref().and_then(|c| c.anomaly.as_ref()) {
+        let (sink, anomaly) = match anomaly_settings {
             Some(a) => {
                 let (sink, drain) = crate::anomaly::queue(a.queue_size);
                 let mut cfg = a.detector.clone();
@@ -200,7 +213,22 @@ impl BoundServer {
                     cfg.replica = hostname();
                 }
                 tracing::info!(replica = %cfg.replica, dry_run = cfg.dry_run, warmup_ms = cfg.warmup_ms, "anomaly detection on");
-                let module = Anomaly::new(cfg, drain, lists.clone(), anomaly_metrics.clone());
+                let trust_sink = match storage.redis() {
+                    Some(r) => TrustSink::Redis(RedisTrust::new(
+                        r.pool().clone(),
+                        &settings.redis.prefix,
+                        trust_table.clone(),
+                    )),
+                    None => TrustSink::Local(trust_table.clone()),
+                };
+                let module = Anomaly::new(
+                    cfg,
+                    a.trust.clone(),
+                    trust_sink,
+                    drain,
+                    lists.clone(),
+                    anomaly_metrics.clone(),
+                );
                 (Some(sink), Some(module))
             }
             None => (None, None),

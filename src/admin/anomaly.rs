@@ -103,9 +103,11 @@ pub async fn explain(
         );
     };
     let x = m.explain(&target);
+    let trust = m.explain_trust(&target).map(|t| trust_json(&s, &t));
     reply(
         StatusCode::OK,
         json!({
+            "trust": trust,
             "scope": x.scope.name(),
             "value": x.value,
             "tracked": x.tracked,
@@ -137,6 +139,44 @@ pub async fn explain(
             "allowlisted": x.allowlisted,
         }),
     )
+}
+
+/// The caller's trust, its inputs, and what each adaptive limit in force becomes for it.
+fn trust_json(s: &AdminState, t: &crate::runtime::anomaly::TrustExplained) -> serde_json::Value {
+    let l = &t.local;
+    let rules = s.engine.rules().load();
+    let limits: Vec<serde_json::Value> = rules
+        .all_rules()
+        .flat_map(|r| r.limits.iter().map(move |l| (r, l)))
+        .filter_map(|(r, l)| {
+            let a = l.adaptive?;
+            let factor = a.factor(t.in_force);
+            Some(json!({
+                "rule": &*r.stat_key,
+                "name": l.name.as_deref(),
+                "requests_per_unit": l.limit.requests_per_unit,
+                "factor": factor,
+                "effective_requests_per_unit":
+                    crate::anomaly::Adaptive::scale(l.limit.requests_per_unit, factor),
+            }))
+        })
+        .collect();
+    json!({
+        "in_force": t.in_force.map(|q| f64::from(q) / 65535.0),
+        "shared_through_redis": t.shared,
+        "local": {
+            "known": l.known,
+            "trust": l.trust,
+            "requests": l.requests,
+            "bad_requests": l.bad_requests,
+            "history": l.history,
+            "bad_share": l.bad_share,
+            "erratic": l.erratic,
+            "baseline_windows": l.baseline_windows,
+            "throttled_until_ms": l.throttled_until_ms,
+        },
+        "adaptive_limits": limits,
+    })
 }
 
 pub async fn unban(

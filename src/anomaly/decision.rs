@@ -250,6 +250,8 @@ pub struct Evidence {
 pub struct Decision {
     pub scope: Scope,
     pub value: String,
+    /// What was decided on, with its full-text hash (`value` may be cut for display).
+    pub target: Target,
     pub action: Action,
     pub ttl_ms: u64,
     /// `detector/version`.

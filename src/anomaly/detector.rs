@@ -841,6 +841,7 @@ impl Detector {
             self.pending.push(Decision {
                 scope: Scope::Population,
                 value: Target::Population.value(),
+                target: Target::Population,
                 action,
                 ttl_ms: self.cfg.population.ttl_ms,
                 reason: DetectorKind::PopulationShift.reason(),
@@ -1027,6 +1028,7 @@ impl Detector {
         self.pending.push(Decision {
             scope: key.scope,
             value: target.value(),
+            target,
             action,
             ttl_ms,
             reason: kind.reason(),

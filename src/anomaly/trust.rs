@@ -104,7 +104,9 @@ impl Adaptive {
         if base == 0 {
             return 0;
         }
-        ((f64::from(base) * factor).round().clamp(1.0, f64::from(u32::MAX))) as u32
+        ((f64::from(base) * factor)
+            .round()
+            .clamp(1.0, f64::from(u32::MAX))) as u32
     }
 }
 
@@ -135,6 +137,8 @@ struct State {
     /// What was last published (`NEUTRAL` = nothing in the table).
     published: TrustQ,
     dirty: bool,
+    /// The last publish failed: publish whatever the score is.
+    republish: bool,
 }
 
 /// Why a caller's trust is what it is (`/v1/anomaly/explain`).
@@ -244,6 +248,17 @@ impl TrustBook {
         }
     }
 
+    /// Publishes `key` again at the next tick (its last publish failed).
+    pub fn republish(&mut self, key: u64) {
+        if let Some(st) = self.states.get_mut(&key) {
+            st.republish = true;
+            if !st.dirty {
+                st.dirty = true;
+                self.dirty.push(key);
+            }
+        }
+    }
+
     /// Ends a throttle early (a manual unban).
     pub fn unthrottle(&mut self, key: u64) {
         if let Some(st) = self.states.get_mut(&key) {
@@ -279,12 +294,12 @@ impl TrustBook {
             let q = if near_neutral(q) { NEUTRAL } else { q };
             if u32::from(q.abs_diff(st.published)) >= PUBLISH_STEP
                 || (q == NEUTRAL) != (st.published == NEUTRAL)
+                || std::mem::take(&mut st.republish)
             {
                 st.published = q;
                 out.push((key, (q != NEUTRAL).then_some(q)));
             }
-            if sweep && st.n < 0.5 && st.throttled_until_ms <= now_ms && st.published == NEUTRAL
-            {
+            if sweep && st.n < 0.5 && st.throttled_until_ms <= now_ms && st.published == NEUTRAL {
                 self.states.remove(&key);
             }
         }
@@ -424,7 +439,8 @@ fn score(cfg: &TrustConfig, st: &State, now_ms: u64) -> TrustQ {
     } else {
         st.bad / (st.bad + cfg.history_requests.max(1.0))
     };
-    let q = (1.0 - 2.0 * (b / cfg.bad_share.max(1e-6)).min(1.0) - 2.0 * st.erratic).clamp(-1.0, 1.0);
+    let q =
+        (1.0 - 2.0 * (b / cfg.bad_share.max(1e-6)).min(1.0) - 2.0 * st.erratic).clamp(-1.0, 1.0);
     let t = 0.5 + 0.5 * h * q;
     (t.clamp(0.0, 1.0) * 65535.0).round() as TrustQ
 }

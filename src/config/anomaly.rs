@@ -20,6 +20,8 @@ pub struct AnomalySettings {
     /// uses the host name.
     pub detector: anomaly::Config,
     pub queue_size: usize,
+    /// Per-caller trust for adaptive limits (`trust:`).
+    pub trust: anomaly::TrustConfig,
 }
 
 impl Default for AnomalySettings {
@@ -31,6 +33,7 @@ impl Default for AnomalySettings {
                 ..Default::default()
             },
             queue_size: DEFAULT_QUEUE_SIZE,
+            trust: anomaly::TrustConfig::default(),
         }
     }
 }
@@ -48,6 +51,7 @@ impl Serialize for AnomalySettings {
         m.serialize_entry("window_ms", &d.window_ms)?;
         m.serialize_entry("volumetric_floor", &d.volumetric.floor)?;
         m.serialize_entry("volumetric_p99_multiple", &d.volumetric.p99_multiple)?;
+        m.serialize_entry("trust_half_life_ms", &self.trust.half_life_ms)?;
         m.end()
     }
 }

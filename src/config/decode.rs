@@ -25,6 +25,7 @@ use super::error::ConfigError;
 use super::model::{
     DescriptorConfig, DomainConfig, FailureMode, RateLimitConfig, RedisSettings, Settings,
 };
+use crate::anomaly::Adaptive;
 use crate::limiter::{Algorithm, NANOS_PER_SECOND, Nanos, RejectedHits, Unit};
 
 /// Where something was found, for errors that are raised later (by `load`).
@@ -74,7 +75,11 @@ const RATE_LIMIT_KEYS: &[&str] = &[
     "algorithm",
     "burst",
     "block_duration",
+    "adaptive",
 ];
+const ADAPTIVE_KEYS: &[&str] = &["min_factor", "max_factor", "initial_factor"];
+/// The widest scaling an adaptive limit may ask for, either way.
+const MAX_ADAPTIVE_FACTOR: f64 = 64.0;
 const REPLACES_KEYS: &[&str] = &["name"];
 const SETTINGS_KEYS: &[&str] = &[
     "default_algorithm",
@@ -768,6 +773,7 @@ impl Decoder<'_> {
                 "algorithm",
                 "burst",
                 "block_duration",
+                "adaptive",
             ] {
                 if let Some(field) = f.get(name) {
                     self.error(
@@ -806,7 +812,11 @@ impl Decoder<'_> {
         let mut algorithm = None;
         let mut burst = None;
         let mut block_duration = None;
+        let mut adaptive = None;
         if !unlimited {
+            if let Some(field) = f.get("adaptive") {
+                adaptive = self.adaptive(field.value, &f.path("adaptive"));
+            }
             if let Some(field) = f.get("algorithm") {
                 algorithm = self.algorithm(field.value, &f.path("algorithm"));
             }
@@ -826,7 +836,63 @@ impl Decoder<'_> {
             algorithm,
             burst,
             block_duration,
+            adaptive,
             line,
+        })
+    }
+
+    /// `adaptive: {min_factor, max_factor, initial_factor}`: 0 < min ≤ initial ≤ max ≤ 64;
+    /// `initial_factor` defaults to 1 (within the range).
+    fn adaptive(&mut self, node: &MarkedYaml<'_>, path: &str) -> Option<Adaptive> {
+        let f = self.mapping(node, path, ADAPTIVE_KEYS)?;
+        let factor = |d: &mut Self, name: &str| -> Option<f64> {
+            let field = f.get(name)?;
+            let p = f.path(name);
+            let v = d.float(field.value, &p)?;
+            if !(v > 0.0 && v <= MAX_ADAPTIVE_FACTOR) {
+                d.error(
+                    field.value,
+                    &p,
+                    format!("must be greater than 0 and at most {MAX_ADAPTIVE_FACTOR}, found {v}"),
+                );
+                return None;
+            }
+            Some(v)
+        };
+        let min = factor(self, "min_factor");
+        let max = factor(self, "max_factor");
+        let initial = factor(self, "initial_factor");
+        for name in ["min_factor", "max_factor"] {
+            if f.get(name).is_none() {
+                self.error(node, path, format!("missing required key {name:?}"));
+            }
+        }
+        let (min, max) = (min?, max?);
+        if min > max {
+            self.error(
+                node,
+                path,
+                format!("min_factor {min} is above max_factor {max}"),
+            );
+            return None;
+        }
+        let initial = match (initial, f.get("initial_factor")) {
+            (Some(i), Some(field)) if !(min..=max).contains(&i) => {
+                self.error(
+                    field.value,
+                    &f.path("initial_factor"),
+                    format!("must be within min_factor {min} and max_factor {max}, found {i}"),
+                );
+                return None;
+            }
+            (Some(i), _) => i,
+            (None, Some(_)) => return None,
+            (None, None) => 1.0f64.clamp(min, max),
+        };
+        Some(Adaptive {
+            min_factor: min,
+            initial_factor: initial,
+            max_factor: max,
         })
     }
 
@@ -1145,6 +1211,70 @@ mod tests {
         assert!(out.errors.is_empty(), "{:#?}", out.errors);
         assert_eq!(out.domains.len(), 1);
         out.domains.into_iter().next().map(|(d, _)| d).unwrap()
+    }
+
+    #[test]
+    fn adaptive_limits_decode_with_defaults_and_every_bad_value_has_its_key_path() {
+        let d = only_domain(
+            "domain: d\ndescriptors:\n  - key: identity\n    rate_limit: {unit: second, \
+             requests_per_unit: 5, adaptive: {min_factor: 0.25, max_factor: 2}}\n",
+        );
+        assert_eq!(
+            d.descriptors[0].limits[0].adaptive,
+            Some(Adaptive {
+                min_factor: 0.25,
+                initial_factor: 1.0,
+                max_factor: 2.0
+            })
+        );
+        // initial_factor defaults to 1 clamped into the range.
+        let d = only_domain(
+            "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, \
+             requests_per_unit: 5, adaptive: {min_factor: 1.5, max_factor: 2}}\n",
+        );
+        assert_eq!(
+            d.descriptors[0].limits[0]
+                .adaptive
+                .map(|a| a.initial_factor),
+            Some(1.5)
+        );
+        let e = errors(
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: second, requests_per_unit: 5, \
+             adaptive: {min_factor: 0, max_factr: 2}}\n  - key: b\n    rate_limit: {unit: second, \
+             requests_per_unit: 5, adaptive: {min_factor: 3, max_factor: 2}}\n  - key: c\n    \
+             rate_limit: {unit: second, requests_per_unit: 5, adaptive: {min_factor: 0.5, \
+             max_factor: 100, initial_factor: 0.1}}\n  - key: e\n    rate_limit: {unlimited: true, \
+             adaptive: {min_factor: 1, max_factor: 2}}\n  - key: f\n    rate_limit: {unit: second, \
+             requests_per_unit: 5, adaptive: {min_factor: 0.5, max_factor: 2, initial_factor: 3}}\n  \
+             - key: g\n    rate_limit: {unit: second, requests_per_unit: 5, adaptive: fast}\n",
+        );
+        let has = |key: &str, needle: &str| {
+            assert!(
+                e.iter().any(|(_, _, k, m)| k == key && m.contains(needle)),
+                "no {key}: {needle} in {e:#?}"
+            );
+        };
+        let p = "descriptors[0].rate_limit.adaptive";
+        has(&format!("{p}.min_factor"), "must be greater than 0");
+        has(&format!("{p}.max_factr"), "did you mean \"max_factor\"?");
+        has(p, "missing required key \"max_factor\"");
+        has(
+            "descriptors[1].rate_limit.adaptive",
+            "min_factor 3 is above max_factor 2",
+        );
+        has(
+            "descriptors[2].rate_limit.adaptive.max_factor",
+            "at most 64",
+        );
+        has(
+            "descriptors[3].rate_limit.adaptive",
+            "must not be set when unlimited is true",
+        );
+        has(
+            "descriptors[4].rate_limit.adaptive.initial_factor",
+            "must be within min_factor 0.5 and max_factor 2",
+        );
+        has("descriptors[5].rate_limit.adaptive", "expected a mapping");
     }
 
     #[test]

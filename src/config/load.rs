@@ -341,6 +341,7 @@ mod tests {
             algorithm: None,
             burst: None,
             block_duration: None,
+            adaptive: None,
             line,
         }
     }

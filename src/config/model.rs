@@ -10,6 +10,7 @@ use serde::{Serialize, Serializer};
 
 use super::anomaly::AnomalySettings;
 use super::authz::AuthzConfig;
+use crate::anomaly::Adaptive;
 use crate::limiter::{Algorithm, Nanos, RejectedHits, Unit};
 
 /// Everything loaded from one `load`/`parse_str` call.
@@ -212,6 +213,12 @@ pub struct RateLimitConfig {
     pub burst: Option<u32>,
     /// After a rejection the key stays over limit this long, in nanoseconds.
     pub block_duration: Option<Nanos>,
+    /// Scale `requests_per_unit` and `burst` by the caller's trust (adaptive limits).
+    #[serde(
+        serialize_with = "ser_adaptive",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub adaptive: Option<Adaptive>,
     /// 1-based line of the limit in its file.
     pub line: usize,
 }
@@ -220,6 +227,20 @@ impl RateLimitConfig {
     /// The algorithm that decides this limit once the settings' default is applied.
     pub fn effective_algorithm(&self, settings: &Settings) -> Algorithm {
         self.algorithm.unwrap_or(settings.default_algorithm)
+    }
+}
+
+fn ser_adaptive<S: Serializer>(v: &Option<Adaptive>, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    match v {
+        None => s.serialize_none(),
+        Some(a) => {
+            let mut m = s.serialize_map(Some(3))?;
+            m.serialize_entry("min_factor", &a.min_factor)?;
+            m.serialize_entry("initial_factor", &a.initial_factor)?;
+            m.serialize_entry("max_factor", &a.max_factor)?;
+            m.end()
+        }
     }
 }
 
@@ -286,6 +307,7 @@ mod tests {
             algorithm: Some(Algorithm::TokenBucket),
             burst: Some(3),
             block_duration: Some(5_000_000_000),
+            adaptive: None,
             line: 4,
         };
         let json = serde_json::to_value(&limit).unwrap_or_default();
@@ -306,6 +328,7 @@ mod tests {
             algorithm: None,
             burst: None,
             block_duration: None,
+            adaptive: None,
             line: 1,
         };
         let json = serde_json::to_value(&unlimited).unwrap_or_default();
@@ -337,6 +360,7 @@ mod tests {
             algorithm: None,
             burst: None,
             block_duration: None,
+            adaptive: None,
             line: 1,
         };
         let settings = Settings {

@@ -671,3 +671,123 @@ descriptors:
         "changed rule starts fresh"
     );
 }
+
+const ADAPTIVE: &str = r"
+domain: api
+descriptors:
+  - key: identity
+    rate_limit:
+      unit: minute
+      requests_per_unit: 100
+      adaptive: {min_factor: 0.25, max_factor: 2.0}
+  - key: remote_address
+    rate_limit: {unit: minute, requests_per_unit: 10, algorithm: token_bucket, burst: 4, adaptive: {min_factor: 0.5, max_factor: 3, initial_factor: 0.5}}
+  - key: plain
+    rate_limit: {unit: minute, requests_per_unit: 10}
+";
+
+fn trust_of(h: &Harness, identity: &str, q: Option<u16>) {
+    let key = crate::anomaly::subject(identity, None).expect("key");
+    h.engine.trust().set(key, q);
+}
+
+fn adaptive_harness() -> Harness {
+    let mut h = harness(ADAPTIVE);
+    h.engine = h
+        .engine
+        .clone()
+        .with_trust(Arc::new(crate::anomaly::TrustTable::new(1024)));
+    h
+}
+
+#[test]
+fn adaptive_limits_scale_by_the_callers_trust_and_report_the_effective_limit() {
+    let h = adaptive_harness();
+    // Unknown caller: the initial factor (1.0 by default).
+    let s = h.one("api", &[("identity", "user:new")]);
+    assert_eq!(limit_of(&s), Some((100, PbUnit::Minute)));
+    // Full trust: ×2; trust 0 (a throttle): ×0.25; the same counter throughout.
+    trust_of(&h, "user:good", Some(u16::MAX));
+    let s = h.one("api", &[("identity", "user:good")]);
+    assert_eq!(limit_of(&s), Some((200, PbUnit::Minute)));
+    assert_eq!(s.limit_remaining, 199);
+    trust_of(&h, "user:good", Some(0));
+    let s = h.one("api", &[("identity", "user:good")]);
+    assert_eq!(limit_of(&s), Some((25, PbUnit::Minute)));
+    assert_eq!(
+        s.limit_remaining, 23,
+        "the counter was not reset: 2 hits so far"
+    );
+    // 23 more fit the scaled limit, the next is over it.
+    for _ in 0..23 {
+        assert!(ok(&h.one("api", &[("identity", "user:good")])));
+    }
+    let s = h.one("api", &[("identity", "user:good")]);
+    assert!(!ok(&s));
+    // Trust back up: the same counter has headroom again at once.
+    trust_of(&h, "user:good", Some(u16::MAX));
+    let s = h.one("api", &[("identity", "user:good")]);
+    assert!(ok(&s));
+    assert_eq!(s.limit_remaining, 200 - 26);
+}
+
+#[test]
+fn adaptive_address_rules_scale_burst_and_rate_from_the_initial_factor() {
+    let h = adaptive_harness();
+    // initial_factor 0.5: 10/min → 5, burst 4 → 2 for an unknown address.
+    let s = h.one("api", &[("remote_address", "203.0.113.9")]);
+    assert_eq!(limit_of(&s), Some((5, PbUnit::Minute)));
+    assert!(ok(&h.one("api", &[("remote_address", "203.0.113.9")])));
+    assert!(
+        !ok(&h.one("api", &[("remote_address", "203.0.113.9")])),
+        "the bucket holds 2"
+    );
+    // The address's trust is keyed like the anomaly module keys it (IPv4-mapped too).
+    let key = crate::anomaly::subject("", "203.0.113.10".parse().ok()).expect("key");
+    h.engine.trust().set(key, Some(u16::MAX));
+    let s = h.one("api", &[("remote_address", "::ffff:203.0.113.10")]);
+    assert_eq!(limit_of(&s), Some((30, PbUnit::Minute)));
+}
+
+#[test]
+fn limits_without_adaptive_ignore_trust_entirely() {
+    let h = adaptive_harness();
+    trust_of(&h, "user:x", Some(0));
+    h.engine.trust().set_population_surge(u64::MAX);
+    let s = h.one("api", &[("plain", "user:x")]);
+    assert_eq!(limit_of(&s), Some((10, PbUnit::Minute)));
+    // The same config without `adaptive` answers exactly as before whatever the table holds.
+    let plain = harness(
+        &ADAPTIVE
+            .replace(
+                ", adaptive: {min_factor: 0.5, max_factor: 3, initial_factor: 0.5}",
+                "",
+            )
+            .replace("      adaptive: {min_factor: 0.25, max_factor: 2.0}\n", ""),
+    );
+    let plain = Harness {
+        engine: plain.engine.with_trust(h.engine.trust().clone()),
+        ..plain
+    };
+    // user:x has trust 0 and a surge is on: without `adaptive` it still gets exactly 100.
+    let limits: Vec<_> = (0..150)
+        .map(|_| plain.one("api", &[("identity", "user:x")]))
+        .collect();
+    assert!(
+        limits
+            .iter()
+            .all(|s| limit_of(s) == Some((100, PbUnit::Minute)))
+    );
+    assert_eq!(limits.iter().filter(|s| ok(s)).count(), 100);
+}
+
+#[test]
+fn a_population_surge_gives_unknown_callers_the_minimum() {
+    let h = adaptive_harness();
+    h.engine.trust().set_population_surge(u64::MAX);
+    let s = h.one("api", &[("identity", "user:brand-new")]);
+    assert_eq!(limit_of(&s), Some((25, PbUnit::Minute)));
+    trust_of(&h, "user:known", Some(u16::MAX));
+    let s = h.one("api", &[("identity", "user:known")]);
+    assert_eq!(limit_of(&s), Some((200, PbUnit::Minute)));
+}

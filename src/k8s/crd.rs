@@ -124,6 +124,20 @@ pub struct RateLimitSpec {
     /// After a rejection the key stays over limit this long (`30s`, `5m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_duration: Option<String>,
+    /// Scale the limit by the caller's trust (adaptive limits; needs `anomaly:` in the
+    /// settings file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<AdaptiveSpec>,
+}
+
+/// `adaptive` of a limit: trust 0 → `min_factor`, a new caller → `initial_factor` (default
+/// 1), full trust → `max_factor`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+pub struct AdaptiveSpec {
+    pub min_factor: f64,
+    pub max_factor: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_factor: Option<f64>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]

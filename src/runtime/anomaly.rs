@@ -9,8 +9,10 @@
 //! recent decisions (enforced and dry-run, with evidence) for the admin API, and unbans.
 //!
 //! `throttle` decisions (an identity behind a shared address; new callers during a
-//! population surge) are recorded and reported, not enforced yet: scaling an identity's
-//! limits comes with the adaptive limits of issue 13.
+//! population surge) take the caller's trust to 0 for their TTL — its adaptive limits drop to
+//! their `min_factor` (limits without `adaptive` are unchanged). The same task feeds every
+//! event to the [`TrustBook`] and publishes trust through [`TrustSink`] (Redis when the
+//! counters are there, so every replica applies the same factor).
 //!
 //! Must not touch: the services (they only push to the queue), HTTP.
 
@@ -22,11 +24,13 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::anomaly::{
-    Action, Decision, Detector, Drain, Explanation, Scope, Target, canonical, mask,
+    Action, Decision, Detector, Drain, Explanation, Scope, Target, TrustBook, TrustExplanation,
+    canonical, mask, subject,
 };
 use crate::limiter::{Clock, SystemClock};
 use crate::lists::cidr::{IpNet, addr};
 use crate::lists::{ListKind, MAX_ENTRY_BYTES};
+use crate::runtime::adaptive::TrustSink;
 use crate::runtime::blocklist::Lists;
 use crate::telemetry::anomaly::{AnomalyGauges, AnomalyMetrics};
 
@@ -55,9 +59,22 @@ pub struct Recorded {
     pub unbanned_at_ms: Option<u64>,
 }
 
+/// A caller's trust as `explain` shows it.
+#[derive(Debug, Clone)]
+pub struct TrustExplained {
+    /// What this replica learned.
+    pub local: TrustExplanation,
+    /// The trust the engine applies now (`None`: not in the table → the rule's
+    /// initial_factor). With Redis, the last value any replica published.
+    pub in_force: Option<crate::anomaly::TrustQ>,
+    pub shared: bool,
+}
+
 /// The running module, shared by its task and the admin API.
 pub struct Anomaly {
     detector: Mutex<Detector>,
+    trust: Mutex<TrustBook>,
+    trust_sink: TrustSink,
     drain: Drain,
     lists: Arc<Lists>,
     metrics: Arc<AnomalyMetrics>,
@@ -131,6 +148,8 @@ impl Anomaly {
     /// The module over `cfg`, reading events from `drain` and writing to `lists`.
     pub fn new(
         cfg: crate::anomaly::Config,
+        trust: crate::anomaly::TrustConfig,
+        trust_sink: TrustSink,
         drain: Drain,
         lists: Arc<Lists>,
         metrics: Arc<AnomalyMetrics>,
@@ -141,8 +160,11 @@ impl Anomaly {
             let clock = clock.clone();
             Box::new(move |t: &Target| allowlisted(&lists, t, now_ms(&*clock)))
         };
+        let book = TrustBook::new(trust, cfg.volume_from);
         Arc::new(Anomaly {
             detector: Mutex::new(Detector::with_allowlist(cfg, allow)),
+            trust: Mutex::new(book),
+            trust_sink,
             drain,
             lists,
             metrics,
@@ -160,6 +182,7 @@ impl Anomaly {
     }
 
     pub fn gauges(&self) -> AnomalyGauges {
+        let trust = self.trust.lock().stats();
         let d = self.detector.lock();
         AnomalyGauges {
             dropped: self.drain.dropped(),
@@ -168,6 +191,9 @@ impl Anomaly {
             memory_bytes: d.memory_bytes(),
             memory_bound: d.memory_bound(),
             tracked_keys: d.tracked(),
+            trust_identities: trust.identities,
+            trust_refused: trust.refused,
+            trust_table_entries: self.trust_sink.table().len(),
         }
     }
 
@@ -176,6 +202,7 @@ impl Anomaly {
         let mut drain = tokio::time::interval(DRAIN);
         drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_tick = 0;
+        let mut next_poll = 0;
         loop {
             drain.tick().await;
             let now = now_ms(&*self.clock);
@@ -186,6 +213,36 @@ impl Anomaly {
                 for d in decisions {
                     self.apply(d).await;
                 }
+                self.publish_trust(now).await;
+            }
+            if now >= next_poll {
+                next_poll = now + crate::runtime::adaptive::POLL.as_millis() as u64;
+                if let Err(e) = self.trust_sink.poll(now).await {
+                    self.metrics
+                        .trust_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!("reading shared trust: {e}");
+                }
+            }
+        }
+    }
+
+    /// Re-scores the callers whose trust moved and publishes the changes. A failed publish
+    /// is counted and retried with the next changes (trust is advisory: the rules' own
+    /// limits hold meanwhile, scaled by the last factor read).
+    async fn publish_trust(&self, now: u64) {
+        let changes = self.trust.lock().tick(now);
+        if changes.is_empty() {
+            return;
+        }
+        if let Err(e) = self.trust_sink.publish(&changes, now).await {
+            self.metrics
+                .trust_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(changes = changes.len(), "publishing trust: {e}");
+            let mut book = self.trust.lock();
+            for (key, _) in changes {
+                book.republish(key);
             }
         }
     }
@@ -194,9 +251,11 @@ impl Anomaly {
     /// one drain interval, far below a window).
     fn drain_once(&self, now: u64) -> usize {
         let mut d = self.detector.lock();
+        let mut trust = self.trust.lock();
         let n = self.drain.drain(BATCH, |mut ev| {
             ev.at_ms = now;
             d.observe(&ev);
+            trust.observe(&ev);
         });
         self.metrics
             .events
@@ -222,14 +281,12 @@ impl Anomaly {
             rec.note = self.enforce(d, rec.expires_at_ms).await.err();
             rec.enforced = rec.note.is_none();
             tracing::warn!(scope = d.scope.name(), value = %d.value, reason = d.reason, ttl_ms = d.ttl_ms, enforced = rec.enforced, note = ?rec.note, "anomaly decision");
+        } else if d.action == Action::Throttle {
+            rec.note = self.throttle(d, now, rec.expires_at_ms).err();
+            rec.enforced = rec.note.is_none();
+            tracing::warn!(scope = d.scope.name(), value = %d.value, reason = d.reason, ttl_ms = d.ttl_ms, enforced = rec.enforced, "anomaly decision: throttle (adaptive limits at min_factor)");
         } else {
-            rec.note = Some(match d.action {
-                Action::Throttle => {
-                    "recorded, not enforced: scaled limits come with adaptive limits (issue 13)"
-                        .into()
-                }
-                _ => "alert: nothing is enforced".into(),
-            });
+            rec.note = Some("alert: nothing is enforced".into());
             tracing::warn!(scope = d.scope.name(), value = %d.value, action = d.action.name(), reason = d.reason, "anomaly decision");
         }
         let mut recent = self.recent.lock();
@@ -237,6 +294,23 @@ impl Anomaly {
             recent.pop_front();
         }
         recent.push_back(rec);
+    }
+
+    /// A throttle: the caller's trust is 0 until `until` (its adaptive limits at their
+    /// min_factor); for the population, callers the table doesn't know read as trust 0.
+    fn throttle(&self, d: &Decision, now: u64, until: u64) -> Result<(), String> {
+        let key = match d.target {
+            Target::Identity(l) => Some(l.hash()),
+            Target::Ip(ip) => subject("", Some(ip)),
+            Target::Population => {
+                self.trust_sink.table().set_population_surge(until);
+                return Ok(());
+            }
+            Target::Prefix(..) => None,
+        };
+        let key = key.ok_or("a prefix has no limits of its own to scale")?;
+        self.trust.lock().throttle(key, now, until);
+        Ok(())
     }
 
     /// Writes a deny as a block entry, unless a longer-lasting one for the value is there.
@@ -289,12 +363,35 @@ impl Anomaly {
         self.detector.lock().explain(target)
     }
 
+    /// The caller's trust and its inputs, and what the table on this replica holds for it
+    /// (`None` for a prefix or the population, which have no trust).
+    pub fn explain_trust(&self, target: &Target) -> Option<TrustExplained> {
+        let key = match target {
+            Target::Identity(l) => l.hash(),
+            Target::Ip(ip) => subject("", Some(*ip))?,
+            _ => return None,
+        };
+        let now = now_ms(&*self.clock);
+        Some(TrustExplained {
+            local: self.trust.lock().explain(key, now),
+            in_force: self.trust_sink.table().get(key, now),
+            shared: self.trust_sink.is_shared(),
+        })
+    }
+
     /// A manual unban: suppresses re-detection of the key, removes the block entry an
     /// anomaly decision wrote (never a manual one), marks its records. `Ok(false)` when there
     /// was neither a decision nor an anomaly entry for it.
     pub async fn unban(&self, target: &Target) -> Result<bool, String> {
         let now = now_ms(&*self.clock);
         self.detector.lock().unban(target, now);
+        if let Some(key) = match target {
+            Target::Identity(l) => Some(l.hash()),
+            Target::Ip(ip) => subject("", Some(*ip)),
+            _ => None,
+        } {
+            self.trust.lock().unthrottle(key);
+        }
         let value = target.value();
         let mut found = false;
         for r in self.recent.lock().iter_mut() {

@@ -23,6 +23,8 @@ pub struct AnomalyMetrics {
     pub log_stream_errors: AtomicU64,
     /// Decisions the list store refused (Redis down, ...).
     pub apply_errors: AtomicU64,
+    /// Trust publishes or polls that failed (Redis down): factors stay as last read.
+    pub trust_errors: AtomicU64,
     decisions: [[[AtomicU64; 2]; 3]; 6],
     latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
     latency_sum_ms: AtomicU64,
@@ -37,6 +39,11 @@ pub struct AnomalyGauges {
     pub memory_bytes: usize,
     pub memory_bound: usize,
     pub tracked_keys: usize,
+    /// Callers with trust state, refused for lack of room, and held in the request path's
+    /// table.
+    pub trust_identities: usize,
+    pub trust_refused: u64,
+    pub trust_table_entries: usize,
 }
 
 fn detector_index(d: DetectorKind) -> usize {
@@ -111,6 +118,30 @@ impl AnomalyMetrics {
             "ratethrottle_anomaly_apply_errors_total",
             "Decisions the list store refused.",
             self.apply_errors.load(Relaxed),
+        );
+        counter(
+            out,
+            "ratethrottle_adaptive_trust_errors_total",
+            "Trust publishes or reads that failed (factors stay as last read).",
+            self.trust_errors.load(Relaxed),
+        );
+        gauge(
+            out,
+            "ratethrottle_adaptive_identities",
+            "Callers with trust state on this replica.",
+            g.trust_identities,
+        );
+        counter(
+            out,
+            "ratethrottle_adaptive_identities_refused_total",
+            "Callers not given trust state because it was full (they keep the initial factor).",
+            g.trust_refused,
+        );
+        gauge(
+            out,
+            "ratethrottle_adaptive_table_entries",
+            "Callers whose trust the request path holds (the others get the initial factor).",
+            g.trust_table_entries,
         );
         gauge(
             out,

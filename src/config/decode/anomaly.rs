@@ -29,6 +29,7 @@ const ANOMALY_KEYS: &[&str] = &[
     "prefix_escalation",
     "population_shift",
     "merge",
+    "trust",
 ];
 const TTL_KEYS: &[&str] = &["base", "cap", "jitter"];
 const VOLUMETRIC_KEYS: &[&str] = &["dry_run", "p99_multiple", "floor"];
@@ -38,6 +39,15 @@ const SPREAD_KEYS: &[&str] = &["dry_run", "min_paths", "min_failure_ratio"];
 const PREFIX_KEYS: &[&str] = &["dry_run", "min_offenders", "memory"];
 const POPULATION_KEYS: &[&str] = &["dry_run", "surge_multiple", "floor", "ttl"];
 const MERGE_KEYS: &[&str] = &["top_n", "min_count"];
+const TRUST_KEYS: &[&str] = &[
+    "half_life",
+    "history_requests",
+    "bad_share",
+    "window",
+    "erratic_z",
+    "max_identities",
+    "table_slots",
+];
 const SOURCES: &[&str] = &["check", "should_rate_limit", "access_log"];
 
 fn ms(n: Nanos) -> u64 {
@@ -230,6 +240,33 @@ impl Decoder<'_> {
                 d.merge.min_count = v as u32;
             }
         }
+        if let Some(field) = f.get("trust")
+            && let Some(t) = self.mapping(field.value, &f.path("trust"), TRUST_KEYS)
+        {
+            let tr = &mut a.trust;
+            if let Some(v) = self.a_duration(&t, "half_life", false) {
+                tr.half_life_ms = v;
+            }
+            if let Some(v) = self.a_float(&t, "history_requests", 1.0, 1e12) {
+                tr.history_requests = v;
+            }
+            if let Some(v) = self.a_float(&t, "bad_share", 0.001, 1.0) {
+                tr.bad_share = v;
+            }
+            if let Some(v) = self.a_duration(&t, "window", false) {
+                tr.window_ms = v;
+            }
+            if let Some(v) = self.a_float(&t, "erratic_z", 0.5, 1e3) {
+                tr.erratic_z = v;
+            }
+            if let Some(v) = self.a_uint(&t, "max_identities", 16, 1 << 26) {
+                tr.max_identities = v as usize;
+            }
+            if let Some(v) = self.a_uint(&t, "table_slots", 64, 1 << 26) {
+                tr.table_slots = v as usize;
+            }
+        }
+        let d = &mut a.detector;
         if d.slow_window_ms < d.window_ms
             && let Some(field) = f.get("slow_window")
         {
@@ -330,6 +367,35 @@ mod tests {
         assert_eq!(d.path_spread.min_paths, 10);
         assert_eq!((d.prefix.min_offenders, d.prefix.memory_ms), (2, 60_000));
         assert_eq!(d.unban_suppress_ms, 0);
+    }
+
+    #[test]
+    fn the_trust_block_maps_and_checks_its_values() {
+        let out = decode(
+            "anomaly:\n  trust: {half_life: 30m, history_requests: 50, bad_share: 0.2, \
+             window: 5s, erratic_z: 2, max_identities: 1000, table_slots: 4096}\n",
+        );
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        let t = &out.anomaly[0].0.trust;
+        assert_eq!(
+            (t.half_life_ms, t.history_requests, t.bad_share, t.window_ms),
+            (1_800_000, 50.0, 0.2, 5000)
+        );
+        assert_eq!(
+            (t.erratic_z, t.max_identities, t.table_slots),
+            (2.0, 1000, 4096)
+        );
+        let e = errors("anomaly:\n  trust: {half_life: 0s, bad_share: 2, max_identitys: 5}\n");
+        assert!(
+            e.iter()
+                .any(|(k, m)| k == "anomaly.trust.half_life" && m.contains("at least 1ms"))
+        );
+        assert!(
+            e.iter()
+                .any(|(k, m)| k == "anomaly.trust.bad_share" && m.contains("must be from"))
+        );
+        assert!(e.iter().any(|(k, m)| k == "anomaly.trust.max_identitys"
+            && m.contains("did you mean \"max_identities\"?")));
     }
 
     #[test]
