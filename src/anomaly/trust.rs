@@ -271,9 +271,10 @@ impl TrustBook {
     }
 
     /// Re-scores what changed since the last call (and, once a minute, everything: decay
-    /// and expired throttles) and returns the changes to publish: `(key, Some(trust))`, or
-    /// `(key, None)` when the caller is back to neutral and leaves the table.
-    pub fn tick(&mut self, now_ms: u64) -> Vec<(u64, Option<TrustQ>)> {
+    /// and expired throttles) and returns the changes to publish: `(key, Some(trust),
+    /// requests)`, or `(key, None, requests)` when the caller is back to neutral and leaves
+    /// the table. `requests` (decayed) is the evidence behind the value.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<(u64, Option<TrustQ>, f64)> {
         let sweep = now_ms >= self.last_sweep_ms + SWEEP_MS;
         let keys: Vec<u64> = if sweep {
             self.last_sweep_ms = now_ms;
@@ -297,7 +298,7 @@ impl TrustBook {
                 || std::mem::take(&mut st.republish)
             {
                 st.published = q;
-                out.push((key, (q != NEUTRAL).then_some(q)));
+                out.push((key, (q != NEUTRAL).then_some(q), st.n));
             }
             if sweep && st.n < 0.5 && st.throttled_until_ms <= now_ms && st.published == NEUTRAL {
                 self.states.remove(&key);
@@ -668,10 +669,10 @@ mod tests {
         let mut book = TrustBook::new(TrustConfig::default(), Source::Authz);
         let key = Label::new("user:x").hash();
         book.throttle(key, 1000, 61_000);
-        assert_eq!(book.tick(1000), vec![(key, Some(0))]);
+        assert_eq!(book.tick(1000), vec![(key, Some(0), 0.0)]);
         assert_eq!(book.explain(key, 2000).trust, 0.0);
         // After the TTL the minute sweep re-scores it: back to neutral, out of the table.
-        assert_eq!(book.tick(62_000), vec![(key, None)]);
+        assert_eq!(book.tick(62_000), vec![(key, None, 0.0)]);
         assert!(book.explain(key, 62_000).throttled_until_ms.is_none());
     }
 

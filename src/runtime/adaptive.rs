@@ -20,6 +20,10 @@ use parking_lot::Mutex;
 
 use crate::anomaly::{TrustQ, TrustTable};
 
+/// A change to publish: the caller's key, its trust (`None`: back to neutral) and the
+/// (decayed) requests it rests on.
+pub type Published = (u64, Option<TrustQ>, f64);
+
 /// Deadline of one publish or poll (never on the request path).
 const TIMEOUT: Duration = Duration::from_secs(1);
 /// How often replicas read each other's changes.
@@ -31,19 +35,35 @@ const SKEW_MS: u64 = 5_000;
 /// Most changes read per poll.
 const POLL_LIMIT: usize = 20_000;
 
+/// Values are `trust,requests,written_ms`. A write loses to a value written in the last
+/// `ARGV[3]` ms from at least twice its requests: the replica that saw most of a caller's
+/// traffic decides its trust, instead of replicas overwriting each other every second.
 const PUBLISH: &str = r"
 local now = tonumber(ARGV[1])
-for i = 3, #ARGV, 2 do
-  if ARGV[i + 1] == '' then
-    redis.call('HDEL', KEYS[1], ARGV[i])
-  else
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+local hold = tonumber(ARGV[3])
+for i = 4, #ARGV, 3 do
+  local field, q, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local old = redis.call('HGET', KEYS[1], field)
+  local keep = false
+  if old then
+    local _, _, on, oms = string.find(old, '^[^,]*,([^,]*),(.*)$')
+    on, oms = tonumber(on), tonumber(oms)
+    keep = on ~= nil and oms ~= nil and now - oms < hold and on >= 2 * n
   end
-  redis.call('ZADD', KEYS[2], now, ARGV[i])
+  if not keep then
+    if q == '' then
+      redis.call('HDEL', KEYS[1], field)
+    else
+      redis.call('HSET', KEYS[1], field, q .. ',' .. n .. ',' .. now)
+    end
+    redis.call('ZADD', KEYS[2], now, field)
+  end
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[2]))
 return 1
 ";
+/// How long a value backed by more traffic holds against writes backed by less.
+const HOLD_MS: u64 = 60_000;
 
 const POLL_CHANGES: &str = r"
 local ids = redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[1], '+inf', 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
@@ -84,14 +104,10 @@ impl TrustSink {
     }
 
     /// Publishes `changes` (`None`: back to neutral, out of the table).
-    pub async fn publish(
-        &self,
-        changes: &[(u64, Option<TrustQ>)],
-        now_ms: u64,
-    ) -> Result<(), String> {
+    pub async fn publish(&self, changes: &[Published], now_ms: u64) -> Result<(), String> {
         match self {
             TrustSink::Local(t) => {
-                for &(key, q) in changes {
+                for &(key, q, _) in changes {
                     t.set(key, q);
                 }
                 Ok(())
@@ -152,14 +168,16 @@ impl RedisTrust {
         }
     }
 
-    async fn publish(&self, changes: &[(u64, Option<TrustQ>)], now_ms: u64) -> Result<(), String> {
+    async fn publish(&self, changes: &[Published], now_ms: u64) -> Result<(), String> {
         for chunk in changes.chunks(1000) {
-            let mut args = Vec::with_capacity(2 + chunk.len() * 2);
+            let mut args = Vec::with_capacity(3 + chunk.len() * 3);
             args.push(now_ms.to_string());
             args.push(LOG_KEEP_MS.to_string());
-            for &(key, q) in chunk {
+            args.push(HOLD_MS.to_string());
+            for &(key, q, requests) in chunk {
                 args.push(format!("{key:016x}"));
                 args.push(q.map(|q| q.to_string()).unwrap_or_default());
+                args.push(format!("{:.0}", requests.max(0.0)));
             }
             self.call::<i64>(PUBLISH, args).await?;
         }
@@ -185,7 +203,11 @@ impl RedisTrust {
                 continue;
             };
             newest = newest.max(score as u64);
-            self.table.set(key, item[2].parse::<TrustQ>().ok());
+            let trust = item[2]
+                .split(',')
+                .next()
+                .and_then(|q| q.parse::<TrustQ>().ok());
+            self.table.set(key, trust);
             n += 1;
         }
         *self.seen_ms.lock() = Some(newest);

@@ -241,7 +241,7 @@ impl Anomaly {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::debug!(changes = changes.len(), "publishing trust: {e}");
             let mut book = self.trust.lock();
-            for (key, _) in changes {
+            for (key, ..) in changes {
                 book.republish(key);
             }
         }

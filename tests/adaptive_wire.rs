@@ -1,0 +1,129 @@
+//! Adaptive limits through real processes: a caller's factor moves with its behaviour on one
+//! replica, and a second replica on the same Redis applies the same factor to it (ShouldRateLimit
+//! reports the effective limit in `current_limit`); `explain` shows the trust and the factor.
+//! Run with the test Redis up: `bash scripts/test.sh cargo test --test adaptive_wire`.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use std::time::Duration;
+use support::redis::{standalone_url, unique_prefix};
+use support::{Sidecar, eventually, http_with, request};
+
+const TOKEN: &str = "t0ken-for-tests";
+
+fn settings(storage: &str, prefix: &str) -> String {
+    format!(
+        "settings:\n  admin_token: {TOKEN}\n  storage: \"{storage}\"\n  redis:\n    prefix: \"{prefix}\"\n\
+         anomaly:\n  warmup: 1s\n  volume_from: should_rate_limit\n  \
+         trust: {{history_requests: 20, window: 1s}}\n\
+         domains:\n  - domain: api\n    descriptors:\n      - key: remote_address\n        \
+         descriptors:\n          - key: identity\n            rate_limit: {{unit: hour, \
+         requests_per_unit: 1000, adaptive: {{min_factor: 0.5, max_factor: 2}}}}\n"
+    )
+}
+
+fn ask(identity: &str) -> RateLimitRequest {
+    request(
+        "api",
+        &[&[("remote_address", "10.2.0.1"), ("identity", identity)]],
+    )
+}
+
+async fn limit_on(s: &Sidecar, identity: &str) -> u32 {
+    let mut c = s.client().await;
+    let r = c
+        .should_rate_limit(ask(identity))
+        .await
+        .unwrap()
+        .into_inner();
+    r.statuses[0]
+        .current_limit
+        .as_ref()
+        .map(|l| l.requests_per_unit)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_redis_apply_the_same_factor_to_the_same_caller() {
+    let prefix = unique_prefix("adaptive");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("settings.yaml");
+    std::fs::write(&path, settings(&standalone_url(), &prefix)).unwrap();
+    let a = Sidecar::start(Some(&path), &[]);
+    let b = Sidecar::start(Some(&path), &[]);
+    // A new caller gets the initial factor (1.0) on both.
+    assert_eq!(limit_on(&a, "user:steady").await, 1000);
+    assert_eq!(limit_on(&b, "user:fresh").await, 1000);
+    // A steady, never-limited caller on replica A only, 20 a second.
+    let mut client = a.client().await;
+    let steady = tokio::spawn(async move {
+        for _ in 0..80 {
+            for _ in 0..4 {
+                client.should_rate_limit(ask("user:steady")).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    // Replica B, which never saw the caller, raises its limit: the factor came through Redis.
+    eventually(
+        Duration::from_secs(20),
+        "replica B applies A's factor",
+        || async { limit_on(&b, "user:steady").await > 1300 },
+    )
+    .await;
+    steady.await.unwrap();
+    // Quiet now: within a poll both report exactly the same effective limit.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (la, lb) = (
+        limit_on(&a, "user:steady").await,
+        limit_on(&b, "user:steady").await,
+    );
+    assert_eq!(la, lb);
+    assert!(la > 1300 && la <= 2000, "{la}");
+    // A caller nobody saw still has the base limit on both.
+    assert_eq!(limit_on(&a, "user:other").await, 1000);
+    // explain on B: trust in force from Redis, the limit's factor, B's own state unknown.
+    let auth = format!("Bearer {TOKEN}");
+    let (code, body) = http_with(
+        b.admin,
+        "GET",
+        "/v1/anomaly/explain?key=user:steady",
+        "",
+        &[("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let j: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
+    let t = &j["trust"];
+    assert_eq!(t["shared_through_redis"], true, "{j}");
+    assert!(t["in_force"].as_f64().unwrap() > 0.65, "{j}");
+    // B saw only this test's probes of the caller: far less evidence than A.
+    let b_requests = t["local"]["requests"].as_f64().unwrap_or(0.0);
+    let limit = &t["adaptive_limits"][0];
+    assert_eq!(limit["requests_per_unit"], 1000, "{j}");
+    assert_eq!(limit["effective_requests_per_unit"], u64::from(lb), "{j}");
+    // On A the same caller is known, with its inputs.
+    let (_, body) = http_with(
+        a.admin,
+        "GET",
+        "/v1/anomaly/explain?key=user:steady",
+        "",
+        &[("authorization", &auth)],
+    )
+    .await;
+    let j: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
+    assert_eq!(j["trust"]["local"]["known"], true, "{j}");
+    let a_requests = j["trust"]["local"]["requests"].as_f64().unwrap();
+    assert!(a_requests > 100.0 && a_requests > 4.0 * b_requests, "{j}");
+    assert_eq!(j["trust"]["local"]["bad_share"], 0.0, "{j}");
+    // The factor is counted in metrics on both replicas' tables.
+    let (_, metrics) = b.get("/metrics").await;
+    let entries = metrics
+        .lines()
+        .find(|l| l.starts_with("ratethrottle_adaptive_table_entries "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(entries.is_some_and(|n| n >= 1), "{metrics}");
+}
