@@ -275,6 +275,17 @@ impl BoundServer {
                 None
             }
         };
+        if anomaly.is_none()
+            && rules
+                .load()
+                .all_rules()
+                .any(|r| r.limits.iter().any(|l| l.adaptive.is_some()))
+        {
+            tracing::warn!(
+                "rules have adaptive limits but the settings file has no anomaly block: \
+                 every caller keeps its limit's initial_factor"
+            );
+        }
         let watcher = match opts.kubernetes.clone() {
             Some(k) => Some(
                 Watcher::connect(k, live.clone(), authz.lists().clone(), status.clone()).await?,

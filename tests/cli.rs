@@ -282,3 +282,37 @@ fn the_readme_anomaly_example_validates() {
         .expect("run");
     assert!(out.status.success(), "{out:?}");
 }
+
+/// The README's adaptive limits example (with the anomaly block it needs) validates.
+#[test]
+fn the_readme_adaptive_example_validates() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    let section = readme.find("## Adaptive limits").expect("section");
+    let start = section + readme[section..].find("```yaml\n").expect("example") + "```yaml\n".len();
+    let len = readme[start..].find("```").expect("end of example");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("adaptive.yaml");
+    std::fs::write(&file, format!("anomaly:\n{}", &readme[start..start + len])).expect("write");
+    let out = Command::new(BIN)
+        .args(["config", "validate"])
+        .arg(&file)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{out:?}");
+    // And a broken adaptive block is an error naming its key path.
+    let broken = readme[start..start + len].replace("max_factor: 2.0", "max_factor: 0.1");
+    std::fs::write(&file, format!("anomaly:\n{broken}")).expect("write");
+    let out = Command::new(BIN)
+        .args(["config", "validate"])
+        .arg(&file)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("domains[0].descriptors[0].rate_limit.adaptive")
+            && stderr.contains("min_factor 0.25 is above max_factor 0.1"),
+        "{stderr}"
+    );
+}
