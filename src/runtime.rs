@@ -13,3 +13,4 @@ pub mod anomaly;
 pub mod blocklist;
 pub mod live;
 pub mod reload;
+pub mod replicas;

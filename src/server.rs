@@ -19,6 +19,7 @@ use crate::runtime::anomaly::Anomaly;
 use crate::runtime::blocklist::{Lists, RedisLists};
 use crate::runtime::live::LiveConfig;
 use crate::runtime::reload::{ReloadStatus, Reloader};
+use crate::runtime::replicas::TopKeysExchange;
 use crate::service::accesslog::AccessLogGrpc;
 use crate::service::grpc::{AuthorizationGrpc, DecodeErrorsAreInvalidArgument, RateLimitGrpc};
 use crate::storage::{Storage, StorageError};
@@ -221,10 +222,14 @@ impl BoundServer {
                     )),
                     None => TrustSink::Local(trust_table.clone()),
                 };
+                let exchange = storage
+                    .redis()
+                    .map(|r| TopKeysExchange::new(r.pool().clone(), &settings.redis.prefix));
                 let module = Anomaly::new(
                     cfg,
                     a.trust.clone(),
                     trust_sink,
+                    exchange,
                     drain,
                     lists.clone(),
                     anomaly_metrics.clone(),

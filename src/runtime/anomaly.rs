@@ -32,6 +32,7 @@ use crate::lists::cidr::{IpNet, addr};
 use crate::lists::{ListKind, MAX_ENTRY_BYTES};
 use crate::runtime::adaptive::TrustSink;
 use crate::runtime::blocklist::Lists;
+use crate::runtime::replicas::TopKeysExchange;
 use crate::telemetry::anomaly::{AnomalyGauges, AnomalyMetrics};
 
 /// The public code blocked callers see for an anomaly decision.
@@ -75,6 +76,10 @@ pub struct Anomaly {
     detector: Mutex<Detector>,
     trust: Mutex<TrustBook>,
     trust_sink: TrustSink,
+    /// Heavy hitters shared with the other replicas (Redis storage only).
+    exchange: Option<TopKeysExchange>,
+    /// The last window whose export this replica wrote.
+    exported_epoch: Mutex<Option<u64>>,
     drain: Drain,
     lists: Arc<Lists>,
     metrics: Arc<AnomalyMetrics>,
@@ -150,6 +155,7 @@ impl Anomaly {
         cfg: crate::anomaly::Config,
         trust: crate::anomaly::TrustConfig,
         trust_sink: TrustSink,
+        exchange: Option<TopKeysExchange>,
         drain: Drain,
         lists: Arc<Lists>,
         metrics: Arc<AnomalyMetrics>,
@@ -165,6 +171,8 @@ impl Anomaly {
             detector: Mutex::new(Detector::with_allowlist(cfg, allow)),
             trust: Mutex::new(book),
             trust_sink,
+            exchange,
+            exported_epoch: Mutex::new(None),
             drain,
             lists,
             metrics,
@@ -213,6 +221,7 @@ impl Anomaly {
                 for d in decisions {
                     self.apply(d).await;
                 }
+                self.exchange_top_keys().await;
                 self.publish_trust(now).await;
             }
             if now >= next_poll {
@@ -223,6 +232,46 @@ impl Anomaly {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::debug!("reading shared trust: {e}");
                 }
+            }
+        }
+    }
+
+    /// Writes this replica's heavy hitters for the last closed window (once) and merges the
+    /// other replicas' for the same window; their merged counts are judged at the next tick.
+    async fn exchange_top_keys(&self) {
+        let Some(ex) = &self.exchange else {
+            return;
+        };
+        let Some(top) = self.detector.lock().export_top() else {
+            return;
+        };
+        let fresh = *self.exported_epoch.lock() != Some(top.epoch);
+        if fresh {
+            match ex.publish(&top).await {
+                Ok(()) => *self.exported_epoch.lock() = Some(top.epoch),
+                Err(e) => {
+                    self.metrics
+                        .merge_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!(epoch = top.epoch, "publishing top keys: {e}");
+                }
+            }
+        }
+        match ex.read(top.epoch).await {
+            Ok((exports, bad)) => {
+                let mut d = self.detector.lock();
+                for t in &exports {
+                    d.merge(t);
+                }
+                self.metrics
+                    .merge_bad
+                    .fetch_add(bad as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.metrics
+                    .merge_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(epoch = top.epoch, "reading top keys: {e}");
             }
         }
     }

@@ -25,6 +25,10 @@ pub struct AnomalyMetrics {
     pub apply_errors: AtomicU64,
     /// Trust publishes or polls that failed (Redis down): factors stay as last read.
     pub trust_errors: AtomicU64,
+    /// Top-keys exchanges with other replicas that failed (Redis down), and exports from
+    /// them that could not be read.
+    pub merge_errors: AtomicU64,
+    pub merge_bad: AtomicU64,
     decisions: [[[AtomicU64; 2]; 3]; 6],
     latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
     latency_sum_ms: AtomicU64,
@@ -118,6 +122,18 @@ impl AnomalyMetrics {
             "ratethrottle_anomaly_apply_errors_total",
             "Decisions the list store refused.",
             self.apply_errors.load(Relaxed),
+        );
+        counter(
+            out,
+            "ratethrottle_anomaly_merge_errors_total",
+            "Heavy-hitter exchanges with other replicas through Redis that failed.",
+            self.merge_errors.load(Relaxed),
+        );
+        counter(
+            out,
+            "ratethrottle_anomaly_merge_unreadable_total",
+            "Other replicas' heavy-hitter exports that could not be read (skipped).",
+            self.merge_bad.load(Relaxed),
         );
         counter(
             out,
