@@ -185,6 +185,45 @@ async fn a_flooding_client_is_denied_the_others_pass_and_an_unban_lets_it_throug
     // The token rule of /v1/lists.
     let (code, _) = http_with(s.admin, "GET", "/v1/anomaly/decisions", "", &[]).await;
     assert_eq!(code, 401);
+    // The same through `ratethrottle manage`.
+    let manage = |args: &[&str]| {
+        let out = std::process::Command::new(support::BIN)
+            .args([
+                "manage",
+                "--admin-addr",
+                &s.admin.to_string(),
+                "--token",
+                TOKEN,
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (rc, out, err) = manage(&["--anomaly-decisions"]);
+    assert_eq!(rc, Some(0), "{err}");
+    let row = out
+        .lines()
+        .find(|l| l.contains("10.9.9.9"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        row.contains("deny") && row.contains("volumetric/v1") && row.contains("enforced"),
+        "{row}"
+    );
+    let (rc, out, err) = manage(&["--anomaly-explain", "10.9.9.9"]);
+    assert_eq!(rc, Some(0), "{err}");
+    let x: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(x["scope"], "ip", "{out}");
+    let (rc, _, err) = manage(&["--anomaly-explain", "10.0.0.0/8"]);
+    assert_eq!(rc, Some(1));
+    assert!(err.contains("400"), "{err}");
+    let (rc, _, err) = manage(&["--anomaly-unban", "10.9.9.8"]);
+    assert_eq!(rc, Some(1));
+    assert!(err.contains("404"), "{err}");
     // Unban: the entry goes, the client passes, and re-detection is suppressed.
     let (code, u) = admin(&s, "DELETE", "/v1/anomaly/decisions/10.9.9.9").await;
     assert_eq!(code, 200, "{u}");

@@ -1,5 +1,5 @@
-//! `ratethrottle manage`: the runtime allow/block lists of a running server, through its
-//! admin API (`/v1/lists`).
+//! `ratethrottle manage`: the runtime allow/block lists and the anomaly module's decisions of
+//! a running server, through its admin API (`/v1/lists`, `/v1/anomaly`).
 
 use clap::{ArgGroup, Args};
 use http_body_util::{BodyExt, Full};
@@ -10,7 +10,8 @@ use std::time::Duration;
 
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("action").required(true).args([
-    "blocklist_add", "blocklist_remove", "allowlist_add", "allowlist_remove", "list"
+    "blocklist_add", "blocklist_remove", "allowlist_add", "allowlist_remove", "list",
+    "anomaly_decisions", "anomaly_explain", "anomaly_unban"
 ])))]
 pub struct ManageArgs {
     /// Admin HTTP address of a running `ratethrottle serve`.
@@ -36,6 +37,16 @@ pub struct ManageArgs {
     /// Print both lists.
     #[arg(long)]
     list: bool,
+    /// Print the anomaly module's recent decisions (enforced and dry-run, with evidence).
+    #[arg(long)]
+    anomaly_decisions: bool,
+    /// Why an address, a /24, /64 or /48, or an identity is or isn't flagged, and its trust.
+    #[arg(long, value_name = "IP|CIDR|ID")]
+    anomaly_explain: Option<String>,
+    /// Undo an anomaly decision: removes its block entry (never a manual one), ends a
+    /// throttle, and suppresses re-detection for a while.
+    #[arg(long, value_name = "IP|CIDR|ID")]
+    anomaly_unban: Option<String>,
     /// With an add: the entry expires after this many seconds (default: never).
     #[arg(long, value_name = "SECS")]
     duration: Option<u64>,
@@ -64,6 +75,20 @@ pub fn run(args: ManageArgs) -> ExitCode {
         ("DELETE", format!("/v1/lists/block/{}", encode(v)), None)
     } else if let Some(v) = &args.allowlist_remove {
         ("DELETE", format!("/v1/lists/allow/{}", encode(v)), None)
+    } else if args.anomaly_decisions {
+        ("GET", "/v1/anomaly/decisions".to_string(), None)
+    } else if let Some(v) = &args.anomaly_explain {
+        (
+            "GET",
+            format!("/v1/anomaly/explain?key={}", encode_query(v)),
+            None,
+        )
+    } else if let Some(v) = &args.anomaly_unban {
+        (
+            "DELETE",
+            format!("/v1/anomaly/decisions/{}", encode(v)),
+            None,
+        )
     } else {
         ("GET", "/v1/lists".to_string(), None)
     };
@@ -107,6 +132,15 @@ pub fn run(args: ManageArgs) -> ExitCode {
     }
     if args.list {
         print_lists(&json);
+    } else if args.anomaly_decisions {
+        print_decisions(&json);
+    } else if args.anomaly_explain.is_some() {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json).unwrap_or_else(|_| body.trim().to_string())
+        );
+    } else if let Some(v) = &args.anomaly_unban {
+        println!("unbanned: {v}");
     } else if let Some(e) = json.get("entry") {
         println!(
             "added to {}list: {}{}",
@@ -136,6 +170,35 @@ fn add_body(args: &ManageArgs, value: &str) -> String {
         b["code"] = c.as_str().into();
     }
     b.to_string()
+}
+
+fn print_decisions(json: &serde_json::Value) {
+    println!(
+        "{:<9} {:<40} {:<9} {:<22} {:<8} {:>8} {:<9} NOTE",
+        "SCOPE", "VALUE", "ACTION", "REASON", "MODE", "COUNT", "REPLICA"
+    );
+    for d in json["decisions"].as_array().into_iter().flatten() {
+        let mode = if d["dry_run"] == true {
+            "dry-run"
+        } else if d["unbanned_at_ms"].is_u64() {
+            "unbanned"
+        } else if d["enforced"] == true {
+            "enforced"
+        } else {
+            "recorded"
+        };
+        println!(
+            "{:<9} {:<40} {:<9} {:<22} {:<8} {:>8} {:<9} {}",
+            d["scope"].as_str().unwrap_or_default(),
+            d["value"].as_str().unwrap_or_default(),
+            d["action"].as_str().unwrap_or_default(),
+            d["reason"].as_str().unwrap_or_default(),
+            mode,
+            d["evidence"]["count"].as_u64().unwrap_or(0),
+            d["replica"].as_str().unwrap_or_default(),
+            d["note"].as_str().unwrap_or_default()
+        );
+    }
 }
 
 fn print_lists(json: &serde_json::Value) {
@@ -179,6 +242,16 @@ const PATH_VALUE: &AsciiSet = &NON_ALPHANUMERIC
 
 fn encode(v: &str) -> String {
     utf8_percent_encode(v, PATH_VALUE).to_string()
+}
+
+/// A query value: everything but unreserved characters escaped (`+`, `&`, `=`, `#` too).
+fn encode_query(v: &str) -> String {
+    const QUERY: &AsciiSet = &NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    utf8_percent_encode(v, QUERY).to_string()
 }
 
 /// One HTTP/1.1 request over its own connection (hyper's client): status and body.
@@ -236,5 +309,6 @@ mod tests {
         assert_eq!(encode("10.0.0.0/8"), "10.0.0.0/8");
         assert_eq!(encode("2001:db8::/32"), "2001:db8::/32");
         assert_eq!(encode("user:a b?"), "user:a%20b%3F");
+        assert_eq!(encode_query("user:a+b&c=é"), "user%3Aa%2Bb%26c%3D%C3%A9");
     }
 }
