@@ -90,6 +90,20 @@ pub struct AuthzEngine {
 
 /// What one Check tells the anomaly module, filled as the stages learn it (only when the
 /// module is on).
+/// What the lists say of a caller.
+enum Listed {
+    Allow,
+    /// Blocked, with the public code the 403 names.
+    Block(String),
+}
+
+/// The limits a request is subject to: each template with its hits and where it came from.
+struct Collected<'s> {
+    templates: SmallVec<[(&'s DescriptorTemplate, u32, Origin); 8]>,
+    /// A GraphQL guard applied (a budget rejection answers in GraphQL's shape).
+    graphql: bool,
+}
+
 struct Note {
     ip: Option<std::net::IpAddr>,
     identity: anomaly::Label,
@@ -214,6 +228,8 @@ impl AuthzEngine {
         resp
     }
 
+    /// The pipeline, as named phases: read the request, identify the caller, screen it
+    /// against the lists, collect the limits that apply, count them, answer.
     async fn decide(&self, req: &CheckRequest, note: &mut Option<Note>) -> CheckResponse {
         let st = self.state.load();
         let view = match RequestView::new(req, st.max_header_bytes) {
@@ -221,15 +237,75 @@ impl AuthzEngine {
             Err(m) => return self.malformed(&st, m, false),
         };
         let grpc = view.is_grpc;
+        let (ip, identity) = match self.identify(&st, &view, note) {
+            Ok(who) => who,
+            Err(denied) => return denied,
+        };
+        match self.screen(ip, &identity.value) {
+            Some(Listed::Allow) => {
+                self.metrics.stage(Stage::ListAllow);
+                self.metrics.outcome(Outcome::Allowlisted);
+                return self.allowed(&st, Some(identity.value), None);
+            }
+            Some(Listed::Block(code)) => {
+                if let Some(n) = note.as_mut() {
+                    n.blocked = true;
+                }
+                self.metrics.stage(Stage::ListBlock);
+                self.metrics.outcome(Outcome::Blocked);
+                self.record_violation(ViolationKind::Blocked, &st.domain, &identity.value, &code);
+                return Denial::blocked(&code).into_response(grpc);
+            }
+            None => {}
+        }
+        let collected = match self.collect(&st, &view) {
+            Ok(c) => c,
+            Err(denied) => return denied,
+        };
+        if collected.templates.is_empty() {
+            self.metrics.outcome(Outcome::Allowed);
+            return self.allowed(&st, Some(identity.value), None);
+        }
+        let mut verdicts = Verdicts::new();
+        let mut origins: SmallVec<[Origin; 4]> = SmallVec::new();
+        let decided = self
+            .count(
+                &st,
+                &view,
+                &identity.value,
+                ip,
+                &collected,
+                &mut verdicts,
+                &mut origins,
+            )
+            .await;
+        self.answer(
+            &st,
+            decided,
+            identity.value,
+            &verdicts,
+            &origins,
+            collected.graphql,
+            grpc,
+            note,
+        )
+    }
 
-        // 1. Identity.
-        let ip = st.identity.client_ip(&view);
-        let identity = match st.identity.resolve(&view, ip) {
+    /// Phase 1: who is calling (and what the anomaly module is told about it). A bad token
+    /// is the answer.
+    fn identify(
+        &self,
+        st: &AuthzState,
+        view: &RequestView<'_>,
+        note: &mut Option<Note>,
+    ) -> Result<(Option<crate::lists::cidr::Addr>, identity::Identity), CheckResponse> {
+        let ip = st.identity.client_ip(view);
+        let identity = match st.identity.resolve(view, ip) {
             Ok(id) => id,
             Err(e) => {
                 self.metrics.stage(Stage::IdentityInvalidToken);
                 self.metrics.outcome(Outcome::Unauthenticated);
-                return Denial::unauthenticated(&e.to_string()).into_response(grpc);
+                return Err(Denial::unauthenticated(&e.to_string()).into_response(view.is_grpc));
             }
         };
         if let Some(n) = note.as_mut() {
@@ -248,59 +324,53 @@ impl AuthzEngine {
             SourceKind::ClientIp => Stage::IdentityClientIp,
             SourceKind::Anonymous => Stage::IdentityAnonymous,
         });
+        Ok((ip, identity))
+    }
 
-        // 2. Lists: the client IP and the identity, allow first.
-        let listed = {
-            let lists = self.lists.snapshot();
-            let now_ms = self.clock.now() / 1_000_000;
-            let hit = |l: &crate::lists::CompiledList| {
-                ip.and_then(|a| l.match_addr(a, now_ms))
-                    .or_else(|| l.match_identity(&identity.value, now_ms))
-                    .map(|e| e.public_code().to_string())
-            };
-            if hit(&lists.allow).is_some() {
-                Some(None)
-            } else {
-                hit(&lists.block).map(Some)
-            }
+    /// Phase 2: the client IP and the identity against the lists, allow first.
+    fn screen(&self, ip: Option<crate::lists::cidr::Addr>, identity: &str) -> Option<Listed> {
+        let lists = self.lists.snapshot();
+        let now_ms = self.clock.now() / 1_000_000;
+        let hit = |l: &crate::lists::CompiledList| {
+            ip.and_then(|a| l.match_addr(a, now_ms))
+                .or_else(|| l.match_identity(identity, now_ms))
+                .map(|e| e.public_code().to_string())
         };
-        match listed {
-            Some(None) => {
-                self.metrics.stage(Stage::ListAllow);
-                self.metrics.outcome(Outcome::Allowlisted);
-                return self.allowed(&st, Some(identity.value), None);
-            }
-            Some(Some(code)) => {
-                if let Some(n) = note.as_mut() {
-                    n.blocked = true;
-                }
-                self.metrics.stage(Stage::ListBlock);
-                self.metrics.outcome(Outcome::Blocked);
-                self.record_violation(ViolationKind::Blocked, &st.domain, &identity.value, &code);
-                return Denial::blocked(&code).into_response(grpc);
-            }
-            None => {}
+        if hit(&lists.allow).is_some() {
+            Some(Listed::Allow)
+        } else {
+            hit(&lists.block).map(Listed::Block)
         }
+    }
 
-        // 3. Policies, 4. guards: collect the templates that apply.
-        let mut templates: SmallVec<[(&DescriptorTemplate, u32, Origin); 8]> = SmallVec::new();
-        for p in st.policies.iter().filter(|p| p.matches(&view)) {
-            templates.extend(p.descriptors.iter().map(|d| (d, p.hits, Origin::Policy)));
+    /// Phase 3: the templates of the policies that match and of the guards that apply. A
+    /// GraphQL document over its limits, or an unreadable body, is the answer.
+    fn collect<'s>(
+        &self,
+        st: &'s AuthzState,
+        view: &RequestView<'_>,
+    ) -> Result<Collected<'s>, CheckResponse> {
+        let mut c = Collected {
+            templates: SmallVec::new(),
+            graphql: false,
+        };
+        for p in st.policies.iter().filter(|p| p.matches(view)) {
+            c.templates
+                .extend(p.descriptors.iter().map(|d| (d, p.hits, Origin::Policy)));
         }
-        let mut graphql_request = false;
         if let Some((guard, cost)) = &st.graphql
-            && guard.applies(&view)
+            && guard.applies(view)
         {
-            graphql_request = true;
+            c.graphql = true;
             if let Err(m) = view.body() {
-                return self.malformed(&st, m, grpc);
+                return Err(self.malformed(st, m, view.is_grpc));
             }
-            match guard.check(&view) {
+            match guard.check(view) {
                 Ok(a) => {
                     self.metrics.stage(Stage::GraphqlAnalysed);
                     if a.complexity > 0 {
                         let hits = u32::try_from(a.complexity).unwrap_or(u32::MAX);
-                        templates.push((cost, hits, Origin::GraphqlCost));
+                        c.templates.push((cost, hits, Origin::GraphqlCost));
                     }
                 }
                 Err(e) => {
@@ -310,56 +380,76 @@ impl AuthzEngine {
                         _ => Stage::GraphqlParseError,
                     });
                     self.metrics.outcome(Outcome::GraphqlRejected);
-                    return Denial::graphql(e.to_json()).into_response(grpc);
+                    return Err(Denial::graphql(e.to_json()).into_response(view.is_grpc));
                 }
             }
         }
         if let Some(ws) = &st.websocket
-            && websocket::is_upgrade(&view)
+            && websocket::is_upgrade(view)
         {
             self.metrics.stage(Stage::WebsocketUpgrade);
-            templates.push((&ws.descriptor, 1, Origin::Websocket));
+            c.templates.push((&ws.descriptor, 1, Origin::Websocket));
         }
-        if templates.is_empty() {
-            self.metrics.outcome(Outcome::Allowed);
-            return self.allowed(&st, Some(identity.value), None);
-        }
+        Ok(c)
+    }
 
-        // Descriptors borrow the request, the identity and the config: nothing is copied.
-        let mut verdicts = Verdicts::new();
-        let mut origins: SmallVec<[Origin; 4]> = SmallVec::new();
-        let decided = {
-            let mut facts = Facts::new(&view, &identity.value, ip);
-            for (t, _, _) in &templates {
-                t.prepare(&mut facts);
+    /// Phase 4: the descriptors the templates build (borrowing the request, the identity and
+    /// the config: nothing is copied), decided in one engine call.
+    #[allow(clippy::too_many_arguments)]
+    async fn count(
+        &self,
+        st: &AuthzState,
+        view: &RequestView<'_>,
+        identity: &str,
+        ip: Option<crate::lists::cidr::Addr>,
+        collected: &Collected<'_>,
+        verdicts: &mut Verdicts,
+        origins: &mut SmallVec<[Origin; 4]>,
+    ) -> Result<bool, RequestError> {
+        let mut facts = Facts::new(view, identity, ip);
+        for (t, _, _) in &collected.templates {
+            t.prepare(&mut facts);
+        }
+        let mut descriptors: SmallVec<[AuthzDescriptor<'_>; 4]> = SmallVec::new();
+        for (t, hits, origin) in &collected.templates {
+            if let Some(d) = t.build(&facts, *hits) {
+                descriptors.push(d);
+                origins.push(*origin);
             }
-            let mut descriptors: SmallVec<[AuthzDescriptor<'_>; 4]> = SmallVec::new();
-            for (t, hits, origin) in &templates {
-                if let Some(d) = t.build(&facts, *hits) {
-                    descriptors.push(d);
-                    origins.push(*origin);
-                }
-            }
-            if descriptors.is_empty() {
-                Ok(false)
-            } else {
-                self.metrics.stage(Stage::LimitsEvaluated);
-                self.limits
-                    .evaluate(
-                        &st.domain,
-                        &descriptors,
-                        1,
-                        &mut verdicts,
-                        OnStorageFailure::LocalOrError,
-                    )
-                    .await
-            }
-        };
+        }
+        if descriptors.is_empty() {
+            return Ok(false);
+        }
+        self.metrics.stage(Stage::LimitsEvaluated);
+        self.limits
+            .evaluate(
+                &st.domain,
+                &descriptors,
+                1,
+                verdicts,
+                OnStorageFailure::LocalOrError,
+            )
+            .await
+    }
+
+    /// Phase 5: the answer for what the limits decided.
+    #[allow(clippy::too_many_arguments)]
+    fn answer(
+        &self,
+        st: &AuthzState,
+        decided: Result<bool, RequestError>,
+        identity: String,
+        verdicts: &Verdicts,
+        origins: &[Origin],
+        graphql_request: bool,
+        grpc: bool,
+        note: &mut Option<Note>,
+    ) -> CheckResponse {
         match decided {
             Ok(false) => {
                 self.metrics.outcome(Outcome::Allowed);
-                let quota = st.rate_limit_headers.then(|| closest(&verdicts)).flatten();
-                self.allowed(&st, Some(identity.value), quota)
+                let quota = st.rate_limit_headers.then(|| closest(verdicts)).flatten();
+                self.allowed(st, Some(identity), quota)
             }
             Ok(true) => {
                 if let Some(n) = note.as_mut() {
@@ -367,7 +457,7 @@ impl AuthzEngine {
                 }
                 self.metrics.stage(Stage::LimitsOver);
                 // The rejecting limit with the longest wait is the one to report.
-                let (i, q) = rejecting(&verdicts);
+                let (i, q) = rejecting(verdicts);
                 let origin = origins.get(i).copied().unwrap_or(Origin::Policy);
                 match origin {
                     Origin::GraphqlCost => self.metrics.stage(Stage::GraphqlBudgetExceeded),
@@ -380,19 +470,14 @@ impl AuthzEngine {
                     .and_then(|v| v.limit.as_ref())
                     .and_then(|l| l.name.as_deref())
                     .unwrap_or_default();
-                self.record_violation(
-                    ViolationKind::RateLimited,
-                    &st.domain,
-                    &identity.value,
-                    limit,
-                );
+                self.record_violation(ViolationKind::RateLimited, &st.domain, &identity, limit);
                 let graphql_body = graphql_request && origin == Origin::GraphqlCost;
                 Denial::rate_limited(q, graphql_body).into_response(grpc)
             }
             Err(e) => {
                 // The engine logs storage failures (rate-limited); the answer is ours.
                 self.metrics.stage(Stage::LimitsStorageError);
-                self.failed(&st, &e, Some(identity.value), grpc)
+                self.failed(st, &e, Some(identity), grpc)
             }
         }
     }
