@@ -1629,34 +1629,8 @@ local function fast_batch(KEYS, ARGV, nops, now, counted)
 end
 
 ---------------------------------------------------------------- main
--- One call: KEYS and ARGV as documented above. Defined once per library load (FCALL) or
--- per call (EVAL, Redis < 7), see src/storage/redis/script.rs. Numeric arguments are
--- converted by arithmetic (cheaper than tonumber): a malformed one is a Lua error, raised
--- before anything is written.
-local function main(KEYS, ARGV)
-  if not floor then
-    floor, max, min, fmod = math.floor, math.max, math.min, math.fmod
-  end
-  local nops = (#ARGV - 2) / 8
-  if (nops ~= 1 and (nops ~= floor(nops) or nops < 0)) or #KEYS ~= 2 * nops then
-    return redis.error_reply('ERR ratethrottle script: expected 2 + 8n ARGV and 2n KEYS')
-  end
-
-  local now = ARGV[1]
-  if now == '0' then
-    now = 0
-  else
-    now = tonumber(now) or 0
-  end
-  if now <= 0 then
-    local t = redis.call('TIME')
-    now = t[1] * 1000000 + t[2]
-  end
-  if now > MAXT then
-    now = MAXT
-  end
-  local counted = ARGV[2] == '1'
-
+-- The decisions of one request, with `now` and `counted` already read from ARGV[1..2].
+local function decide_request(KEYS, ARGV, nops, now, counted)
   if nops == 1 then
     local code = ARGV[3] + 0
     if code == LOG and ARGV[10] == '0' then
@@ -1691,4 +1665,103 @@ local function main(KEYS, ARGV)
     return reply
   end
   return batch(KEYS, ARGV, nops, now, counted, READS, nread)
+end
+
+local function bind_math()
+  if not floor then
+    floor, max, min, fmod = math.floor, math.max, math.min, math.fmod
+  end
+end
+
+local function redis_now()
+  local t = redis.call('TIME')
+  return t[1] * 1000000 + t[2]
+end
+
+-- One call: KEYS and ARGV as documented above. Defined once per library load (FCALL) or
+-- per call (EVAL, Redis < 7), see src/storage/redis/script.rs. Numeric arguments are
+-- converted by arithmetic (cheaper than tonumber): a malformed one is a Lua error, raised
+-- before anything is written.
+local function main(KEYS, ARGV)
+  bind_math()
+  local nops = (#ARGV - 2) / 8
+  if (nops ~= 1 and (nops ~= floor(nops) or nops < 0)) or #KEYS ~= 2 * nops then
+    return redis.error_reply('ERR ratethrottle script: expected 2 + 8n ARGV and 2n KEYS')
+  end
+
+  local now = ARGV[1]
+  if now == '0' then
+    now = 0
+  else
+    now = tonumber(now) or 0
+  end
+  if now <= 0 then
+    now = redis_now()
+  end
+  if now > MAXT then
+    now = MAXT
+  end
+  return decide_request(KEYS, ARGV, nops, now, ARGV[2] == '1')
+end
+
+---------------------------------------------------------------- main_batch
+-- Many requests in one call (the store coalesces the requests in flight to one node). No
+-- KEYS: the keys are in ARGV, so one call may span hash slots (the function is registered
+-- with allow-cross-slot-keys; on a cluster every key must still be on this node).
+-- ARGV: [1] 'B', then per request: now in µs (0 = TIME, read once per call), rejected hits
+--   (0/1), n = its op count, then per op: the hash key and the op's 8 arguments as in main.
+-- Requests are decided in order, each exactly as main decides it alone (all-or-nothing),
+-- so a later request sees the earlier ones' effects.
+-- Reply, per request: 4n (then its 4n integers as in main), or -1 then the error's text:
+--   a request that fails (a wrong-type key, a malformed op) fails alone, having written
+--   nothing (main reads everything before it writes), and the others are still decided.
+local function main_batch(KEYS, ARGV)
+  bind_math()
+  local out, o = {}, 0
+  local i, n = 2, #ARGV
+  local clock
+  while i <= n do
+    local now = tonumber(ARGV[i]) or 0
+    local rejected = ARGV[i + 1]
+    local nops = tonumber(ARGV[i + 2]) or 0
+    i = i + 3
+    if nops < 1 or nops ~= floor(nops) or i + 9 * nops - 1 > n then
+      return redis.error_reply('ERR ratethrottle batch: malformed request at argument ' .. (i - 3))
+    end
+    if now <= 0 then
+      clock = clock or redis_now()
+      now = clock
+    end
+    if now > MAXT then
+      now = MAXT
+    end
+    local K, A = {}, { '', rejected }
+    for j = 0, nops - 1 do
+      local b = i + 9 * j
+      local hk = ARGV[b]
+      K[2 * j + 1] = hk
+      K[2 * j + 2] = hk .. ':log'
+      for m = 1, 8 do
+        A[2 + 8 * j + m] = ARGV[b + m]
+      end
+    end
+    i = i + 9 * nops
+    local ok, reply = pcall(decide_request, K, A, nops, now, rejected == '1')
+    if ok and type(reply) == 'table' and not reply.err then
+      out[o + 1] = #reply
+      for m = 1, #reply do
+        out[o + 1 + m] = reply[m]
+      end
+      o = o + 1 + #reply
+    else
+      local e = reply
+      if type(e) == 'table' then
+        e = e.err
+      end
+      out[o + 1] = -1
+      out[o + 2] = tostring(e)
+      o = o + 2
+    end
+  end
+  return out
 end
