@@ -150,7 +150,7 @@ async fn batches_across_algorithms_decide_as_memory(url: &str, test: &str) {
     let each = 40;
     let (admitted, failed) = hammer(&storage, tasks, each, make).await;
     assert_eq!(failed, 0);
-    let memory = MemoryStore::new(1000);
+    let memory = MemoryStore::new(1_000_000);
     for (t, got) in admitted.iter().enumerate() {
         let mut want = 0;
         for _ in 0..each {
