@@ -490,6 +490,72 @@ mod tests {
     }
 
     #[test]
+    fn batch_args_carry_each_request_with_its_clock_and_keys() {
+        let a = ScriptOp {
+            key: redis_key("p", 1),
+            limit: limit(Algorithm::FixedWindow),
+            hits: 1,
+            shadow: false,
+            negative: false,
+        };
+        let b = ScriptOp {
+            key: redis_key("p", 2),
+            ..a.clone()
+        };
+        let one = [a.clone()];
+        let two = [a, b];
+        let args = batch_args([
+            (&one[..], Some(5), RejectedHits::Free),
+            (&two[..], None, RejectedHits::Counted),
+        ]);
+        let k1 = redis_key("p", 1);
+        let k2 = redis_key("p", 2);
+        let op = ["1", "7", "60000000", "3", "1501", "1", "0", "0"];
+        let mut want: Vec<&str> = vec!["B", "5", "0", "1", &k1];
+        want.extend(op);
+        want.extend(["0", "1", "2", &k1]);
+        want.extend(op);
+        want.push(&k2);
+        want.extend(op);
+        assert_eq!(args, want);
+    }
+
+    #[test]
+    fn batch_reply_decodes_per_request_answers_and_errors() {
+        use fred::types::Value;
+        let int = Value::Integer;
+        let reply = [
+            int(4),
+            int(1),
+            int(4),
+            int(0),
+            int(250),
+            int(-1),
+            Value::String("WRONGTYPE Operation against a key".into()),
+            int(8),
+            int(1),
+            int(0),
+            int(0),
+            int(0),
+            int(0),
+            int(0),
+            int(7),
+            int(9),
+        ];
+        let answers = parse_batch_reply(&reply, [(1, 10), (3, 10), (2, 20)]).unwrap();
+        assert_eq!(answers.len(), 3);
+        assert_eq!(answers[0].as_ref().unwrap()[0].expires_at, 10 + 250_000);
+        assert!(answers[1].as_ref().unwrap_err().starts_with("WRONGTYPE"));
+        let third = answers[2].as_ref().unwrap();
+        assert_eq!(third[1].reset_after, 7_000);
+        assert_eq!(third[1].expires_at, 20 + 9_000);
+        // A request count that disagrees, a short reply, a trailing element: malformed.
+        assert!(parse_batch_reply(&reply, [(2, 0)]).is_err());
+        assert!(parse_batch_reply(&reply[..3], [(1, 0)]).is_err());
+        assert!(parse_batch_reply(&reply, [(1, 0), (3, 0)]).is_err());
+    }
+
+    #[test]
     fn source_is_the_script() {
         assert!(SOURCE.contains("ratethrottle"));
         assert!(SOURCE.contains("redis.call"));
