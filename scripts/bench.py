@@ -100,6 +100,8 @@ CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"
 
 def h2load(port, body_path, log_path, streams=32, conns=16, path=RLS_PATH, requests=None):
     timing = ["-n", str(requests)] if requests else ["-D", str(SECONDS)]
+    if os.path.exists(log_path):
+        os.remove(log_path)
     cmd = ["h2load", *timing, "-c", str(conns), "-m", str(streams), "-t", "1",
            "-d", body_path, "-H", "content-type: application/grpc", "-H", "te: trailers",
            f"--log-file={log_path}", f"http://127.0.0.1:{port}{path}"]
@@ -206,14 +208,17 @@ def grpc_rows(tmp):
             h2load(port, body, log, streams=1, conns=1, path=path, requests=10)
             if metric(admin, counter) - before != 10:
                 raise SystemExit(f"probe failed for {rpc} on {label}")
-        pids = [p.pid] + (redis_pids() if storage and storage != "memory" else [])
+        redis_side = redis_pids() if storage and storage != "memory" else []
+        pids = [p.pid] + redis_side
         before_cpu = cpu_seconds(pids)
+        before_redis = cpu_seconds(redis_side)
         before = metric(admin, counter) if admin else 0
         cmds0 = metric(admin, "ratethrottle_redis_commands_total") if admin else 0
         batches0 = metric(admin, "ratethrottle_redis_batch_calls_total") if admin else 0
         batched0 = metric(admin, "ratethrottle_redis_batched_requests_total") if admin else 0
         rps, ok, lat = h2load(port, body, log, streams=streams, conns=conns, path=path)
         cpu = cpu_seconds(pids) - before_cpu
+        redis_cpu = cpu_seconds(redis_side) - before_redis
         decided = (metric(admin, counter) - before) if admin else ok
         cmds = (metric(admin, "ratethrottle_redis_commands_total") - cmds0) if admin else 0
         fallbacks = metric(admin, "ratethrottle_redis_failure_mode_answers_total") if admin else 0
@@ -222,6 +227,8 @@ def grpc_rows(tmp):
         stop(p)
         p50, p99 = percentiles(lat)
         note = f"{cmds / max(decided, 1):.2f} Redis cmd/req" if storage and storage != "memory" else ""
+        if redis_side:
+            note += f", Redis {redis_cpu / max(decided, 1) * 1e6:.1f} µs/req"
         if batches:
             note += f", batches of {batched / batches:.1f}"
         if admin and decided < ok * 0.99:

@@ -1704,6 +1704,63 @@ local function main(KEYS, ARGV)
   return decide_request(KEYS, ARGV, nops, now, ARGV[2] == '1')
 end
 
+-- Batch helper: one single-op request decided by its algorithm's fast path straight from the
+-- batch's ARGV (its op's arguments at ARGV[i + 1 .. i + 8], its key at ARGV[i]). Returns the
+-- 4 reply integers, or nil when the fast path declines (then the general path decides).
+local function fast_in_place(ARGV, i, now, counted)
+  local code = ARGV[i + 1] + 0
+  local fast = FAST[code]
+  if code == LOG or not fast then
+    return nil
+  end
+  local hk = ARGV[i]
+  local r = READ[code](hk)
+  local allowed, remaining, reset, expires, n, ms = fast(r, ARGV, i, now, counted, ARGV[i + 6] + 0, hset)
+  if allowed == nil then
+    return nil
+  end
+  if ms then
+    if n > 0 then
+      redis.call('HSET', hk, unpack(hset, 1, n))
+    end
+    redis.call('PEXPIRE', hk, ms)
+  end
+  return { allowed and 1 or 0, remaining, reset, expires }
+end
+
+-- Batch helper: one request decided as main decides it, from KEYS/ARGV tables built for it.
+-- Appends its reply (or its error) to out; returns the new lengths of out and the ARGV offset.
+local function decide_in_table(KEYS, ARGV, out, o, i, nops, now, rejected)
+  local K, A = {}, { '', rejected }
+  for j = 0, nops - 1 do
+    local b = i + 9 * j
+    local hk = ARGV[b]
+    K[2 * j + 1] = hk
+    K[2 * j + 2] = hk .. ':log'
+    for m = 1, 8 do
+      A[2 + 8 * j + m] = ARGV[b + m]
+    end
+  end
+  i = i + 9 * nops
+  local ok, reply = pcall(decide_request, K, A, nops, now, rejected == '1')
+  if ok and type(reply) == 'table' and not reply.err then
+    out[o + 1] = #reply
+    for m = 1, #reply do
+      out[o + 1 + m] = reply[m]
+    end
+    o = o + 1 + #reply
+  else
+    local e = reply
+    if type(e) == 'table' then
+      e = e.err
+    end
+    out[o + 1] = -1
+    out[o + 2] = tostring(e)
+    o = o + 2
+  end
+  return o, i
+end
+
 ---------------------------------------------------------------- main_batch
 -- Many requests in one call (the store coalesces the requests in flight to one node). No
 -- KEYS: the keys are in ARGV, so one call may span hash slots (the function is registered
@@ -1735,32 +1792,29 @@ local function main_batch(KEYS, ARGV)
     if now > MAXT then
       now = MAXT
     end
-    local K, A = {}, { '', rejected }
-    for j = 0, nops - 1 do
-      local b = i + 9 * j
-      local hk = ARGV[b]
-      K[2 * j + 1] = hk
-      K[2 * j + 2] = hk .. ':log'
-      for m = 1, 8 do
-        A[2 + 8 * j + m] = ARGV[b + m]
+    local reply = nil
+    if nops == 1 and ARGV[i + 8] == '0' then
+      -- The common request, one op: the fast path reads its arguments in place.
+      local ok, r = pcall(fast_in_place, ARGV, i, now, rejected == '1')
+      if not ok then
+        reply = r
+      elseif r then
+        out[o + 1] = 4
+        out[o + 2], out[o + 3], out[o + 4], out[o + 5] = r[1], r[2], r[3], r[4]
+        o = o + 5
+        i = i + 9
+        reply = true
       end
     end
-    i = i + 9 * nops
-    local ok, reply = pcall(decide_request, K, A, nops, now, rejected == '1')
-    if ok and type(reply) == 'table' and not reply.err then
-      out[o + 1] = #reply
-      for m = 1, #reply do
-        out[o + 1 + m] = reply[m]
-      end
-      o = o + 1 + #reply
-    else
-      local e = reply
-      if type(e) == 'table' then
-        e = e.err
-      end
+    if reply == true then
+      -- decided in place
+    elseif reply ~= nil then
       out[o + 1] = -1
-      out[o + 2] = tostring(e)
+      out[o + 2] = tostring(type(reply) == 'table' and reply.err or reply)
       o = o + 2
+      i = i + 9 * nops
+    else
+      o, i = decide_in_table(KEYS, ARGV, out, o, i, nops, now, rejected)
     end
   end
   return out
