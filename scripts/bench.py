@@ -16,7 +16,8 @@ the run / requests.
 import os, re, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target/release/ratethrottle")
+# RATETHROTTLE_BENCH_BIN: another build of the sidecar (e.g. a before/after comparison).
+BIN = os.environ.get("RATETHROTTLE_BENCH_BIN") or os.path.join(ROOT, "target/release/ratethrottle")
 OK_RLS = os.path.join(ROOT, "target/release/examples/ok_rls")
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 TICK = os.sysconf("SC_CLK_TCK")
@@ -99,6 +100,8 @@ CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"
 
 def h2load(port, body_path, log_path, streams=32, conns=16, path=RLS_PATH, requests=None):
     timing = ["-n", str(requests)] if requests else ["-D", str(SECONDS)]
+    if os.path.exists(log_path):
+        os.remove(log_path)
     cmd = ["h2load", *timing, "-c", str(conns), "-m", str(streams), "-t", "1",
            "-d", body_path, "-H", "content-type: application/grpc", "-H", "te: trailers",
            f"--log-file={log_path}", f"http://127.0.0.1:{port}{path}"]
@@ -171,15 +174,21 @@ def probe(port, domain="bench"):
 def grpc_rows(tmp):
     subprocess.run([OK_RLS, "--write-bodies", tmp], check=True)
     log = os.path.join(tmp, "h2load.log")
-    servers = [("ShouldRateLimit", "OK-only tonic server (ceiling)", None)]
-    servers.append(("ShouldRateLimit", "ratethrottle, memory", "memory"))
-    for label, var in [("ratethrottle, Redis", "RATETHROTTLE_TEST_REDIS_URL"),
-                       ("ratethrottle, Redis Cluster", "RATETHROTTLE_TEST_REDIS_CLUSTER_URL")]:
-        if os.environ.get(var):
-            servers.append(("ShouldRateLimit", label, os.environ[var]))
-    servers.append(("Check", "OK-only tonic server (ceiling)", None))
-    servers.append(("Check", "ratethrottle, memory", "memory"))
-    for rpc, label, storage in servers:
+    servers = [("ShouldRateLimit", "OK-only tonic server (ceiling)", None, 16, 32)]
+    servers.append(("ShouldRateLimit", "ratethrottle, memory", "memory", 16, 32))
+    redis = [(label, os.environ[var]) for label, var in [
+        ("ratethrottle, Redis", "RATETHROTTLE_TEST_REDIS_URL"),
+        ("ratethrottle, Redis Cluster", "RATETHROTTLE_TEST_REDIS_CLUSTER_URL")] if os.environ.get(var)]
+    for label, url in redis:
+        servers.append(("ShouldRateLimit", label, url, 16, 32))
+    # Low load: one connection, one stream, sequential (latency, not throughput).
+    servers.append(("ShouldRateLimit", "ratethrottle, memory", "memory", 1, 1))
+    for label, url in redis:
+        servers.append(("ShouldRateLimit", label, url, 1, 1))
+    if os.environ.get("BENCH_ONLY") != "redis":
+        servers.append(("Check", "OK-only tonic server (ceiling)", None, 16, 32))
+        servers.append(("Check", "ratethrottle, memory", "memory", 16, 32))
+    for rpc, label, storage, conns, streams in servers:
         body = os.path.join(tmp, "rls.bin" if rpc == "ShouldRateLimit" else "check.bin")
         path = RLS_PATH if rpc == "ShouldRateLimit" else CHECK_PATH
         counter = ("ratelimit_service_should_rate_limit_total" if rpc == "ShouldRateLimit"
@@ -199,23 +208,34 @@ def grpc_rows(tmp):
             h2load(port, body, log, streams=1, conns=1, path=path, requests=10)
             if metric(admin, counter) - before != 10:
                 raise SystemExit(f"probe failed for {rpc} on {label}")
-        pids = [p.pid] + (redis_pids() if storage and storage != "memory" else [])
+        redis_side = redis_pids() if storage and storage != "memory" else []
+        pids = [p.pid] + redis_side
         before_cpu = cpu_seconds(pids)
+        before_redis = cpu_seconds(redis_side)
         before = metric(admin, counter) if admin else 0
         cmds0 = metric(admin, "ratethrottle_redis_commands_total") if admin else 0
-        rps, ok, lat = h2load(port, body, log, path=path)
+        batches0 = metric(admin, "ratethrottle_redis_batch_calls_total") if admin else 0
+        batched0 = metric(admin, "ratethrottle_redis_batched_requests_total") if admin else 0
+        rps, ok, lat = h2load(port, body, log, streams=streams, conns=conns, path=path)
         cpu = cpu_seconds(pids) - before_cpu
+        redis_cpu = cpu_seconds(redis_side) - before_redis
         decided = (metric(admin, counter) - before) if admin else ok
         cmds = (metric(admin, "ratethrottle_redis_commands_total") - cmds0) if admin else 0
         fallbacks = metric(admin, "ratethrottle_redis_failure_mode_answers_total") if admin else 0
+        batches = (metric(admin, "ratethrottle_redis_batch_calls_total") - batches0) if admin else 0
+        batched = (metric(admin, "ratethrottle_redis_batched_requests_total") - batched0) if admin else 0
         stop(p)
         p50, p99 = percentiles(lat)
         note = f"{cmds / max(decided, 1):.2f} Redis cmd/req" if storage and storage != "memory" else ""
+        if redis_side:
+            note += f", Redis {redis_cpu / max(decided, 1) * 1e6:.1f} µs/req"
+        if batches:
+            note += f", batches of {batched / batches:.1f}"
         if admin and decided < ok * 0.99:
             note += f" (only {int(decided)} of {ok} counted!)"
         if fallbacks:
             note += f" ({int(fallbacks)} failure-mode answers!)"
-        ROWS.append((f"gRPC {rpc} (h2load 16x32)", label, rps, p50, p99,
+        ROWS.append((f"gRPC {rpc} (h2load {conns}x{streams})", label, rps, p50, p99,
                      cpu / max(decided, 1) * 1e6, note))
 
 
@@ -298,9 +318,13 @@ def main():
     tmp = tempfile.mkdtemp(prefix="ratethrottle-bench.")
     try:
         print(f"benchmarks: {SECONDS}s per row, {os.cpu_count()} cores", flush=True)
-        criterion_rows()
+        # BENCH_ONLY=redis: only the ShouldRateLimit rows (memory, Redis, Cluster).
+        only = os.environ.get("BENCH_ONLY")
+        if not only:
+            criterion_rows()
         grpc_rows(tmp)
-        envoy_rows(tmp)
+        if not only:
+            envoy_rows(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print()

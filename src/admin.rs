@@ -112,6 +112,8 @@ async fn metrics(State(s): State<AdminState>) -> Response {
             errors: r.health().errors.load(Relaxed),
             fallbacks: r.health().fallbacks.load(Relaxed),
             commands: r.health().commands.load(Relaxed),
+            batches: r.health().batches.load(Relaxed),
+            batched: r.health().batched.load(Relaxed),
             local_cache_hits: r.cache().map_or(0, |c| c.hits()),
         }),
     };

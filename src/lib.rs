@@ -10,6 +10,9 @@
 //! and `k8s` (resource watcher) → `admin` (HTTP face) → `server` (assembly) → `cli`.
 //! See each module's top comment for what it owns and must not touch.
 #![forbid(unsafe_code)]
+// The Redis request path nests deep futures (service → engine → store → coalescing → wire):
+// computing their layouts needs more than the default 128 query levels.
+#![recursion_limit = "256"]
 
 pub mod admin;
 pub mod anomaly;

@@ -50,6 +50,8 @@ pub struct RedisGauges {
     pub errors: u64,
     pub fallbacks: u64,
     pub commands: u64,
+    pub batches: u64,
+    pub batched: u64,
     pub local_cache_hits: u64,
 }
 
@@ -136,7 +138,7 @@ pub fn render(metrics: &ServiceMetrics, stats: &StatsRegistry, gauges: &Gauges) 
     }
 
     if let Some(r) = &gauges.redis {
-        let rows: [(&str, &str, &str, u64); 5] = [
+        let rows: [(&str, &str, &str, u64); 7] = [
             (
                 "ratethrottle_storage_degraded",
                 "gauge",
@@ -160,6 +162,18 @@ pub fn render(metrics: &ServiceMetrics, stats: &StatsRegistry, gauges: &Gauges) 
                 "counter",
                 "Script calls sent to Redis.",
                 r.commands,
+            ),
+            (
+                "ratethrottle_redis_batch_calls_total",
+                "counter",
+                "Script calls that decided several coalesced requests at once.",
+                r.batches,
+            ),
+            (
+                "ratethrottle_redis_batched_requests_total",
+                "counter",
+                "Requests decided in coalesced calls (divide by the calls for the mean batch size).",
+                r.batched,
             ),
             (
                 "ratelimit_service_rate_limit_over_limit_with_local_cache_total",

@@ -9,23 +9,25 @@
 
 mod cached;
 mod circuit;
+mod coalesce;
 mod local_cache;
 pub mod script;
 mod shards;
 mod url;
+mod wire;
 
 pub use cached::CachedCounters;
 pub use circuit::Circuit;
 pub use local_cache::OverLimitCache;
 pub use url::{RedisUrl, Topology, UrlError, redact, with_password};
+pub use wire::Request as BatchRequest;
 
 use super::{CounterOp, MemoryStore, StorageError};
 use crate::config::{FailureMode, RedisSettings};
 use crate::limiter::{Clock, Nanos, Outcome, RejectedHits};
 use fred::clients::Pool;
 use fred::error::ErrorKind;
-use fred::interfaces::{ClientLike, ClusterInterface, FunctionInterface, LuaInterface};
-use fred::types::ClientState;
+use fred::interfaces::{ClientLike, ClusterInterface};
 use fred::types::config::Options;
 use fred::types::config::{Config, ReconnectPolicy, ServerConfig, TlsConnector};
 use parking_lot::Mutex;
@@ -35,6 +37,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
+use wire::Wire;
 
 fn is_missing_code(e: &fred::error::Error) -> bool {
     let d = e.details();
@@ -79,6 +82,10 @@ pub struct StorageHealth {
     pub fallbacks: AtomicU64,
     /// Script calls sent (divide by requests for commands per request).
     pub commands: AtomicU64,
+    /// Calls that decided several coalesced requests (see `coalesce`).
+    pub batches: AtomicU64,
+    /// Requests decided in those calls (divide by `batches` for the mean batch size).
+    pub batched: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -116,24 +123,16 @@ pub struct RedisStore {
     /// Standalone and Sentinel: the one node (the pool above) and its circuit.
     single: Arc<Node>,
     /// Cluster: a pool per master, routed by slot.
-    shards: Option<Shards>,
+    shards: Option<Arc<Shards>>,
     /// The client configuration a cluster master's pool is built from.
     config: Config,
-    script: fred::types::scripts::Script,
-    library: script::Library,
-    /// FCALL while the server has functions (Redis ≥ 7); EVALSHA after it said it hasn't.
-    functions: AtomicBool,
+    /// Script calls, shared with the per-node batch senders; holds the health.
+    wire: Arc<Wire>,
     settings: RedisSettings,
-    timeout: Duration,
     fallback: MemoryStore,
     cache: Option<OverLimitCache>,
     cached: Option<CachedCounters>,
-    health: StorageHealth,
     url: String,
-    /// Send the caller's clock instead of letting the script read Redis's `TIME`.
-    client_clock: bool,
-    /// Commands fail at once (rather than queue) while their client is reconnecting.
-    fail_fast: Options,
 }
 
 fn build_pool(config: Config, settings: &RedisSettings) -> Result<Pool, fred::error::Error> {
@@ -173,45 +172,51 @@ impl RedisStore {
         let pool = build_pool(config.clone(), settings)
             .map_err(|e| StorageError::Config(e.to_string()))?;
         pool.connect();
-        let store = RedisStore {
-            single: Node::new(redact(url), pool.clone()),
-            pool,
-            shards: parsed.is_cluster().then(Shards::default),
-            config,
+        let shards = parsed.is_cluster().then(|| Arc::new(Shards::default()));
+        let wire = Wire {
             script: fred::types::scripts::Script::from_lua(script::SOURCE),
             library: script::Library::new(),
             functions: AtomicBool::new(true),
-            settings: settings.clone(),
             timeout,
+            failure_mode: settings.failure_mode,
+            health: StorageHealth::default(),
+            client_clock: AtomicBool::new(false),
+            fail_fast: Options {
+                fail_fast: true,
+                ..Default::default()
+            },
+            shards: shards.clone(),
+        };
+        let store = RedisStore {
+            single: Node::new(redact(url), pool.clone()),
+            pool,
+            shards,
+            config,
+            wire: Arc::new(wire),
+            settings: settings.clone(),
             fallback: MemoryStore::new(max_keys),
             cache: settings.local_cache.then(|| OverLimitCache::new(max_keys)),
             cached: settings
                 .cached_flush_interval
                 .map(|_| CachedCounters::new(max_keys)),
-            health: StorageHealth::default(),
             url: redact(url),
-            client_clock: false,
-            fail_fast: Options {
-                fail_fast: true,
-                ..Default::default()
-            },
         };
         match tokio::time::timeout(Duration::from_secs(3), store.pool.wait_for_connect()).await {
             Ok(Ok(())) => {
                 if let Err(e) = store.route_cluster().await {
-                    store.health.failed(&e);
+                    store.wire.health.failed(&e);
                 }
                 for node in store.nodes() {
                     if let Err(e) = store.load_script(&node).await {
-                        store.health.failed(&e);
+                        store.wire.health.failed(&e);
                         node.circuit.open();
                     }
                 }
             }
-            Ok(Err(e)) => store.health.failed(&e),
-            Err(_) => store.health.failed(&"not reachable at start-up"),
+            Ok(Err(e)) => store.wire.health.failed(&e),
+            Err(_) => store.wire.health.failed(&"not reachable at start-up"),
         }
-        if store.health.is_degraded() {
+        if store.wire.health.is_degraded() {
             store.single.circuit.open();
             tracing::warn!(
                 url = %store.url,
@@ -237,7 +242,7 @@ impl RedisStore {
                 Duration::from_millis(500),
                 node.pool
                     .next()
-                    .with_options(&self.fail_fast)
+                    .with_options(&self.wire.fail_fast)
                     .cluster_slots::<fred::types::Value>(),
             )
             .await;
@@ -305,13 +310,13 @@ impl RedisStore {
     /// Decide with the caller's clock rather than Redis's. Production keeps Redis's clock
     /// (replicas with skewed clocks then agree); the shared behavioural tests use this to
     /// drive every store with one injected clock.
-    pub fn with_client_clock(mut self) -> Self {
-        self.client_clock = true;
+    pub fn with_client_clock(self) -> Self {
+        self.wire.client_clock.store(true, Relaxed);
         self
     }
 
     pub fn health(&self) -> &StorageHealth {
-        &self.health
+        &self.wire.health
     }
 
     pub fn settings(&self) -> &RedisSettings {
@@ -336,124 +341,12 @@ impl RedisStore {
         &self.pool
     }
 
-    /// Loads the function library (or, on a Redis without functions, the script) on a node.
     async fn load_script(&self, node: &Node) -> Result<(), StorageError> {
-        let client = node.pool.next();
-        let err = |e: fred::error::Error| classify(&e, self.timeout).0;
-        if self.functions.load(Relaxed) {
-            match client
-                .function_load::<String, _>(true, self.library.code.clone())
-                .await
-            {
-                Ok(_) => return Ok(()),
-                Err(e) if is_unknown_command(&e) => {
-                    tracing::info!("Redis has no functions (Redis < 7): using EVALSHA");
-                    self.functions.store(false, Relaxed);
-                }
-                Err(e) => return Err(err(e)),
-            }
-        }
-        client
-            .script_load::<String, _>(script::SOURCE)
-            .await
-            .map(|_| ())
-            .map_err(err)
-    }
-
-    async fn send(
-        &self,
-        client: &fred::clients::Client,
-        keys: Vec<String>,
-        args: Vec<String>,
-    ) -> Result<Vec<i64>, fred::error::Error> {
-        if self.functions.load(Relaxed) {
-            client
-                .with_options(&self.fail_fast)
-                .fcall(self.library.function.clone(), keys, args)
-                .await
-        } else {
-            if client.state() != ClientState::Connected {
-                return Err(fred::error::Error::new(
-                    ErrorKind::Canceled,
-                    "not connected",
-                ));
-            }
-            client.evalsha(self.script.sha1().clone(), keys, args).await
-        }
-    }
-
-    /// One script call to the node owning the ops; loads the code once more when the server
-    /// lacks it (a restarted server, a flushed script cache, a promoted replica without the
-    /// script). Answers at once, without awaiting Redis, while the node's connection is known
-    /// down; records the result in the node's circuit.
-    async fn call(
-        &self,
-        node: &Node,
-        ops: &[ScriptOp],
-        rejected: RejectedHits,
-        now: Nanos,
-    ) -> Result<Vec<Outcome>, StorageError> {
-        if node.circuit.is_open() {
-            return Err(KNOWN_DOWN);
-        }
-        let now_us = self.client_clock.then_some(now / 1_000);
-        let attempt = async {
-            let (keys, args) = script::call_args(ops, now_us, rejected);
-            self.health.commands.fetch_add(1, Relaxed);
-            let client = node.pool.next();
-            match self.send(client, keys, args).await {
-                Err(e) if is_missing_code(&e) => {
-                    self.load_script(node).await.map_err(|e| (e, Some(false)))?;
-                    self.health.commands.fetch_add(1, Relaxed);
-                    // Rare: encode again rather than clone every call's arguments up front.
-                    let (keys, args) = script::call_args(ops, now_us, rejected);
-                    self.send(client, keys, args).await
-                }
-                other => other,
-            }
-            .map_err(|e| {
-                if is_redirect(&e) {
-                    // The cluster's state, not this connection's: re-read the slot table.
-                    if let Some(s) = &self.shards {
-                        s.stale.notify_one();
-                    }
-                    return (classify(&e, self.timeout).0, None);
-                }
-                let (e, down) = classify(&e, self.timeout);
-                (e, Some(down))
-            })
-        };
-        let answered = async {
-            tokio::select! {
-                r = attempt => r,
-                _ = node.opened.notified() => Err((KNOWN_DOWN, None)),
-            }
-        };
-        let reply = match tokio::time::timeout(self.timeout, answered).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err((e, None))) => return Err(e),
-            Ok(Err((e, Some(down)))) => return Err(self.node_failed(node, e, down)),
-            Err(_) => {
-                return Err(self.node_failed(node, StorageError::Timeout(self.timeout), false));
-            }
-        };
-        node.circuit.success();
-        script::parse_reply(&reply, ops.len(), now)
-            .map_err(|e| StorageError::Unavailable(Cow::Owned(e.to_string())))
+        self.wire.load_script(node).await
     }
 
     fn node_failed(&self, node: &Node, e: StorageError, down: bool) -> StorageError {
-        if node.trip(down) {
-            tracing::warn!(
-                node = %node.name,
-                failure_mode = self.settings.failure_mode.as_str(),
-                "Redis connection known down ({e}): answering by the failure mode at once, probing in the background"
-            );
-            if let Some(s) = &self.shards {
-                s.stale.notify_one();
-            }
-        }
-        e
+        self.wire.node_failed(node, e, down)
     }
 
     /// The failure mode of this store.
@@ -464,6 +357,10 @@ impl RedisStore {
     /// Decides every op of one request (see `Storage::check_and_update`). A Redis failure,
     /// a missed deadline or a connection known down is an error, with the ops Redis should
     /// have decided left without an outcome: `answer_failure` fills them by the failure mode.
+    ///
+    /// Phases: the over-limit cache, cached counters, the script call (coalesced with the
+    /// other requests in flight to the same node), then learning from its answer or undoing
+    /// what was decided locally.
     pub async fn check_and_update(
         &self,
         ops: &mut [CounterOp],
@@ -473,56 +370,98 @@ impl RedisStore {
         let free = rejected == RejectedHits::Free;
         // A request with a counter known to reject is rejected; with free rejections it
         // consumes nothing, so its other counters are only looked at.
-        let mut looks_only = false;
-        if let Some(cache) = &self.cache
-            && free
-        {
-            for op in ops.iter_mut() {
-                if op.shadow || op.negative || op.hits == 0 {
-                    continue;
-                }
-                if let Some(until) = cache.over_until(op.key, now) {
-                    op.outcome = Some(Outcome {
-                        allowed: false,
-                        remaining: 0,
-                        reset_after: until - now,
-                        expires_at: until,
-                    });
-                    looks_only = true;
-                }
-            }
-        }
-        // Cached mode: counters already known are decided here.
-        let mut local_admitted: Vec<usize> = Vec::new();
-        if let Some(cached) = &self.cached
-            && free
-            && !looks_only
-        {
-            for (i, op) in ops.iter_mut().enumerate() {
-                if op.negative || op.outcome.is_some() || !CachedCounters::eligible(&op.limit) {
-                    continue;
-                }
-                if let Some(o) = cached.try_decide(op.key, &op.limit, now, op.hits) {
-                    if o.allowed {
-                        local_admitted.push(i);
-                    } else if !op.shadow {
-                        looks_only = true;
-                    }
-                    op.outcome = Some(o);
-                }
-            }
-            if looks_only {
-                self.undo_local(ops, &local_admitted, now);
-                local_admitted.clear();
-            }
-        }
+        let mut looks_only = free && self.known_over_limit(ops, now);
+        let local_admitted = if free && !looks_only {
+            self.decide_cached(ops, now, &mut looks_only)
+        } else {
+            Vec::new()
+        };
         let pending: Vec<usize> = (0..ops.len())
             .filter(|&i| ops[i].outcome.is_none())
             .collect();
         if pending.is_empty() {
             return Ok(());
         }
-        let script_ops: Vec<ScriptOp> = pending
+        let script_ops = self.script_ops(ops, &pending, looks_only);
+        match self.decide(script_ops, rejected, now).await {
+            Ok(outcomes) => {
+                for (&i, o) in pending.iter().zip(outcomes) {
+                    ops[i].outcome = Some(o);
+                }
+                self.learn(ops, &pending, &local_admitted, free, now);
+                Ok(())
+            }
+            Err(e) => {
+                self.undo_local(ops, &local_admitted, now);
+                for &i in &pending {
+                    ops[i].outcome = None;
+                }
+                self.wire.health.failed(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Phase 1, the local over-limit cache: answers the counters known to be full until
+    /// their reset; true when one of them rejects the request.
+    fn known_over_limit(&self, ops: &mut [CounterOp], now: Nanos) -> bool {
+        let Some(cache) = &self.cache else {
+            return false;
+        };
+        let mut rejected = false;
+        for op in ops.iter_mut() {
+            if op.shadow || op.negative || op.hits == 0 {
+                continue;
+            }
+            if let Some(until) = cache.over_until(op.key, now) {
+                op.outcome = Some(Outcome {
+                    allowed: false,
+                    remaining: 0,
+                    reset_after: until - now,
+                    expires_at: until,
+                });
+                rejected = true;
+            }
+        }
+        rejected
+    }
+
+    /// Phase 2, cached mode: decides the counters already known here. Returns the ops it
+    /// admitted (given back if Redis rejects the request); sets `looks_only` when one of
+    /// them rejects the request (then nothing it admitted stays).
+    fn decide_cached(
+        &self,
+        ops: &mut [CounterOp],
+        now: Nanos,
+        looks_only: &mut bool,
+    ) -> Vec<usize> {
+        let mut admitted: Vec<usize> = Vec::new();
+        let Some(cached) = &self.cached else {
+            return admitted;
+        };
+        for (i, op) in ops.iter_mut().enumerate() {
+            if op.negative || op.outcome.is_some() || !CachedCounters::eligible(&op.limit) {
+                continue;
+            }
+            if let Some(o) = cached.try_decide(op.key, &op.limit, now, op.hits) {
+                if o.allowed {
+                    admitted.push(i);
+                } else if !op.shadow {
+                    *looks_only = true;
+                }
+                op.outcome = Some(o);
+            }
+        }
+        if *looks_only {
+            self.undo_local(ops, &admitted, now);
+            admitted.clear();
+        }
+        admitted
+    }
+
+    /// Phase 3's input: the ops still open, as script ops (hits 0 when only looked at).
+    fn script_ops(&self, ops: &[CounterOp], pending: &[usize], looks_only: bool) -> Vec<ScriptOp> {
+        pending
             .iter()
             .map(|&i| {
                 let op = &ops[i];
@@ -538,60 +477,56 @@ impl RedisStore {
                     negative: op.negative,
                 }
             })
-            .collect();
-        match self.decide(&script_ops, rejected, now).await {
-            Ok(outcomes) => {
-                if self.health.is_degraded() && !self.any_open() {
-                    self.health.ok();
-                }
-                for (&i, o) in pending.iter().zip(outcomes) {
-                    ops[i].outcome = Some(o);
-                }
-                let request_rejected = free
-                    && ops.iter().any(|op| {
-                        !op.shadow && !op.negative && op.outcome.is_some_and(|o| !o.allowed)
-                    });
-                if request_rejected {
-                    self.undo_local(ops, &local_admitted, now);
-                }
-                if let Some(cached) = &self.cached
-                    && free
+            .collect()
+    }
+
+    /// Phase 4, after Redis answered: health, giving back what cached mode admitted for a
+    /// request Redis rejected, and teaching the cached counters and the over-limit cache.
+    fn learn(
+        &self,
+        ops: &mut [CounterOp],
+        pending: &[usize],
+        local_admitted: &[usize],
+        free: bool,
+        now: Nanos,
+    ) {
+        if self.wire.health.is_degraded() && !self.any_open() {
+            self.wire.health.ok();
+        }
+        let request_rejected = free
+            && ops
+                .iter()
+                .any(|op| !op.shadow && !op.negative && op.outcome.is_some_and(|o| !o.allowed));
+        if request_rejected {
+            self.undo_local(ops, local_admitted, now);
+        }
+        if let Some(cached) = &self.cached
+            && free
+        {
+            for &i in pending {
+                let op = &ops[i];
+                if let Some(o) = &op.outcome
+                    && !op.negative
+                    && CachedCounters::eligible(&op.limit)
                 {
-                    for &i in &pending {
-                        let op = &ops[i];
-                        if let Some(o) = &op.outcome
-                            && !op.negative
-                            && CachedCounters::eligible(&op.limit)
-                        {
-                            cached.learn(op.key, &op.limit, now, o);
-                        }
-                    }
+                    cached.learn(op.key, &op.limit, now, o);
                 }
-                if let Some(cache) = &self.cache {
-                    for op in ops.iter() {
-                        if let Some(o) = op.outcome
-                            && !o.allowed
-                            // A heavy request rejected with room left says nothing about
-                            // the next one-hit request: cache only counters that are full.
-                            && o.remaining == 0
-                            && !op.shadow
-                            && !op.negative
-                            && op.hits > 0
-                            && o.reset_after > 0
-                        {
-                            cache.insert(op.key, now.saturating_add(o.reset_after), now);
-                        }
-                    }
-                }
-                Ok(())
             }
-            Err(e) => {
-                self.undo_local(ops, &local_admitted, now);
-                for &i in &pending {
-                    ops[i].outcome = None;
+        }
+        if let Some(cache) = &self.cache {
+            for op in ops.iter() {
+                if let Some(o) = op.outcome
+                    && !o.allowed
+                    // A heavy request rejected with room left says nothing about
+                    // the next one-hit request: cache only counters that are full.
+                    && o.remaining == 0
+                    && !op.shadow
+                    && !op.negative
+                    && op.hits > 0
+                    && o.reset_after > 0
+                {
+                    cache.insert(op.key, now.saturating_add(o.reset_after), now);
                 }
-                self.health.failed(&e);
-                Err(e)
             }
         }
     }
@@ -634,7 +569,8 @@ impl RedisStore {
                 };
                 let r = match self.route(&op.key) {
                     Ok(node) => {
-                        self.call(&node, std::slice::from_ref(&op), RejectedHits::Counted, now)
+                        self.wire
+                            .call(&node, std::slice::from_ref(&op), RejectedHits::Counted, now)
                             .await
                     }
                     Err(e) => Err(e),
@@ -642,7 +578,7 @@ impl RedisStore {
                 match r {
                     Ok(o) => cached.flushed(f, o.first().map(|o| o.remaining)),
                     Err(e) => {
-                        self.health.failed(&e);
+                        self.wire.health.failed(&e);
                         cached.flushed(f, None)
                     }
                 }
@@ -654,7 +590,7 @@ impl RedisStore {
     /// Answers the ops a failed `check_and_update` left open by the failure mode: `allow`
     /// admits, `deny` rejects, `local` decides with this replica's in-memory limiter.
     pub fn answer_failure(&self, ops: &mut [CounterOp], now: Nanos, rejected: RejectedHits) {
-        self.health.fallbacks.fetch_add(1, Relaxed);
+        self.wire.health.fallbacks.fetch_add(1, Relaxed);
         match self.settings.failure_mode {
             FailureMode::Local => {
                 let pending: smallvec::SmallVec<[usize; 8]> = (0..ops.len())
@@ -693,18 +629,46 @@ impl RedisStore {
         }
     }
 
+    /// One request's ops on the node owning them, coalesced with the other requests in
+    /// flight to that node (see `coalesce`).
+    async fn submit(
+        &self,
+        ops: Vec<ScriptOp>,
+        rejected: RejectedHits,
+        now: Nanos,
+    ) -> Result<Vec<Outcome>, StorageError> {
+        let node = match ops.first() {
+            Some(op) => self.route(&op.key)?,
+            None => return Ok(Vec::new()),
+        };
+        coalesce::submit(&self.wire, &node, wire::Request { ops, rejected, now }).await
+    }
+
+    /// Decides `requests` in one batch call (what coalescing sends when requests queue), on
+    /// the node owning the first request's first key; each answer is that request's alone.
+    /// For tests and tools: the request path reaches it through `check_and_update`.
+    pub async fn decide_batch(
+        &self,
+        requests: &[BatchRequest],
+    ) -> Result<Vec<Result<Vec<Outcome>, StorageError>>, StorageError> {
+        let Some(op) = requests.first().and_then(|r| r.ops.first()) else {
+            return Ok(Vec::new());
+        };
+        let node = self.route(&op.key)?;
+        self.wire.call_batch(&node, requests).await
+    }
+
     /// Standalone and Sentinel: one call with every op (atomic, all-or-nothing in the
     /// script). Cluster: one call per hash slot, all at once; if an enforced op rejects,
     /// ops admitted in other slots are given back in a second round (rejections only).
     async fn decide(
         &self,
-        ops: &[ScriptOp],
+        ops: Vec<ScriptOp>,
         rejected: RejectedHits,
         now: Nanos,
     ) -> Result<Vec<Outcome>, StorageError> {
         if self.shards.is_none() || ops.len() == 1 {
-            let node = self.route(&ops[0].key)?;
-            return self.call(&node, ops, rejected, now).await;
+            return self.submit(ops, rejected, now).await;
         }
         let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
         for (i, op) in ops.iter().enumerate() {
@@ -715,16 +679,11 @@ impl RedisStore {
             }
         }
         if groups.len() == 1 {
-            let node = self.route(&ops[0].key)?;
-            return self.call(&node, ops, rejected, now).await;
+            return self.submit(ops, rejected, now).await;
         }
-        let batches: Vec<Vec<ScriptOp>> = groups
-            .iter()
-            .map(|(_, members)| members.iter().map(|&i| ops[i].clone()).collect())
-            .collect();
-        let replies = futures_util::future::join_all(batches.iter().map(|b| async move {
-            let node = self.route(&b[0].key)?;
-            self.call(&node, b, rejected, now).await
+        let replies = futures_util::future::join_all(groups.iter().map(|(_, members)| {
+            let batch: Vec<ScriptOp> = members.iter().map(|&i| ops[i].clone()).collect();
+            self.submit(batch, rejected, now)
         }))
         .await;
         let mut outcomes: Vec<Option<Outcome>> = vec![None; ops.len()];
@@ -739,35 +698,8 @@ impl RedisStore {
                 .zip(&outcomes)
                 .any(|(op, o)| !op.shadow && !op.negative && o.is_some_and(|o| !o.allowed));
         if request_rejected {
-            // Give back what other slots admitted; each refund answers with the state after it.
-            let refunds: Vec<(usize, ScriptOp)> = ops
-                .iter()
-                .enumerate()
-                .filter(|(i, op)| {
-                    !op.negative && op.hits > 0 && outcomes[*i].is_some_and(|o| o.allowed)
-                })
-                .map(|(i, op)| {
-                    (
-                        i,
-                        ScriptOp {
-                            negative: true,
-                            ..op.clone()
-                        },
-                    )
-                })
-                .collect();
-            let replies =
-                futures_util::future::join_all(refunds.iter().map(|(_, op)| async move {
-                    let node = self.route(&op.key)?;
-                    self.call(&node, std::slice::from_ref(op), rejected, now)
-                        .await
-                }))
-                .await;
-            for ((i, _), reply) in refunds.iter().zip(replies) {
-                if let Some(o) = reply?.into_iter().next() {
-                    outcomes[*i] = Some(o);
-                }
-            }
+            self.refund_other_slots(&ops, &mut outcomes, rejected, now)
+                .await?;
         }
         outcomes
             .into_iter()
@@ -779,6 +711,45 @@ impl RedisStore {
             .collect()
     }
 
+    /// Cluster, a request rejected in one slot: gives back what other slots admitted; each
+    /// refund answers with the state after it.
+    async fn refund_other_slots(
+        &self,
+        ops: &[ScriptOp],
+        outcomes: &mut [Option<Outcome>],
+        rejected: RejectedHits,
+        now: Nanos,
+    ) -> Result<(), StorageError> {
+        let refunds: Vec<(usize, ScriptOp)> = ops
+            .iter()
+            .enumerate()
+            .filter(|(i, op)| {
+                !op.negative && op.hits > 0 && outcomes[*i].is_some_and(|o| o.allowed)
+            })
+            .map(|(i, op)| {
+                (
+                    i,
+                    ScriptOp {
+                        negative: true,
+                        ..op.clone()
+                    },
+                )
+            })
+            .collect();
+        let replies = futures_util::future::join_all(
+            refunds
+                .iter()
+                .map(|(_, op)| self.submit(vec![op.clone()], rejected, now)),
+        )
+        .await;
+        for ((i, _), reply) in refunds.iter().zip(replies) {
+            if let Some(o) = reply?.into_iter().next() {
+                outcomes[*i] = Some(o);
+            }
+        }
+        Ok(())
+    }
+
     /// Until the task is dropped: probes every node whose connection is known down and
     /// closes its circuit (after loading the scripts a restarted server lost) when it
     /// answers; pings the others so health is reported without traffic; on a cluster,
@@ -786,7 +757,7 @@ impl RedisStore {
     pub async fn watch_health(&self) {
         let mut since_routing = Duration::ZERO;
         loop {
-            let down = self.health.is_degraded() || self.any_open();
+            let down = self.wire.health.is_degraded() || self.any_open();
             let every = Duration::from_millis(if down { 100 } else { 500 });
             let stale = async {
                 match &self.shards {
@@ -802,7 +773,7 @@ impl RedisStore {
             if self.shards.is_some() && (woken || down || since_routing >= Duration::from_secs(5)) {
                 since_routing = Duration::ZERO;
                 if let Err(e) = self.route_cluster().await {
-                    self.health.failed(&e);
+                    self.wire.health.failed(&e);
                 }
             }
             let nodes = self.nodes();
@@ -812,7 +783,7 @@ impl RedisStore {
                 .into_iter()
                 .all(|ok| ok);
             if healthy && !nodes.is_empty() {
-                self.health.ok();
+                self.wire.health.ok();
             }
         }
     }
@@ -829,7 +800,7 @@ impl RedisStore {
             .into_iter()
             .find_map(|r| match r {
                 Ok(Ok(_)) => None,
-                Ok(Err(e)) => Some(classify(&e, self.timeout)),
+                Ok(Err(e)) => Some(classify(&e, self.wire.timeout)),
                 Err(_) => Some((StorageError::Timeout(Duration::from_millis(500)), false)),
             });
         match result {
@@ -843,14 +814,14 @@ impl RedisStore {
                         true
                     }
                     Err(e) => {
-                        self.health.failed(&e);
+                        self.wire.health.failed(&e);
                         false
                     }
                 }
             }
             None => true,
             Some((e, down)) => {
-                self.health.failed(&e);
+                self.wire.health.failed(&e);
                 self.node_failed(node, e, down);
                 false
             }

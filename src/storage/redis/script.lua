@@ -1629,34 +1629,8 @@ local function fast_batch(KEYS, ARGV, nops, now, counted)
 end
 
 ---------------------------------------------------------------- main
--- One call: KEYS and ARGV as documented above. Defined once per library load (FCALL) or
--- per call (EVAL, Redis < 7), see src/storage/redis/script.rs. Numeric arguments are
--- converted by arithmetic (cheaper than tonumber): a malformed one is a Lua error, raised
--- before anything is written.
-local function main(KEYS, ARGV)
-  if not floor then
-    floor, max, min, fmod = math.floor, math.max, math.min, math.fmod
-  end
-  local nops = (#ARGV - 2) / 8
-  if (nops ~= 1 and (nops ~= floor(nops) or nops < 0)) or #KEYS ~= 2 * nops then
-    return redis.error_reply('ERR ratethrottle script: expected 2 + 8n ARGV and 2n KEYS')
-  end
-
-  local now = ARGV[1]
-  if now == '0' then
-    now = 0
-  else
-    now = tonumber(now) or 0
-  end
-  if now <= 0 then
-    local t = redis.call('TIME')
-    now = t[1] * 1000000 + t[2]
-  end
-  if now > MAXT then
-    now = MAXT
-  end
-  local counted = ARGV[2] == '1'
-
+-- The decisions of one request, with `now` and `counted` already read from ARGV[1..2].
+local function decide_request(KEYS, ARGV, nops, now, counted)
   if nops == 1 then
     local code = ARGV[3] + 0
     if code == LOG and ARGV[10] == '0' then
@@ -1691,4 +1665,157 @@ local function main(KEYS, ARGV)
     return reply
   end
   return batch(KEYS, ARGV, nops, now, counted, READS, nread)
+end
+
+local function bind_math()
+  if not floor then
+    floor, max, min, fmod = math.floor, math.max, math.min, math.fmod
+  end
+end
+
+local function redis_now()
+  local t = redis.call('TIME')
+  return t[1] * 1000000 + t[2]
+end
+
+-- One call: KEYS and ARGV as documented above. Defined once per library load (FCALL) or
+-- per call (EVAL, Redis < 7), see src/storage/redis/script.rs. Numeric arguments are
+-- converted by arithmetic (cheaper than tonumber): a malformed one is a Lua error, raised
+-- before anything is written.
+local function main(KEYS, ARGV)
+  bind_math()
+  local nops = (#ARGV - 2) / 8
+  if (nops ~= 1 and (nops ~= floor(nops) or nops < 0)) or #KEYS ~= 2 * nops then
+    return redis.error_reply('ERR ratethrottle script: expected 2 + 8n ARGV and 2n KEYS')
+  end
+
+  local now = ARGV[1]
+  if now == '0' then
+    now = 0
+  else
+    now = tonumber(now) or 0
+  end
+  if now <= 0 then
+    now = redis_now()
+  end
+  if now > MAXT then
+    now = MAXT
+  end
+  return decide_request(KEYS, ARGV, nops, now, ARGV[2] == '1')
+end
+
+-- Batch helper: one single-op request decided by its algorithm's fast path straight from the
+-- batch's ARGV (its op's arguments at ARGV[i + 1 .. i + 8], its key at ARGV[i]). Returns the
+-- 4 reply integers, or nil when the fast path declines (then the general path decides).
+local function fast_in_place(ARGV, i, now, counted)
+  local code = ARGV[i + 1] + 0
+  local fast = FAST[code]
+  if code == LOG or not fast then
+    return nil
+  end
+  local hk = ARGV[i]
+  local r = READ[code](hk)
+  local allowed, remaining, reset, expires, n, ms = fast(r, ARGV, i, now, counted, ARGV[i + 6] + 0, hset)
+  if allowed == nil then
+    return nil
+  end
+  if ms then
+    if n > 0 then
+      redis.call('HSET', hk, unpack(hset, 1, n))
+    end
+    redis.call('PEXPIRE', hk, ms)
+  end
+  return { allowed and 1 or 0, remaining, reset, expires }
+end
+
+-- Batch helper: one request decided as main decides it, from KEYS/ARGV tables built for it.
+-- Appends its reply (or its error) to out; returns the new lengths of out and the ARGV offset.
+local function decide_in_table(KEYS, ARGV, out, o, i, nops, now, rejected)
+  local K, A = {}, { '', rejected }
+  for j = 0, nops - 1 do
+    local b = i + 9 * j
+    local hk = ARGV[b]
+    K[2 * j + 1] = hk
+    K[2 * j + 2] = hk .. ':log'
+    for m = 1, 8 do
+      A[2 + 8 * j + m] = ARGV[b + m]
+    end
+  end
+  i = i + 9 * nops
+  local ok, reply = pcall(decide_request, K, A, nops, now, rejected == '1')
+  if ok and type(reply) == 'table' and not reply.err then
+    out[o + 1] = #reply
+    for m = 1, #reply do
+      out[o + 1 + m] = reply[m]
+    end
+    o = o + 1 + #reply
+  else
+    local e = reply
+    if type(e) == 'table' then
+      e = e.err
+    end
+    out[o + 1] = -1
+    out[o + 2] = tostring(e)
+    o = o + 2
+  end
+  return o, i
+end
+
+---------------------------------------------------------------- main_batch
+-- Many requests in one call (the store coalesces the requests in flight to one node). No
+-- KEYS: the keys are in ARGV, so one call may span hash slots (the function is registered
+-- with allow-cross-slot-keys; on a cluster every key must still be on this node).
+-- ARGV: [1] 'B', then per request: now in µs (0 = TIME, read once per call), rejected hits
+--   (0/1), n = its op count, then per op: the hash key and the op's 8 arguments as in main.
+-- Requests are decided in order, each exactly as main decides it alone (all-or-nothing),
+-- so a later request sees the earlier ones' effects.
+-- Reply, per request: 4n (then its 4n integers as in main), or -1 then the error's text:
+--   a request that fails (a wrong-type key, a malformed op) fails alone, having written
+--   nothing (main reads everything before it writes), and the others are still decided.
+local function main_batch(KEYS, ARGV)
+  bind_math()
+  local out, o = {}, 0
+  local i, n = 2, #ARGV
+  local clock
+  while i <= n do
+    local now = tonumber(ARGV[i]) or 0
+    local rejected = ARGV[i + 1]
+    local nops = tonumber(ARGV[i + 2]) or 0
+    i = i + 3
+    if nops < 1 or nops ~= floor(nops) or i + 9 * nops - 1 > n then
+      return redis.error_reply('ERR ratethrottle batch: malformed request at argument ' .. (i - 3))
+    end
+    if now <= 0 then
+      clock = clock or redis_now()
+      now = clock
+    end
+    if now > MAXT then
+      now = MAXT
+    end
+    local reply = nil
+    if nops == 1 and ARGV[i + 8] == '0' then
+      -- The common request, one op: the fast path reads its arguments in place.
+      local ok, r = pcall(fast_in_place, ARGV, i, now, rejected == '1')
+      if not ok then
+        reply = r
+      elseif r then
+        out[o + 1] = 4
+        out[o + 2], out[o + 3], out[o + 4], out[o + 5] = r[1], r[2], r[3], r[4]
+        o = o + 5
+        i = i + 9
+        reply = true
+      end
+    end
+    if reply == true then
+      -- decided in place
+    elseif reply ~= nil then
+      out[o + 1] = -1
+      out[o + 2] = tostring(type(reply) == 'table' and reply.err or reply)
+      o = o + 2
+      i = i + 9 * nops
+    else
+      o, i = decide_in_table(KEYS, ARGV, out, o, i, nops, now, rejected)
+    end
+  end
+  return out
 end

@@ -40,8 +40,12 @@ use crate::limiter::{Algorithm, Limit, Nanos, Outcome, RejectedHits};
 /// The algorithms and `main(KEYS, ARGV)`, shared by both ways of running them.
 const BODY: &str = include_str!("script.lua");
 
-/// The script for EVAL/EVALSHA (Redis < 7): every call re-creates the helper functions.
-pub const SOURCE: &str = concat!(include_str!("script.lua"), "\nreturn main(KEYS, ARGV)\n");
+/// The script for EVAL/EVALSHA (Redis < 7): every call re-creates the helper functions. A
+/// call without KEYS whose first argument is `B` is a batch (`main_batch`).
+pub const SOURCE: &str = concat!(
+    include_str!("script.lua"),
+    "\nif #KEYS == 0 and ARGV[1] == 'B' then return main_batch(KEYS, ARGV) end\nreturn main(KEYS, ARGV)\n"
+);
 
 /// The same code as a Redis 7 function library (FUNCTION LOAD + FCALL): the helpers are
 /// created once per load rather than once per call (about a third of the script's time),
@@ -52,6 +56,8 @@ pub const SOURCE: &str = concat!(include_str!("script.lua"), "\nreturn main(KEYS
 pub struct Library {
     /// The function to FCALL.
     pub function: String,
+    /// The batch function (`main_batch`): many requests, keys in ARGV, any slots of one node.
+    pub batch_function: String,
     /// The code to FUNCTION LOAD.
     pub code: String,
 }
@@ -66,7 +72,12 @@ impl Library {
         }
         let name = format!("ratethrottle_{h:016x}");
         Library {
-            code: format!("#!lua name={name}\n{BODY}\nredis.register_function('{name}', main)\n"),
+            code: format!(
+                "#!lua name={name}\n{BODY}\nredis.register_function('{name}', main)\n\
+                 redis.register_function{{function_name='{name}_batch', callback=main_batch, \
+                 flags={{'allow-cross-slot-keys'}}}}\n"
+            ),
+            batch_function: format!("{name}_batch"),
             function: name,
         }
     }
@@ -133,22 +144,27 @@ pub fn call_args(
     for op in ops {
         keys.push(op.key.clone());
         keys.push(format!("{}{LOG_SUFFIX}", op.key));
-        let l = &op.limit;
-        // Rounding the block up changes no decision at whole-microsecond instants:
-        // `now_µs < start_µs + ceil(d / 1000)` iff `now_µs × 1000 < start_µs × 1000 + d`.
-        let block_us = l.block_duration.div_ceil(1_000).min(MAX_US);
-        args.extend([
-            algorithm_code(l.algorithm).to_string(),
-            l.requests_per_unit.to_string(),
-            (l.unit.seconds() * 1_000_000).to_string(),
-            l.burst.to_string(),
-            block_us.to_string(),
-            op.hits.to_string(),
-            flag(op.shadow),
-            flag(op.negative),
-        ]);
+        push_op_args(&mut args, op);
     }
     (keys, args)
+}
+
+/// The 8 arguments of one op.
+fn push_op_args(args: &mut Vec<String>, op: &ScriptOp) {
+    let l = &op.limit;
+    // Rounding the block up changes no decision at whole-microsecond instants:
+    // `now_µs < start_µs + ceil(d / 1000)` iff `now_µs × 1000 < start_µs × 1000 + d`.
+    let block_us = l.block_duration.div_ceil(1_000).min(MAX_US);
+    args.extend([
+        algorithm_code(l.algorithm).to_string(),
+        l.requests_per_unit.to_string(),
+        (l.unit.seconds() * 1_000_000).to_string(),
+        l.burst.to_string(),
+        block_us.to_string(),
+        op.hits.to_string(),
+        flag(op.shadow),
+        flag(op.negative),
+    ]);
 }
 
 /// Why a reply could not be decoded: the script and this file disagree, or something other
@@ -157,6 +173,8 @@ pub fn call_args(
 pub enum ScriptError {
     #[error("script reply has {got} integers, expected {expected} ({REPLY_PER_OP} per op)")]
     Length { expected: usize, got: usize },
+    #[error("batch reply malformed at element {at}")]
+    Batch { at: usize },
     #[error("script reply for op {op}: {field} = {value} is out of range")]
     Value {
         op: usize,
@@ -203,6 +221,70 @@ pub fn parse_reply(reply: &[i64], ops: usize, now: Nanos) -> Result<Vec<Outcome>
             })
         })
         .collect()
+}
+
+/// ARGV of one `main_batch` call over many requests, each `(ops, now_us, rejected)` as for
+/// [`call_args`] (ops of one request may be in any slots of the node; the call has no KEYS).
+pub fn batch_args<'a>(
+    requests: impl IntoIterator<Item = (&'a [ScriptOp], Option<u64>, RejectedHits)>,
+) -> Vec<String> {
+    let mut args = vec!["B".to_string()];
+    for (ops, now_us, rejected) in requests {
+        args.push(now_us.map_or(0, |n| n.min(MAX_US)).to_string());
+        args.push(flag(rejected == RejectedHits::Counted));
+        args.push(ops.len().to_string());
+        for op in ops {
+            args.push(op.key.clone());
+            push_op_args(&mut args, op);
+        }
+    }
+    args
+}
+
+/// One request's answer in a batch reply: its outcomes, or the error the script met on it
+/// alone (e.g. a key of another type).
+pub type BatchAnswer = Result<Vec<Outcome>, String>;
+
+/// Decodes a `main_batch` reply; `requests` gives each request's op count and `now`, in the
+/// order sent. Err when the reply as a whole is malformed.
+pub fn parse_batch_reply(
+    reply: &[fred::types::Value],
+    requests: impl IntoIterator<Item = (usize, Nanos)>,
+) -> Result<Vec<BatchAnswer>, ScriptError> {
+    use fred::types::Value;
+    let mut at = 0;
+    let mut answers = Vec::new();
+    let shape = |at: usize| ScriptError::Batch { at };
+    for (ops, now) in requests {
+        match reply.get(at) {
+            Some(Value::Integer(-1)) => {
+                let text = reply
+                    .get(at + 1)
+                    .and_then(|v| v.as_str().map(|s| s.to_string()))
+                    .ok_or(shape(at + 1))?;
+                answers.push(Err(text));
+                at += 2;
+            }
+            Some(Value::Integer(n)) if usize::try_from(*n).ok() == Some(ops * REPLY_PER_OP) => {
+                let ints = reply
+                    .get(at + 1..at + 1 + ops * REPLY_PER_OP)
+                    .ok_or(shape(at + 1))?
+                    .iter()
+                    .map(|v| match v {
+                        Value::Integer(i) => Ok(*i),
+                        _ => Err(shape(at)),
+                    })
+                    .collect::<Result<Vec<i64>, _>>()?;
+                answers.push(Ok(parse_reply(&ints, ops, now)?));
+                at += 1 + ops * REPLY_PER_OP;
+            }
+            _ => return Err(shape(at)),
+        }
+    }
+    if at != reply.len() {
+        return Err(shape(at));
+    }
+    Ok(answers)
 }
 
 #[cfg(test)]
@@ -405,6 +487,72 @@ mod tests {
             .to_string()
             .contains("expected 4")
         );
+    }
+
+    #[test]
+    fn batch_args_carry_each_request_with_its_clock_and_keys() {
+        let a = ScriptOp {
+            key: redis_key("p", 1),
+            limit: limit(Algorithm::FixedWindow),
+            hits: 1,
+            shadow: false,
+            negative: false,
+        };
+        let b = ScriptOp {
+            key: redis_key("p", 2),
+            ..a.clone()
+        };
+        let one = [a.clone()];
+        let two = [a, b];
+        let args = batch_args([
+            (&one[..], Some(5), RejectedHits::Free),
+            (&two[..], None, RejectedHits::Counted),
+        ]);
+        let k1 = redis_key("p", 1);
+        let k2 = redis_key("p", 2);
+        let op = ["1", "7", "60000000", "3", "1501", "1", "0", "0"];
+        let mut want: Vec<&str> = vec!["B", "5", "0", "1", &k1];
+        want.extend(op);
+        want.extend(["0", "1", "2", &k1]);
+        want.extend(op);
+        want.push(&k2);
+        want.extend(op);
+        assert_eq!(args, want);
+    }
+
+    #[test]
+    fn batch_reply_decodes_per_request_answers_and_errors() {
+        use fred::types::Value;
+        let int = Value::Integer;
+        let reply = [
+            int(4),
+            int(1),
+            int(4),
+            int(0),
+            int(250),
+            int(-1),
+            Value::String("WRONGTYPE Operation against a key".into()),
+            int(8),
+            int(1),
+            int(0),
+            int(0),
+            int(0),
+            int(0),
+            int(0),
+            int(7),
+            int(9),
+        ];
+        let answers = parse_batch_reply(&reply, [(1, 10), (3, 10), (2, 20)]).unwrap();
+        assert_eq!(answers.len(), 3);
+        assert_eq!(answers[0].as_ref().unwrap()[0].expires_at, 10 + 250_000);
+        assert!(answers[1].as_ref().unwrap_err().starts_with("WRONGTYPE"));
+        let third = answers[2].as_ref().unwrap();
+        assert_eq!(third[1].reset_after, 7_000);
+        assert_eq!(third[1].expires_at, 20 + 9_000);
+        // A request count that disagrees, a short reply, a trailing element: malformed.
+        assert!(parse_batch_reply(&reply, [(2, 0)]).is_err());
+        assert!(parse_batch_reply(&reply[..3], [(1, 0)]).is_err());
+        assert!(parse_batch_reply(&reply, [(1, 0), (3, 0)]).is_err());
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct Node {
     /// Wakes the calls in flight when the circuit opens: a command queued while fred
     /// reconnects would otherwise wait for the whole timeout.
     pub opened: tokio::sync::Notify,
+    /// Requests waiting to go out together (see `coalesce`).
+    pub queue: super::coalesce::Queue,
 }
 
 impl Node {
@@ -41,6 +43,7 @@ impl Node {
             pool,
             circuit: Circuit::default(),
             opened: tokio::sync::Notify::new(),
+            queue: Default::default(),
         });
         for client in node.pool.clients() {
             let mut errors = client.error_rx();
