@@ -6,6 +6,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use ratethrottle::anomaly::{TrustTable, subject};
 use ratethrottle::config::parse_str;
 use ratethrottle::engine::RateLimitEngine;
 use ratethrottle::limiter::{Algorithm, Limit, ManualClock, NANOS_PER_SECOND, RejectedHits, Unit};
@@ -156,5 +157,75 @@ descriptors:
     g.finish();
 }
 
-criterion_group!(benches, store, engine);
+/// An engine over `yaml` with a trust table holding `trusted` callers.
+fn engine_with_trust(yaml: &str, trusted: u64) -> RateLimitEngine {
+    let config = parse_str("bench.yaml", yaml).expect("bench config");
+    let stats = Arc::new(StatsRegistry::default());
+    let rules = Arc::new(arc_swap::ArcSwap::from_pointee(RuleSet::compile(
+        &config, &stats,
+    )));
+    let table = Arc::new(TrustTable::new(1 << 18));
+    for i in 0..trusted {
+        let key = subject(&format!("user:{i}"), None).expect("key");
+        table.set(key, Some((i % 65_536) as u16));
+    }
+    RateLimitEngine::new(
+        rules,
+        Arc::new(Storage::Memory(MemoryStore::new(2 * DISTINCT as usize))),
+        Arc::new(ManualClock::new(NOW)),
+        stats,
+        Arc::new(ServiceMetrics::default()),
+    )
+    .with_trust(table)
+}
+
+/// ShouldRateLimit per identity with and without `adaptive` on the rule (issue 13's target:
+/// within 3 %): 10k callers, every one in the trust table.
+fn adaptive(c: &mut Criterion) {
+    let plain = "domain: bench\ndescriptors:\n  - key: remote_address\n    descriptors:\n      - key: identity\n        rate_limit: {unit: hour, requests_per_unit: 1000000000}\n";
+    let adaptive = plain.replace(
+        "1000000000}",
+        "1000000000, adaptive: {min_factor: 0.25, max_factor: 2}}",
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("rt");
+    let requests: Vec<RateLimitRequest> = (0..10_000u64)
+        .map(|i| RateLimitRequest {
+            domain: "bench".into(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: vec![
+                    Entry {
+                        key: "remote_address".into(),
+                        value: format!("10.0.{}.{}", i / 256, i % 256),
+                    },
+                    Entry {
+                        key: "identity".into(),
+                        value: format!("user:{i}"),
+                    },
+                ],
+                ..Default::default()
+            }],
+            hits_addend: 0,
+        })
+        .collect();
+    let mut g = c.benchmark_group("adaptive");
+    g.throughput(Throughput::Elements(1));
+    for (name, yaml) in [("off", plain.to_string()), ("on", adaptive)] {
+        let engine = engine_with_trust(&yaml, 10_000);
+        let mut i = 0usize;
+        g.bench_function(format!("should_rate_limit_identity_10k_{name}"), |b| {
+            b.iter(|| {
+                i = (i + 1) % requests.len();
+                black_box(
+                    rt.block_on(engine.should_rate_limit(&requests[i]))
+                        .expect("ok"),
+                )
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, store, engine, adaptive);
 criterion_main!(benches);

@@ -239,7 +239,7 @@ impl AuthzEngine {
         let grpc = view.is_grpc;
         let (ip, identity) = match self.identify(&st, &view, note) {
             Ok(who) => who,
-            Err(denied) => return denied,
+            Err(denied) => return *denied,
         };
         match self.screen(ip, &identity.value) {
             Some(Listed::Allow) => {
@@ -260,7 +260,7 @@ impl AuthzEngine {
         }
         let collected = match self.collect(&st, &view) {
             Ok(c) => c,
-            Err(denied) => return denied,
+            Err(denied) => return *denied,
         };
         if collected.templates.is_empty() {
             self.metrics.outcome(Outcome::Allowed);
@@ -298,14 +298,15 @@ impl AuthzEngine {
         st: &AuthzState,
         view: &RequestView<'_>,
         note: &mut Option<Note>,
-    ) -> Result<(Option<crate::lists::cidr::Addr>, identity::Identity), CheckResponse> {
+    ) -> Result<(Option<crate::lists::cidr::Addr>, identity::Identity), Box<CheckResponse>> {
         let ip = st.identity.client_ip(view);
         let identity = match st.identity.resolve(view, ip) {
             Ok(id) => id,
             Err(e) => {
                 self.metrics.stage(Stage::IdentityInvalidToken);
                 self.metrics.outcome(Outcome::Unauthenticated);
-                return Err(Denial::unauthenticated(&e.to_string()).into_response(view.is_grpc));
+                let denied = Denial::unauthenticated(&e.to_string()).into_response(view.is_grpc);
+                return Err(Box::new(denied));
             }
         };
         if let Some(n) = note.as_mut() {
@@ -349,7 +350,7 @@ impl AuthzEngine {
         &self,
         st: &'s AuthzState,
         view: &RequestView<'_>,
-    ) -> Result<Collected<'s>, CheckResponse> {
+    ) -> Result<Collected<'s>, Box<CheckResponse>> {
         let mut c = Collected {
             templates: SmallVec::new(),
             graphql: false,
@@ -363,7 +364,7 @@ impl AuthzEngine {
         {
             c.graphql = true;
             if let Err(m) = view.body() {
-                return Err(self.malformed(st, m, view.is_grpc));
+                return Err(Box::new(self.malformed(st, m, view.is_grpc)));
             }
             match guard.check(view) {
                 Ok(a) => {
@@ -380,7 +381,9 @@ impl AuthzEngine {
                         _ => Stage::GraphqlParseError,
                     });
                     self.metrics.outcome(Outcome::GraphqlRejected);
-                    return Err(Denial::graphql(e.to_json()).into_response(view.is_grpc));
+                    return Err(Box::new(
+                        Denial::graphql(e.to_json()).into_response(view.is_grpc),
+                    ));
                 }
             }
         }
