@@ -381,12 +381,24 @@ mod tests {
 
     #[test]
     fn bad_values_are_errors_with_their_key_path() {
-        let e = errors(
-            "alerts:\n  queue_sise: 5\n  sinks:\n    - type: webhok\n      url: http://x\n    \
-             - type: slack\n      url: 'hooks.slack.com/services/x'\n    - type: alertmanager\n      \
-             url: http://am:9093\n      hmac_key: k\n    - type: webhook\n      url: env:\n    \
-             - type: webhook\n  kinds:\n    anomaly_decisions: {}\n    violation_rate: {threshold: 0, severity: loud, cooldwn: 1m}\n",
-        );
+        let e = errors(concat!(
+            "alerts:\n",
+            "  queue_sise: 5\n",
+            "  sinks:\n",
+            "    - type: webhok\n",
+            "      url: http://x\n",
+            "    - type: slack\n",
+            "      url: 'hooks.slack.com/services/x'\n",
+            "    - type: alertmanager\n",
+            "      url: http://am:9093\n",
+            "      hmac_key: k\n",
+            "    - type: webhook\n",
+            "      url: 'env:'\n",
+            "    - type: webhook\n",
+            "  kinds:\n",
+            "    anomaly_decisions: {}\n",
+            "    violation_rate: {threshold: 0, severity: loud, cooldwn: 1m}\n",
+        ));
         let has = |key: &str, needle: &str| {
             assert!(
                 e.iter().any(|(k, m)| k == key && m.contains(needle)),
