@@ -218,7 +218,12 @@ impl Alertmanager {
             Duration::from_secs(15),
             "alertmanager ready",
             || async move {
-                tokio::time::timeout(Duration::from_secs(2), http(addr, "GET", "/-/ready", ""))
+                // `http` wants a listener: connect first.
+                tokio::net::TcpStream::connect(addr).await.is_ok()
+                    && tokio::time::timeout(
+                        Duration::from_secs(2),
+                        http(addr, "GET", "/-/ready", ""),
+                    )
                     .await
                     .is_ok_and(|(code, _)| code == 200)
             },
@@ -494,7 +499,7 @@ async fn anomaly_and_storage_alerts_reach_a_real_alertmanager() {
     // Redis dies: a request fails over to the failure mode, and the storage-degraded alert
     // arrives; Redis back: the recovery resolves it.
     redis.kill();
-    let mut rl = s.client().await;
+    let rl = s.client().await;
     eventually(
         Duration::from_secs(15),
         "storage degraded in Alertmanager",
@@ -525,7 +530,7 @@ async fn anomaly_and_storage_alerts_reach_a_real_alertmanager() {
         || {
             let req = support::request("shop", &[&[("user", "b")]]);
             let am = &am;
-            let rl = &mut rl;
+            let mut rl = rl.clone();
             async move {
                 let _ = rl.should_rate_limit(req).await;
                 am.find("RatethrottleStorageDegraded").await.is_none()
