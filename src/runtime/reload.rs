@@ -180,7 +180,7 @@ impl Reloader {
             for e in errors.iter() {
                 tracing::error!("config error, keeping version {:?}: {e}", st.version);
             }
-            self.alerts.emit(AlertEvent::ReloadFailed {
+            self.alerts.emit_with(|| AlertEvent::ReloadFailed {
                 error: text.clone(),
             });
             st.last_error = Some(text);
