@@ -320,7 +320,7 @@ def alert_rows(tmp):
     counter = 'ratethrottle_authz_checks_total{outcome="rate_limited"}'
     for label, alerts in [("over limit, alerts off", ""),
                           ("over limit, alerts to a hung + a 500 sink", (
-                              "alerts:\n  timeout: 2s\n  deadline: 10s\n  sinks:\n"
+                              "alerts:\n  timeout: 1s\n  deadline: 3s\n  sinks:\n"
                               f"    - {{name: hung, type: webhook, url: '{hung}'}}\n"
                               f"    - {{name: failing, type: slack, url: '{failing}'}}\n"
                               "  kinds:\n    violation_rate: {threshold: 1, window: 0s, cooldown: 0s}\n"))]:
