@@ -10,10 +10,13 @@ environment, like the test command). Rows:
      metrics.
   3. HTTP through Envoy with wrk: Envoy alone, Envoy + ratethrottle, Envoy + the OK-only
      service (the ceiling for the filter's own cost).
+  4. gRPC Check over the limit (every answer a 429, so the violation ring feeds
+     `violation_rate` alerts every second) with alerts off, and with alerts to a sink that
+     never answers plus one that answers 500: what a dead sink costs the request path.
 CPU seconds per request = CPU time the server processes (sidecar, Redis, Envoy) used during
 the run / requests.
 """
-import os, re, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request
+import http.server, os, re, shutil, signal, socket, subprocess, sys, tempfile, threading, time, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # RATETHROTTLE_BENCH_BIN: another build of the sidecar (e.g. a before/after comparison).
@@ -303,6 +306,79 @@ def envoy_rows(tmp):
                      f"{bad} non-2xx" if bad else ""))
 
 
+def bad_sinks():
+    """A sink that accepts and never answers, and one that answers 500: their URLs."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(1024)
+    held = []
+
+    def accept():
+        while True:
+            held.append(hung.accept()[0])
+
+    class Fail(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_response(500)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    fail = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fail)
+    threading.Thread(target=accept, daemon=True).start()
+    threading.Thread(target=fail.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{hung.getsockname()[1]}/", f"http://127.0.0.1:{fail.server_port}/"
+
+
+def alert_rows(tmp):
+    hung, failing = bad_sinks()
+    body = os.path.join(tmp, "check.bin")
+    log = os.path.join(tmp, "h2load-alerts.log")
+    counter = 'ratethrottle_authz_checks_total{outcome="rate_limited"}'
+    for label, alerts in [("over limit, alerts off", ""),
+                          ("over limit, alerts to a hung + a 500 sink", (
+                              "alerts:\n  timeout: 1s\n  deadline: 3s\n  sinks:\n"
+                              f"    - {{name: hung, type: webhook, url: '{hung}'}}\n"
+                              f"    - {{name: failing, type: slack, url: '{failing}'}}\n"
+                              "  kinds:\n    violation_rate: {threshold: 1, window: 0s, cooldown: 0s}\n"))]:
+        path = os.path.join(tmp, f"alerts-{bool(alerts)}.yaml")
+        with open(path, "w") as f:
+            f.write("domains:\n  - domain: example\n    descriptors:\n"
+                    "      - key: generic_key\n        value: api\n        descriptors:\n"
+                    "          - key: identity\n            rate_limit: {unit: hour, requests_per_unit: 1}\n"
+                    "authz:\n  domain: example\n"
+                    "  identity:\n    sources:\n      - header: x-api-key\n        name: api_key\n"
+                    "  policies:\n    - name: api\n      match: {path: {prefix: /}}\n"
+                    "      descriptors:\n        - [{generic_key: {descriptor_value: api}}, {identity: {}}]\n"
+                    + alerts)
+        grpc, admin = free_port(), free_port()
+        p = start([BIN, "serve", "--config", path, "--grpc-addr", f"127.0.0.1:{grpc}",
+                   "--admin-addr", f"127.0.0.1:{admin}"], grpc)
+        before = metric(admin, counter)
+        h2load(grpc, body, log, streams=1, conns=1, path=CHECK_PATH, requests=10)
+        if metric(admin, counter) - before < 9:
+            raise SystemExit(f"probe failed for {label}")
+        c0 = cpu_seconds([p.pid])
+        before = metric(admin, counter)
+        rps, ok, lat = h2load(grpc, body, log, path=CHECK_PATH)
+        cpu = cpu_seconds([p.pid]) - c0
+        decided = metric(admin, counter) - before
+        note = ""
+        if alerts:
+            failed = sum(metric(admin, f'ratethrottle_alerts_failed_total{{sink="{n}",type="{t}"}}')
+                         for n, t in [("hung", "webhook"), ("failing", "slack")])
+            made = metric(admin, 'ratethrottle_alerts_total{kind="violation_rate"}')
+            dead = metric(admin, 'ratethrottle_alerts_sink_dead{sink="failing",type="slack"}')
+            note = f"{int(made)} alerts, {int(failed)} deliveries failed, failing sink dead={int(dead)}"
+        stop(p)
+        p50, p99 = percentiles(lat)
+        ROWS.append(("gRPC Check, alerts (h2load 16x32)", label, rps, p50, p99,
+                     cpu / max(decided, 1) * 1e6, note))
+
+
 def criterion_rows():
     out = subprocess.run(["cargo", "bench", "--bench", "decisions", "--", "--warm-up-time", "1",
                           "--measurement-time", str(max(2, SECONDS // 3)), "--output-format", "bencher"],
@@ -325,6 +401,7 @@ def main():
         grpc_rows(tmp)
         if not only:
             envoy_rows(tmp)
+            alert_rows(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print()

@@ -61,6 +61,8 @@ source scripts/image-tools.sh || { echo "error: installing the container image t
 # promtool (Debian prometheus) and tmux for tests/metrics.rs and tests/monitor.rs; exports
 # RATETHROTTLE_TEST_PROMTOOL and RATETHROTTLE_TEST_TMUX.
 source scripts/observability-tools.sh || { echo "error: installing promtool or tmux failed (above)" >&2; exit 1; }
+# Alertmanager (Debian prometheus-alertmanager) for tests/alerts.rs; exports RATETHROTTLE_TEST_ALERTMANAGER.
+source scripts/alerting-tools.sh || { echo "error: installing Alertmanager failed (above)" >&2; exit 1; }
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/ratethrottle-test.XXXXXX")
 PIDS=()

@@ -13,6 +13,8 @@
 * ServiceMonitor (monitoring.coreos.com/v1, the Prometheus Operator's): no schema is at hand;
   a small structural check runs (selector, endpoints with a port, known endpoint fields) and
   the output says so ("checked structurally (no schema)").
+* PrometheusRule (monitoring.coreos.com/v1): structurally too (groups with a name and rules,
+  each rule an alert or a record with an expr, known fields only, durations well formed).
 * Any other kind is an error ("no schema"): nothing is skipped silently.
 
 Every object gets one line: "ok", "checked structurally" or "ERROR ...". The exit status is 0
@@ -242,6 +244,55 @@ def check_service_monitor(obj):
     return errors
 
 
+PROMETHEUS_RULE_GROUP = {"name", "interval", "rules", "limit", "partial_response_strategy", "query_offset", "labels"}
+PROMETHEUS_RULE = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
+
+
+def check_prometheus_rule(obj):
+    """A PrometheusRule's groups and rules, structurally (no schema is at hand)."""
+    errors = check_metadata(obj, True)
+    for key in obj:
+        if key not in ("apiVersion", "kind", "metadata", "spec"):
+            errors.append(f"{key}: unknown field")
+    spec = obj.get("spec")
+    if not isinstance(spec, dict) or set(spec) - {"groups"}:
+        return errors + ["spec: required object with only `groups`"]
+    groups = spec.get("groups")
+    if not isinstance(groups, list) or not groups:
+        return errors + ["spec.groups: required non-empty list"]
+    for i, g in enumerate(groups):
+        where = f"spec.groups.{i}"
+        if not isinstance(g, dict):
+            errors.append(f"{where}: must be an object")
+            continue
+        for key in set(g) - PROMETHEUS_RULE_GROUP:
+            errors.append(f"{where}.{key}: unknown field")
+        if not isinstance(g.get("name"), str) or not g["name"]:
+            errors.append(f"{where}.name: required string")
+        rules = g.get("rules")
+        if not isinstance(rules, list) or not rules:
+            errors.append(f"{where}.rules: required non-empty list")
+            continue
+        for j, r in enumerate(rules):
+            rw = f"{where}.rules.{j}"
+            if not isinstance(r, dict):
+                errors.append(f"{rw}: must be an object")
+                continue
+            for key in set(r) - PROMETHEUS_RULE:
+                errors.append(f"{rw}.{key}: unknown field")
+            if ("alert" in r) == ("record" in r):
+                errors.append(f"{rw}: needs exactly one of alert and record")
+            if not isinstance(r.get("expr"), (str, int)) or r.get("expr") == "":
+                errors.append(f"{rw}.expr: required")
+            for key in ("for", "keep_firing_for"):
+                if key in r and not (isinstance(r[key], str) and DURATION.match(r[key])):
+                    errors.append(f"{rw}.{key}: {r[key]!r} is not a Prometheus duration")
+            for key in ("labels", "annotations"):
+                if key in r and not (isinstance(r[key], dict) and all(isinstance(v, str) for v in r[key].values())):
+                    errors.append(f"{rw}.{key}: must map names to strings")
+    return errors
+
+
 def validate(obj, crds, version):
     """(status, messages) for one object: status is "ok", "structural" or "error"."""
     if not isinstance(obj, dict):
@@ -255,6 +306,9 @@ def validate(obj, crds, version):
         return ("error", errors) if errors else ("ok", [f"against {crd.path}"])
     if kind == "ServiceMonitor" and api_version == "monitoring.coreos.com/v1":
         errors = check_service_monitor(obj)
+        return ("error", errors) if errors else ("structural", [])
+    if kind == "PrometheusRule" and api_version == "monitoring.coreos.com/v1":
+        errors = check_prometheus_rule(obj)
         return ("error", errors) if errors else ("structural", [])
     try:
         got = kubernetes_validate.validate(obj, version, strict=True)
@@ -300,7 +354,7 @@ def main(argv):
             if status == "ok":
                 print(f"ok    {where} ({'; '.join(messages)})")
             elif status == "structural":
-                print(f"ok    {where}: checked structurally (no schema for ServiceMonitor)")
+                print(f"ok    {where}: checked structurally (no schema for {obj.get('kind')})")
             else:
                 failed += 1
                 for m in messages:

@@ -40,6 +40,8 @@ pub struct AdminState {
     pub admin_token: Option<Arc<str>>,
     /// The anomaly module, when configured.
     pub anomaly: Option<Arc<crate::runtime::anomaly::Anomaly>>,
+    /// Alerts (off without an `alerts:` block): dead sinks in `/readyz`, metrics.
+    pub alerts: crate::alerts::Alerts,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -62,21 +64,28 @@ pub fn router(state: AdminState) -> Router {
 /// Ready once a configuration is loaded. A degraded Redis is reported in the body; it makes
 /// the replica unready only with `failure_mode: deny`, where it can do nothing but reject —
 /// with `allow` or `local` it still answers usefully, and pulling every replica out of the
-/// Service during a Redis outage would only turn it into an outage of the sidecar.
+/// Service during a Redis outage would only turn it into an outage of the sidecar. A dead
+/// alert sink is a line of the body, never a status: it answers requests as well as before.
 async fn readyz(State(s): State<AdminState>) -> Response {
+    let (code, body) = readiness(&s);
+    let mut body = body;
+    body.push_str(&s.alerts.readiness_detail());
+    (code, body).into_response()
+}
+
+fn readiness(s: &AdminState) -> (StatusCode, String) {
     {
         let st = s.reload.read();
         if !st.loaded {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "no configuration loaded yet\n",
-            )
-                .into_response();
+                "no configuration loaded yet\n".into(),
+            );
         }
         if let Some(k) = st.kubernetes.as_ref().filter(|k| !k.synced) {
             let why = k.error.as_deref().unwrap_or("listing");
             let body = format!("waiting for the first Kubernetes sync ({why})\n");
-            return (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
+            return (StatusCode::SERVICE_UNAVAILABLE, body);
         }
     }
     if let Some(r) = s.engine.storage().redis()
@@ -93,9 +102,9 @@ async fn readyz(State(s): State<AdminState>) -> Response {
         } else {
             StatusCode::OK
         };
-        return (code, body).into_response();
+        return (code, body);
     }
-    (StatusCode::OK, "ready\n").into_response()
+    (StatusCode::OK, "ready\n".into())
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
@@ -131,6 +140,7 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     if let Some(a) = &s.anomaly {
         a.metrics().render(&mut text, &a.gauges());
     }
+    s.alerts.render(&mut text);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

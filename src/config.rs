@@ -11,6 +11,7 @@
 //! rules in is `runtime`'s: it calls `load` again and swaps the result in only when loading
 //! succeeded.
 
+pub mod alerts;
 pub mod anomaly;
 pub mod authz;
 mod decode;

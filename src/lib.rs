@@ -5,7 +5,8 @@
 //! `proto` (generated API types) →
 //! `lists` (allow/block entry model, CIDR trie) → `config` (text → validated model) → `rules`
 //! (compiled match tree) → `storage` (counters in memory or Redis) and `telemetry` (metric
-//! counters) → `engine` (one ShouldRateLimit decision) → `runtime` (live merge of files and
+//! counters) → `alerts` (events to webhook, Slack and Alertmanager sinks; fed by the runtime
+//! and the server's watchers) → `engine` (one ShouldRateLimit decision) → `runtime` (live merge of files and
 //! resources, reload, runtime lists) → `authz` (ext_authz decisions) → `service` (gRPC face)
 //! and `k8s` (resource watcher) → `admin` (HTTP face) → `server` (assembly) → `cli`.
 //! See each module's top comment for what it owns and must not touch.
@@ -15,6 +16,7 @@
 #![recursion_limit = "256"]
 
 pub mod admin;
+pub mod alerts;
 pub mod anomaly;
 pub mod authz;
 pub mod cli;

@@ -8,6 +8,7 @@ mod admin_http;
 pub mod listen;
 
 use crate::admin::{self, AdminState};
+use crate::alerts::{AlertTask, Alerts};
 use crate::authz::AuthzEngine;
 use crate::config::Config;
 use crate::engine::RateLimitEngine;
@@ -112,6 +113,9 @@ pub enum ServerError {
     Storage(#[from] crate::storage::StorageError),
     #[error(transparent)]
     Kubernetes(#[from] crate::k8s::KubernetesError),
+    /// An `alerts:` sink whose secret or URL cannot be used (`alerts.sinks[0].url: ...`).
+    #[error("{0}")]
+    Alerts(String),
 }
 
 /// A server whose ports are bound; `run` serves until `shutdown` resolves or a task fails.
@@ -133,6 +137,7 @@ pub struct BoundServer {
     anomaly: Option<Arc<Anomaly>>,
     anomaly_metrics: Arc<AnomalyMetrics>,
     identity_header: String,
+    alert_task: Option<AlertTask>,
 }
 
 /// This host's name (the pod name in Kubernetes), for the anomaly module's replica id.
@@ -171,6 +176,17 @@ impl BoundServer {
             }
             Some(password) => crate::storage::with_password(&url, password)
                 .map_err(|e| StorageError::Config(format!("--redis-password: {e}")))?,
+        };
+        // Alerts first: a sink secret that cannot be resolved fails before anything connects.
+        let (alerts, alert_task) = match opts.config.as_ref().and_then(|c| c.alerts.as_ref()) {
+            Some(a) => {
+                let env = |name: &str| std::env::var(name).ok();
+                let (alerts, task) =
+                    crate::alerts::build(a, &env, hostname()).map_err(ServerError::Alerts)?;
+                tracing::info!(sinks = a.sinks.len(), "alerts on");
+                (alerts, Some(task))
+            }
+            None => (Alerts::off(), None),
         };
         let storage = Arc::new(Storage::connect(&url, &settings).await?);
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -234,6 +250,7 @@ impl BoundServer {
                     lists.clone(),
                     anomaly_metrics.clone(),
                 );
+                module.set_alerts(alerts.clone());
                 (Some(sink), Some(module))
             }
             None => (None, None),
@@ -268,7 +285,8 @@ impl BoundServer {
         let reloader = match (&opts.config_path, &opts.config) {
             (Some(path), Some(config)) => {
                 let r = Reloader::new(path.clone(), live.clone(), metrics.clone(), status.clone())
-                    .allow_empty(opts.allow_empty_config);
+                    .allow_empty(opts.allow_empty_config)
+                    .alerts(alerts.clone());
                 r.install(config);
                 Some(r)
             }
@@ -332,11 +350,13 @@ impl BoundServer {
                 authz: authz.clone(),
                 admin_token,
                 anomaly: anomaly.clone(),
+                alerts,
             },
             sink,
             anomaly,
             anomaly_metrics,
             identity_header,
+            alert_task,
             engine,
             authz,
             reloader,
@@ -374,6 +394,7 @@ impl BoundServer {
             .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let alerts = self.admin_state.alerts.clone();
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
@@ -431,6 +452,17 @@ impl BoundServer {
         background.spawn("list polling", self.authz.lists().clone().run());
         if let Some(a) = self.anomaly.clone() {
             background.spawn("anomaly detector", a.run());
+        }
+        if let Some(task) = self.alert_task {
+            background.spawn("alert sender", task.run());
+            background.spawn(
+                "alert storage watch",
+                crate::alerts::watch::storage(self.engine.storage().clone(), alerts.clone()),
+            );
+            background.spawn(
+                "alert violations watch",
+                crate::alerts::watch::violations(self.metrics.clone(), alerts),
+            );
         }
         if self.engine.storage().redis().is_some() {
             let storage = self.engine.storage().clone();

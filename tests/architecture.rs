@@ -19,6 +19,8 @@ const LAYERS: &[&[&str]] = &[
     &["rules"],
     // Counters in memory or Redis; metric counters and their rendering.
     &["storage", "telemetry"],
+    // Alert-worthy events → grouped messages for sinks; the runtime and server emit into it.
+    &["alerts"],
     // One ShouldRateLimit decision: plan, count, report.
     &["engine"],
     // What changes at run time: live merge of files and resources, reload, runtime lists.

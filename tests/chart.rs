@@ -1411,3 +1411,85 @@ fn every_value_is_in_the_schema_commented_and_documented() {
         );
     }
 }
+
+#[test]
+fn alerts_settings_secrets_and_the_prometheus_rule_render() {
+    let args = [
+        "--set",
+        "config.alerts.sinks[0].type=slack",
+        "--set",
+        "config.alerts.sinks[0].url=env:RATETHROTTLE_ALERT_SLACK_URL",
+        "--set",
+        "config.alerts.sinks[1].type=webhook",
+        "--set",
+        "config.alerts.sinks[1].url=http://hooks.example/alert",
+        "--set",
+        "config.alerts.sinks[1].hmac_key=env:HOOK_KEY",
+        "--set",
+        "alertSecrets[0].env=RATETHROTTLE_ALERT_SLACK_URL",
+        "--set",
+        "alertSecrets[0].value=https://hooks.slack.com/services/T/B/X",
+        "--set",
+        "alertSecrets[1].env=HOOK_KEY",
+        "--set",
+        "alertSecrets[1].existingSecret=alert-hooks",
+        "--set",
+        "alertSecrets[1].existingSecretKey=hmac",
+        "--set",
+        "prometheusRule.enabled=true",
+        "--set",
+        "prometheusRule.labels.release=prometheus",
+    ];
+    let yaml = template("rt", &args);
+    assert_valid(&yaml, &crd_files());
+    let objs = objects(&yaml);
+    // The secrets reach the process as the variables the `env:` references name.
+    assert_eq!(
+        env_var(&objs, "RATETHROTTLE_ALERT_SLACK_URL"),
+        Some(
+            json!({"secretKeyRef": {"name": "ratethrottle", "key": "RATETHROTTLE_ALERT_SLACK_URL"}})
+        )
+    );
+    assert_eq!(
+        env_var(&objs, "HOOK_KEY"),
+        Some(json!({"secretKeyRef": {"name": "alert-hooks", "key": "hmac"}}))
+    );
+    assert_eq!(
+        find(&objs, "Secret")["data"],
+        json!({"RATETHROTTLE_ALERT_SLACK_URL": "aHR0cHM6Ly9ob29rcy5zbGFjay5jb20vc2VydmljZXMvVC9CL1g="})
+    );
+    // The settings file carries the block, only references, and it loads.
+    let files = config_files(&objs);
+    let settings = &files
+        .iter()
+        .find(|(n, _)| n == "ratethrottle.yaml")
+        .expect("settings")
+        .1;
+    assert!(settings.contains("alerts:\n"), "{settings}");
+    assert!(!settings.contains("hooks.slack.com"), "{settings}");
+    assert_config_valid(&objs);
+    // The PrometheusRule holds exactly the rules file that promtool tests (tests/alerts.rs).
+    let rule = find(&objs, "PrometheusRule");
+    assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(rule["metadata"]["labels"]["release"], "prometheus");
+    let shipped = objects(
+        &std::fs::read_to_string(root().join(CHART).join("rules/ratethrottle.rules.yaml"))
+            .expect("rules file"),
+    );
+    assert_eq!(rule["spec"]["groups"], shipped[0]["groups"]);
+    let names: Vec<&str> = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .map(|r| r["alert"].as_str().expect("alert"))
+        .collect();
+    assert!(names.contains(&"RatethrottleStorageDegraded"), "{names:?}");
+    assert!(names.contains(&"RatethrottleAlertSinkDead"), "{names:?}");
+    // Off by default; a secret without a source is refused.
+    assert!(!kinds(&objects(&template("rt", &[]))).contains(&"PrometheusRule".to_string()));
+    let out = template_fails(&["--set", "alertSecrets[0].env=X"]);
+    assert!(
+        out.contains("alertSecrets: X needs existingSecret or value"),
+        "{out}"
+    );
+}

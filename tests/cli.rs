@@ -316,3 +316,21 @@ fn the_readme_adaptive_example_validates() {
         "{stderr}"
     );
 }
+
+/// The README's complete `alerts:` example is a valid settings file.
+#[test]
+fn the_readme_alerts_example_validates() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    let start = readme.find("```yaml\nalerts:").expect("alerts example") + "```yaml\n".len();
+    let len = readme[start..].find("```").expect("end of example");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("alerts.yaml");
+    std::fs::write(&file, &readme[start..start + len]).expect("write");
+    let out = Command::new(BIN)
+        .args(["config", "validate"])
+        .arg(&file)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{out:?}");
+}

@@ -185,7 +185,9 @@ pub fn run(args: ServeArgs) -> ExitCode {
             // configuration error, like a bad rule.
             if matches!(
                 e,
-                ServerError::Storage(StorageError::Config(_)) | ServerError::Kubernetes(_)
+                ServerError::Storage(StorageError::Config(_))
+                    | ServerError::Kubernetes(_)
+                    | ServerError::Alerts(_)
             ) {
                 ExitCode::from(super::EXIT_CONFIG)
             } else {

@@ -10,6 +10,7 @@
 //! (`value: 0800` stays `"0800"`), booleans accept `yes`/`no`/`on`/`off`, integers accept
 //! `1_000`, null means "absent", and `<<` merge keys work.
 
+mod alerts;
 mod anomaly;
 mod authz;
 
@@ -19,6 +20,7 @@ use std::path::Path;
 
 use saphyr::{LoadableYamlNode, MarkedYaml, Scalar, YamlData};
 
+use super::alerts::AlertSettings;
 use super::anomaly::AnomalySettings;
 use super::authz::AuthzConfig;
 use super::error::ConfigError;
@@ -50,11 +52,13 @@ pub(crate) struct FileOutput {
     pub authz: Vec<(AuthzConfig, Loc)>,
     /// Every `anomaly` block of the file (more than one in all files is an error).
     pub anomaly: Vec<(AnomalySettings, Loc)>,
+    /// Every `alerts` block of the file (more than one in all files is an error).
+    pub alerts: Vec<(AlertSettings, Loc)>,
     pub errors: Vec<ConfigError>,
 }
 
 const DOMAIN_KEYS: &[&str] = &["domain", "descriptors"];
-const SETTINGS_DOC_KEYS: &[&str] = &["settings", "domains", "authz", "anomaly"];
+const SETTINGS_DOC_KEYS: &[&str] = &["settings", "domains", "authz", "anomaly", "alerts"];
 const DESCRIPTOR_KEYS: &[&str] = &[
     "key",
     "value",
@@ -460,6 +464,11 @@ impl Decoder<'_> {
             let anomaly = self.anomaly(field.value, &f.path("anomaly"));
             let loc = Self::loc(field.key, f.path("anomaly"));
             self.out.anomaly.push((anomaly, loc));
+        }
+        if let Some(field) = f.raw("alerts") {
+            let alerts = self.alerts(field.value, &f.path("alerts"));
+            let loc = Self::loc(field.key, f.path("alerts"));
+            self.out.alerts.push((alerts, loc));
         }
         if let Some(field) = f.get("domains") {
             let path = f.path("domains");

@@ -10,6 +10,7 @@ use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use super::alerts::AlertSettings;
 use super::anomaly::AnomalySettings;
 use super::authz::{AuthzConfig, ListsConfig};
 use super::decode::{Loc, decode_domain_doc, decode_file, decode_lists_doc, uses_burst};
@@ -132,6 +133,7 @@ fn assemble(
     let mut bursts_on_default: Vec<(PathBuf, Loc)> = Vec::new();
     let mut authz: Option<(AuthzConfig, PathBuf, Loc)> = None;
     let mut anomaly: Option<(AnomalySettings, PathBuf, Loc)> = None;
+    let mut alerts: Option<(AlertSettings, PathBuf, Loc)> = None;
 
     for (file, bytes) in &sources {
         let text = match std::str::from_utf8(bytes) {
@@ -184,6 +186,20 @@ fn assemble(
                     loc,
                     format!(
                         "only one anomaly block is allowed; the first is at {}:{}",
+                        first_file.display(),
+                        first.line
+                    ),
+                )),
+            }
+        }
+        for (block, loc) in out.alerts {
+            match &alerts {
+                None => alerts = Some((block, file.clone(), loc)),
+                Some((_, first_file, first)) => errors.push(located(
+                    file,
+                    loc,
+                    format!(
+                        "only one alerts block is allowed; the first is at {}:{}",
                         first_file.display(),
                         first.line
                     ),
@@ -251,6 +267,7 @@ fn assemble(
         domains,
         authz: authz.map(|(a, _, _)| a),
         anomaly: anomaly.map(|(a, _, _)| a).filter(|a| a.enabled),
+        alerts: alerts.map(|(a, _, _)| a).filter(|a| a.enabled),
         files: sources.into_iter().map(|(file, _)| file).collect(),
         version,
     })

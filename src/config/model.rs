@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Serialize, Serializer};
 
+use super::alerts::AlertSettings;
 use super::anomaly::AnomalySettings;
 use super::authz::AuthzConfig;
 use crate::anomaly::Adaptive;
@@ -24,6 +25,8 @@ pub struct Config {
     pub authz: Option<AuthzConfig>,
     /// The settings file's `anomaly:` block, if any (the module is off without one).
     pub anomaly: Option<AnomalySettings>,
+    /// The settings file's `alerts:` block, if any (no alerts without one).
+    pub alerts: Option<AlertSettings>,
     /// The files read, in the order they were loaded (what a reload watcher should watch).
     #[serde(serialize_with = "ser_paths")]
     pub files: Vec<PathBuf>,

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use crate::alerts::{AlertEvent, Alerts};
 use crate::anomaly::{
     Action, Decision, Detector, Drain, Explanation, Scope, Target, TrustBook, TrustExplanation,
     canonical, mask, subject,
@@ -85,6 +86,8 @@ pub struct Anomaly {
     metrics: Arc<AnomalyMetrics>,
     recent: Mutex<VecDeque<Recorded>>,
     clock: Arc<dyn Clock>,
+    /// Where decisions are reported (`anomaly_decision` / `population_surge` alerts).
+    alerts: std::sync::OnceLock<Alerts>,
 }
 
 impl std::fmt::Debug for Anomaly {
@@ -178,7 +181,13 @@ impl Anomaly {
             metrics,
             recent: Mutex::new(VecDeque::new()),
             clock,
+            alerts: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Reports every decision (enforced or dry-run) to `alerts` from now on.
+    pub fn set_alerts(&self, alerts: Alerts) {
+        let _ = self.alerts.set(alerts);
     }
 
     pub fn metrics(&self) -> &Arc<AnomalyMetrics> {
@@ -315,6 +324,9 @@ impl Anomaly {
     async fn apply(&self, d: Decision) {
         let now = now_ms(&*self.clock);
         self.metrics.decision(d.detector, d.action, d.dry_run);
+        if let Some(a) = self.alerts.get() {
+            a.emit_with(|| AlertEvent::decision(&d));
+        }
         self.metrics.latency(now.saturating_sub(d.at_ms));
         let mut rec = Recorded {
             expires_at_ms: now.saturating_add(d.ttl_ms),

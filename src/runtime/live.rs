@@ -186,6 +186,7 @@ fn merge(
         domains: Vec::new(),
         authz: None,
         anomaly: None,
+        alerts: None,
         files: Vec::new(),
         version: String::new(),
     });

@@ -12,6 +12,7 @@
 //! same twice, `SETTLE` apart — a file caught mid-rewrite (`cat > f`) is never loaded.
 
 use super::live::LiveConfig;
+use crate::alerts::{AlertEvent, Alerts};
 use crate::config::{Config, ConfigError, ConfigErrors, load};
 use crate::telemetry::ServiceMetrics;
 use notify::{RecursiveMode, Watcher};
@@ -43,6 +44,7 @@ pub struct Reloader {
     metrics: Arc<ServiceMetrics>,
     status: Arc<RwLock<ReloadStatus>>,
     allow_empty: bool,
+    alerts: Alerts,
 }
 
 /// How long a changed configuration must read the same before it is put in force.
@@ -69,7 +71,14 @@ impl Reloader {
             metrics,
             status,
             allow_empty: false,
+            alerts: Alerts::off(),
         }
+    }
+
+    /// Where reload failures are reported (`config_reload_failed` alerts).
+    pub fn alerts(mut self, alerts: Alerts) -> Self {
+        self.alerts = alerts;
+        self
     }
 
     /// Whether a reload may remove every domain in force (`--allow-empty-config`).
@@ -171,6 +180,9 @@ impl Reloader {
             for e in errors.iter() {
                 tracing::error!("config error, keeping version {:?}: {e}", st.version);
             }
+            self.alerts.emit_with(|| AlertEvent::ReloadFailed {
+                error: text.clone(),
+            });
             st.last_error = Some(text);
         }
     }

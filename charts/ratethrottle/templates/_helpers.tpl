@@ -63,14 +63,19 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "ratethrottle.createSecret" -}}
 {{- if or (and .Values.storage.redisPassword.value (not .Values.storage.redisPassword.existingSecret)) (and .Values.adminToken.value (not .Values.adminToken.existingSecret)) -}}
 true
+{{- else -}}
+{{- range .Values.alertSecrets }}{{ if and .value (not .existingSecret) }}true{{ end }}{{ end -}}
 {{- end }}
 {{- end }}
 
-{{/* The settings file ratethrottle.yaml: the settings block and the optional authz block. */}}
+{{/* The settings file ratethrottle.yaml: the settings block and the optional authz and alerts blocks. */}}
 {{- define "ratethrottle.settingsFile" -}}
 {{- $file := dict "settings" (.Values.config.settings | default dict) }}
 {{- if .Values.config.authz }}
 {{- $_ := set $file "authz" .Values.config.authz }}
+{{- end }}
+{{- if .Values.config.alerts }}
+{{- $_ := set $file "alerts" .Values.config.alerts }}
 {{- end }}
 {{- toYaml $file }}
 {{- end }}
