@@ -63,6 +63,7 @@ source scripts/image-tools.sh || { echo "error: installing the container image t
 source scripts/observability-tools.sh || { echo "error: installing promtool or tmux failed (above)" >&2; exit 1; }
 # Alertmanager (Debian prometheus-alertmanager) for tests/alerts.rs; exports RATETHROTTLE_TEST_ALERTMANAGER.
 source scripts/alerting-tools.sh || { echo "error: installing Alertmanager failed (above)" >&2; exit 1; }
+source scripts/otel-tools.sh || { echo "error: installing the OTLP test receiver failed (above)" >&2; exit 1; }
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/ratethrottle-test.XXXXXX")
 PIDS=()

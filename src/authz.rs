@@ -174,6 +174,16 @@ impl AuthzEngine {
         &self.metrics
     }
 
+    /// The rate limit engine the policies count in (its store and service metrics).
+    pub fn limits(&self) -> &RateLimitEngine {
+        &self.limits
+    }
+
+    /// The domain the policies count in (for trace spans).
+    pub fn domain(&self) -> String {
+        self.state.load().domain.clone()
+    }
+
     /// Puts a denial in the violation ring (sampled, bounded, truncated; see
     /// `telemetry::violations`).
     fn record_violation(&self, kind: ViolationKind, domain: &str, identity: &str, limit: &str) {

@@ -18,6 +18,7 @@ mod decode;
 mod error;
 mod load;
 mod model;
+pub mod otel;
 pub mod storage_url;
 
 pub use decode::uses_burst;

@@ -2,13 +2,15 @@
 //!
 //! Owns: the service-level counters, the Prometheus text rendering of every metric (names
 //! follow envoyproxy/ratelimit's statsd-to-Prometheus mapping, so existing dashboards keep
-//! working) and the tracing subscriber set-up.
+//! working), the decision latency histograms, and the tracing subscriber set-up (logs, and
+//! OpenTelemetry span export in `otel`).
 //!
 //! Must not touch: decisions. Counters are plain atomics bumped by their owners; rendering
 //! reads them off the hot path.
 
 pub mod anomaly;
 pub mod authz;
+pub mod otel;
 pub mod violations;
 
 use crate::rules::{RuleStats, StatsRegistry};
@@ -30,6 +32,110 @@ pub struct ServiceMetrics {
     pub accept_errors_admin: AtomicU64,
     /// Recent over-limit and blocked events (sampled, bounded) for `WatchViolations`.
     pub violations: violations::ViolationLog,
+    /// How long ShouldRateLimit calls took to decide (the handler, storage included).
+    pub latency_should_rate_limit: Histogram,
+    /// How long ext_authz Check calls took to decide.
+    pub latency_check: Histogram,
+}
+
+/// Upper bounds of the latency buckets, in seconds (100 µs to 1 s).
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+const BUCKET_NANOS: [u64; 12] = [
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    1_000_000_000,
+];
+
+/// A fixed-bucket latency histogram: three relaxed atomic adds per observation.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Per bucket (not cumulative); the last one is `+Inf`.
+    buckets: [AtomicU64; 13],
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: std::time::Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let i = BUCKET_NANOS
+            .iter()
+            .position(|&b| ns <= b)
+            .unwrap_or(BUCKET_NANOS.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_nanos.fetch_add(ns, Relaxed);
+    }
+
+    /// Cumulative counts per bucket (the last is the total), and the sum in seconds.
+    pub fn snapshot(&self) -> ([u64; 13], f64) {
+        let mut out = [0u64; 13];
+        let mut acc = 0;
+        for (o, b) in out.iter_mut().zip(&self.buckets) {
+            acc += b.load(Relaxed);
+            *o = acc;
+        }
+        (out, self.sum_nanos.load(Relaxed) as f64 / 1e9)
+    }
+}
+
+/// `ratethrottle_decision_duration_seconds` for both services.
+fn render_latency(out: &mut String, metrics: &ServiceMetrics) {
+    let name = "ratethrottle_decision_duration_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time to decide a ShouldRateLimit or Check call (storage included).\n# TYPE {name} histogram"
+    );
+    for (service, h) in [
+        ("should_rate_limit", &metrics.latency_should_rate_limit),
+        ("check", &metrics.latency_check),
+    ] {
+        let (counts, sum) = h.snapshot();
+        for (le, n) in LATENCY_BUCKETS.iter().zip(&counts) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{service=\"{service}\",le=\"{le}\"}} {n}"
+            );
+        }
+        let total = counts[LATENCY_BUCKETS.len()];
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{service=\"{service}\",le=\"+Inf\"}} {total}"
+        );
+        let _ = writeln!(out, "{name}_sum{{service=\"{service}\"}} {sum}");
+        let _ = writeln!(out, "{name}_count{{service=\"{service}\"}} {total}");
+    }
+}
+
+/// The span exporter's counters (all zero while tracing is off).
+fn render_trace_export(out: &mut String) {
+    let s = &otel::STATS;
+    let name = "ratethrottle_trace_spans_exported_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Spans sent to the OTLP collector.\n# TYPE {name} counter\n{name} {}",
+        s.exported.load(Relaxed)
+    );
+    let name = "ratethrottle_trace_spans_dropped_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Spans dropped: the export queue was full, or their export failed or timed out.\n# TYPE {name} counter"
+    );
+    for (reason, v) in [
+        ("queue_full", &s.dropped_queue_full),
+        ("export_failed", &s.dropped_export_failed),
+    ] {
+        let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {}", v.load(Relaxed));
+    }
 }
 
 /// Facts the renderer needs that live elsewhere (storage, config).
@@ -107,6 +213,8 @@ pub fn render(metrics: &ServiceMetrics, stats: &StatsRegistry, gauges: &Gauges) 
     ] {
         let _ = writeln!(out, "{name}{{port=\"{port}\"}} {}", v.load(Relaxed));
     }
+    render_latency(&mut out, metrics);
+    render_trace_export(&mut out);
 
     let _ = writeln!(
         out,
@@ -308,19 +416,33 @@ fn escape(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Logs to stderr; `RUST_LOG` filters (default `info`), `RATETHROTTLE_LOG_FORMAT=json` for JSON.
-pub fn init_tracing(json: bool) {
+/// Logs to stderr; `RUST_LOG` filters (default `info`), `--log-json` for JSON. With `otel`,
+/// the spans of `otel::TARGET` are also exported (and never logged).
+pub fn init_tracing(json: bool, otel: Option<otel::Installed>) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    type Boxed = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let filter = match format!("{}=off", otel::TARGET).parse() {
+        Ok(d) => filter.add_directive(d),
+        Err(_) => filter,
+    };
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().try_init()
+    let mut layers: Vec<Boxed> = vec![if json {
+        fmt.json().with_filter(filter).boxed()
     } else {
-        builder.try_init()
-    };
+        fmt.with_filter(filter).boxed()
+    }];
+    if let Some(o) = otel {
+        let only_spans = tracing_subscriber::filter::Targets::new()
+            .with_target(otel::TARGET, tracing::Level::TRACE);
+        layers.push(o.layer.with_filter(only_spans).boxed());
+    }
+    let _ = tracing_subscriber::registry().with(layers).try_init();
 }
 
 /// What the Kubernetes watcher reports (at `/readyz`, `/v1/config` and `/metrics`).

@@ -84,8 +84,6 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> ExitCode {
-    crate::telemetry::init_tracing(args.log_json);
-    raise_nofile_limit();
     // Config is parsed and validated before any port is bound.
     let config = match &args.config {
         Some(path) => match crate::config::load(path) {
@@ -134,6 +132,18 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(super::EXIT_CONFIG);
         }
     };
+    // Trace export: the settings file's `tracing:` block and the standard OTEL_* variables
+    // (read here, once: the config module reads no environment).
+    let export = match crate::telemetry::otel::resolve(
+        config.as_ref().and_then(|c| c.tracing.as_ref()),
+        |k| std::env::var(k).ok(),
+    ) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(super::EXIT_CONFIG);
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -144,6 +154,31 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let installed = match &export {
+        Some(opts) => {
+            let _guard = rt.enter();
+            match crate::telemetry::otel::install(opts) {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(super::EXIT_CONFIG);
+                }
+            }
+        }
+        None => None,
+    };
+    let exporter = installed.as_ref().map(|i| i.exporter.clone());
+    crate::telemetry::init_tracing(args.log_json, installed);
+    raise_nofile_limit();
+    if let Some(o) = &export {
+        tracing::info!(
+            endpoint = %o.endpoint,
+            service_name = %o.service_name,
+            sampler = ?o.sampler,
+            sample_ratio = o.sample_ratio,
+            "exporting trace spans over OTLP/gRPC"
+        );
+    }
     let kubernetes = args.kubernetes.then(|| crate::k8s::KubernetesOptions {
         scope: match (&args.namespace, args.all_namespaces) {
             (_, true) => crate::k8s::Scope::All,
@@ -171,7 +206,11 @@ pub fn run(args: ServeArgs) -> ExitCode {
     };
     let result = rt.block_on(async move {
         let server = BoundServer::bind(opts).await?;
-        server.run(shutdown_signal()).await
+        let result = server.run(shutdown_signal()).await;
+        if let Some(e) = exporter {
+            e.flush(Duration::from_secs(1)).await;
+        }
+        result
     });
     // Tasks still running (connections past the drain bound, background probes) are
     // dropped, not waited for.

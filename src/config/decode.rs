@@ -13,6 +13,7 @@
 mod alerts;
 mod anomaly;
 mod authz;
+mod otel;
 
 use std::cell::OnceCell;
 use std::collections::HashMap;
@@ -27,6 +28,7 @@ use super::error::ConfigError;
 use super::model::{
     DescriptorConfig, DomainConfig, FailureMode, RateLimitConfig, RedisSettings, Settings,
 };
+use super::otel::TracingSettings;
 use crate::anomaly::Adaptive;
 use crate::limiter::{Algorithm, NANOS_PER_SECOND, Nanos, RejectedHits, Unit};
 
@@ -54,11 +56,15 @@ pub(crate) struct FileOutput {
     pub anomaly: Vec<(AnomalySettings, Loc)>,
     /// Every `alerts` block of the file (more than one in all files is an error).
     pub alerts: Vec<(AlertSettings, Loc)>,
+    /// Every `tracing` block of the file (more than one in all files is an error).
+    pub tracing: Vec<(TracingSettings, Loc)>,
     pub errors: Vec<ConfigError>,
 }
 
 const DOMAIN_KEYS: &[&str] = &["domain", "descriptors"];
-const SETTINGS_DOC_KEYS: &[&str] = &["settings", "domains", "authz", "anomaly", "alerts"];
+const SETTINGS_DOC_KEYS: &[&str] = &[
+    "settings", "domains", "authz", "anomaly", "alerts", "tracing",
+];
 const DESCRIPTOR_KEYS: &[&str] = &[
     "key",
     "value",
@@ -469,6 +475,11 @@ impl Decoder<'_> {
             let alerts = self.alerts(field.value, &f.path("alerts"));
             let loc = Self::loc(field.key, f.path("alerts"));
             self.out.alerts.push((alerts, loc));
+        }
+        if let Some(field) = f.raw("tracing") {
+            let tracing = self.tracing(field.value, &f.path("tracing"));
+            let loc = Self::loc(field.key, f.path("tracing"));
+            self.out.tracing.push((tracing, loc));
         }
         if let Some(field) = f.get("domains") {
             let path = f.path("domains");

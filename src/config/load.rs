@@ -16,6 +16,7 @@ use super::authz::{AuthzConfig, ListsConfig};
 use super::decode::{Loc, decode_domain_doc, decode_file, decode_lists_doc, uses_burst};
 use super::error::{ConfigError, ConfigErrors};
 use super::model::{Config, DomainConfig, Settings};
+use super::otel::TracingSettings;
 
 /// Loads the configuration at `path`: one YAML file, or every regular file directly inside
 /// the directory whose name ends in `.yaml` or `.yml` and does not start with `.`, in file
@@ -134,6 +135,7 @@ fn assemble(
     let mut authz: Option<(AuthzConfig, PathBuf, Loc)> = None;
     let mut anomaly: Option<(AnomalySettings, PathBuf, Loc)> = None;
     let mut alerts: Option<(AlertSettings, PathBuf, Loc)> = None;
+    let mut tracing: Option<(TracingSettings, PathBuf, Loc)> = None;
 
     for (file, bytes) in &sources {
         let text = match std::str::from_utf8(bytes) {
@@ -206,6 +208,20 @@ fn assemble(
                 )),
             }
         }
+        for (block, loc) in out.tracing {
+            match &tracing {
+                None => tracing = Some((block, file.clone(), loc)),
+                Some((_, first_file, first)) => errors.push(located(
+                    file,
+                    loc,
+                    format!(
+                        "only one tracing block is allowed; the first is at {}:{}",
+                        first_file.display(),
+                        first.line
+                    ),
+                )),
+            }
+        }
         for (domain, loc) in out.domains {
             if let Some((first_file, first_line)) = seen.get(&domain.domain) {
                 let message = format!(
@@ -268,6 +284,7 @@ fn assemble(
         authz: authz.map(|(a, _, _)| a),
         anomaly: anomaly.map(|(a, _, _)| a).filter(|a| a.enabled),
         alerts: alerts.map(|(a, _, _)| a).filter(|a| a.enabled),
+        tracing: tracing.map(|(t, _, _)| t).filter(|t| t.enabled),
         files: sources.into_iter().map(|(file, _)| file).collect(),
         version,
     })

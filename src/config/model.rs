@@ -11,6 +11,7 @@ use serde::{Serialize, Serializer};
 use super::alerts::AlertSettings;
 use super::anomaly::AnomalySettings;
 use super::authz::AuthzConfig;
+use super::otel::TracingSettings;
 use crate::anomaly::Adaptive;
 use crate::limiter::{Algorithm, Nanos, RejectedHits, Unit};
 
@@ -27,6 +28,9 @@ pub struct Config {
     pub anomaly: Option<AnomalySettings>,
     /// The settings file's `alerts:` block, if any (no alerts without one).
     pub alerts: Option<AlertSettings>,
+    /// The settings file's `tracing:` block, if any and enabled (the `OTEL_*` environment
+    /// can still turn export on without one).
+    pub tracing: Option<TracingSettings>,
     /// The files read, in the order they were loaded (what a reload watcher should watch).
     #[serde(serialize_with = "ser_paths")]
     pub files: Vec<PathBuf>,

@@ -187,6 +187,7 @@ fn merge(
         authz: None,
         anomaly: None,
         alerts: None,
+        tracing: None,
         files: Vec::new(),
         version: String::new(),
     });

@@ -9,6 +9,10 @@
 //!
 //! Lossy by design, as the API itself is: an entry it cannot use (no address, no status) is
 //! skipped and counted; a stream that breaks ends that stream only; a full queue drops.
+//!
+//! Traced per batch (one message of the stream), not per stream: a stream lives as long as
+//! the Envoy connection. The span says how many entries the batch had and how many became
+//! events; never an address, path or identity.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -25,6 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::anomaly;
 use crate::telemetry::anomaly::AnomalyMetrics;
+use crate::telemetry::otel;
 
 /// The service: entries to events, pushed to the anomaly queue.
 #[derive(Debug, Clone)]
@@ -54,17 +59,32 @@ impl AccessLogService for AccessLogGrpc {
         &self,
         request: Request<Streaming<StreamAccessLogsMessage>>,
     ) -> Result<Response<StreamAccessLogsResponse>, Status> {
-        let mut stream = request.into_inner();
+        let (metadata, _, mut stream) = request.into_parts();
         loop {
             match stream.message().await {
                 Ok(Some(msg)) => {
+                    let span = otel::server_span("AccessLogBatch", &metadata, || {
+                        tracing::info_span!(
+                            target: otel::TARGET,
+                            "AccessLogBatch",
+                            otel.kind = "server",
+                            rpc.system = "grpc",
+                            rpc.service = "envoy.service.accesslog.v3.AccessLogService",
+                            rpc.method = "StreamAccessLogs",
+                            ratethrottle.entries = tracing::field::Empty,
+                            ratethrottle.events = tracing::field::Empty,
+                        )
+                    });
                     let Some(sink) = &self.sink else {
                         continue;
                     };
+                    let (mut entries, mut events) = (0i64, 0i64);
                     if let Some(LogEntries::HttpLogs(logs)) = msg.log_entries {
                         for e in &logs.log_entry {
+                            entries += 1;
                             match entry_event(e, &self.identity_header) {
                                 Some(ev) => {
+                                    events += 1;
                                     self.counters.log_entries.fetch_add(1, Relaxed);
                                     sink.push(ev);
                                 }
@@ -74,6 +94,8 @@ impl AccessLogService for AccessLogGrpc {
                             }
                         }
                     }
+                    span.record("ratethrottle.entries", entries);
+                    span.record("ratethrottle.events", events);
                 }
                 Ok(None) => return Ok(Response::new(StreamAccessLogsResponse {})),
                 Err(status) => {

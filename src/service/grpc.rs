@@ -1,8 +1,12 @@
-//! tonic adapters: decode, call the engine, map errors to gRPC codes in one place.
+//! tonic adapters: decode, call the engine, map errors to gRPC codes in one place; time each
+//! decision and, when trace export is on and the request sampled, wrap it in a span joined
+//! to the caller's `traceparent` (attributes: domain, decision, store, descriptor keys;
+//! descriptor values only with `tracing.record_values`, identities never).
 
 use crate::anomaly;
 use crate::authz::AuthzEngine;
 use crate::engine::{RateLimitEngine, RequestError};
+use crate::telemetry::otel;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
@@ -14,9 +18,12 @@ use futures_util::TryFutureExt;
 use futures_util::future::{Either, MapOk};
 use std::net::IpAddr;
 use std::task::{Context, Poll};
+use std::time::Instant;
 use tonic::codegen::http;
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use tracing::field::Empty;
 
 /// `envoy.service.ratelimit.v3.RateLimitService` over the engine.
 #[derive(Debug, Clone)]
@@ -81,7 +88,40 @@ impl RateLimitService for RateLimitGrpc {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
-        let result = self.engine.should_rate_limit(request.get_ref()).await;
+        let start = Instant::now();
+        let req = request.get_ref();
+        let span = otel::server_span("ShouldRateLimit", request.metadata(), || {
+            tracing::info_span!(
+                target: otel::TARGET,
+                "ShouldRateLimit",
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.service = "envoy.service.ratelimit.v3.RateLimitService",
+                rpc.method = "ShouldRateLimit",
+                ratethrottle.domain = %req.domain,
+                ratethrottle.store = self.engine.storage().kind(),
+                ratethrottle.descriptors = req.descriptors.len() as i64,
+                ratethrottle.descriptor_keys = Empty,
+                ratethrottle.descriptor_values = Empty,
+                ratethrottle.decision = Empty,
+                otel.status_code = Empty,
+            )
+        });
+        let result = if span.is_none() {
+            self.engine.should_rate_limit(req).await
+        } else {
+            let r = self
+                .engine
+                .should_rate_limit(req)
+                .instrument(span.clone())
+                .await;
+            record_rate_limit(&span, req, &r);
+            r
+        };
+        self.engine
+            .metrics()
+            .latency_should_rate_limit
+            .observe(start.elapsed());
         if let (Some(sink), Ok(r)) = (&self.anomaly, &result) {
             let limited = r.overall_code == Code::OverLimit as i32;
             if let Some(ev) = rate_limit_event(request.get_ref(), limited) {
@@ -89,6 +129,39 @@ impl RateLimitService for RateLimitGrpc {
             }
         }
         result.map(Response::new).map_err(to_status)
+    }
+}
+
+/// The ShouldRateLimit span's outcome attributes.
+fn record_rate_limit(
+    span: &tracing::Span,
+    req: &RateLimitRequest,
+    result: &Result<RateLimitResponse, RequestError>,
+) {
+    let decision = match result {
+        Ok(r) if r.overall_code == Code::OverLimit as i32 => "OVER_LIMIT",
+        Ok(_) => "OK",
+        Err(RequestError::Storage(_)) => "UNAVAILABLE",
+        Err(_) => "INVALID_ARGUMENT",
+    };
+    span.record("ratethrottle.decision", decision);
+    if result.is_err() {
+        span.record("otel.status_code", "ERROR");
+    }
+    let entries = || req.descriptors.iter().map(|d| d.entries.iter());
+    let keys: Vec<String> = entries()
+        .map(|e| e.map(|e| e.key.as_str()).collect::<Vec<_>>().join(","))
+        .collect();
+    span.record("ratethrottle.descriptor_keys", keys.join(";"));
+    if otel::record_values() {
+        let values: Vec<String> = entries()
+            .map(|e| {
+                e.map(|e| format!("{}={}", e.key, e.value))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect();
+        span.record("ratethrottle.descriptor_values", values.join(";"));
     }
 }
 
@@ -120,7 +193,44 @@ impl Authorization for AuthorizationGrpc {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        Ok(Response::new(self.engine.check(request.get_ref()).await))
+        let start = Instant::now();
+        let span = otel::server_span("Check", request.metadata(), || {
+            tracing::info_span!(
+                target: otel::TARGET,
+                "Check",
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.service = "envoy.service.auth.v3.Authorization",
+                rpc.method = "Check",
+                ratethrottle.domain = %self.engine.domain(),
+                ratethrottle.store = self.engine.limits().storage().kind(),
+                ratethrottle.decision = Empty,
+                ratethrottle.http_status = Empty,
+            )
+        });
+        let resp = if span.is_none() {
+            self.engine.check(request.get_ref()).await
+        } else {
+            let r = self
+                .engine
+                .check(request.get_ref())
+                .instrument(span.clone())
+                .await;
+            let ok = r.status.as_ref().is_none_or(|s| s.code == 0);
+            span.record("ratethrottle.decision", if ok { "allow" } else { "deny" });
+            if let Some(envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse::DeniedResponse(d)) = &r.http_response
+                && let Some(st) = &d.status
+            {
+                span.record("ratethrottle.http_status", st.code);
+            }
+            r
+        };
+        self.engine
+            .limits()
+            .metrics()
+            .latency_check
+            .observe(start.elapsed());
+        Ok(Response::new(resp))
     }
 }
 

@@ -3,7 +3,8 @@
 //! Owns: connecting and reconnecting, grouping a request's counters into one atomic script
 //! call per hash slot (all sent at once, pipelined on shared connections), the deadline of
 //! every call and what happens when it is missed (`failure_mode`), the local over-limit cache,
-//! and the health that `/readyz` and the metrics report.
+//! and the health that `/readyz` and the metrics report, and the trace spans of its calls
+//! (children of the request span being exported, if any; see `traced`).
 //!
 //! Must not touch: the algorithms' arithmetic (the script mirrors `limiter`), matching, gRPC.
 
@@ -641,7 +642,36 @@ impl RedisStore {
             Some(op) => self.route(&op.key)?,
             None => return Ok(Vec::new()),
         };
-        coalesce::submit(&self.wire, &node, wire::Request { ops, rejected, now }).await
+        let span = traced(|| {
+            tracing::info_span!(
+                target: "ratethrottle::trace",
+                "redis.script",
+                otel.kind = "client",
+                db.system = "redis",
+                server.address = %node.name,
+                ratethrottle.ops = ops.len() as i64,
+                ratethrottle.outcome = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        });
+        let request = wire::Request { ops, rejected, now };
+        if span.is_none() {
+            return coalesce::submit(&self.wire, &node, request).await;
+        }
+        // The queue wait when coalesced, and the round trip (alone or in a batch).
+        let r = tracing::Instrument::instrument(
+            coalesce::submit(&self.wire, &node, request),
+            span.clone(),
+        )
+        .await;
+        match &r {
+            Ok(_) => span.record("ratethrottle.outcome", "ok"),
+            Err(e) => {
+                span.record("otel.status_code", "ERROR");
+                span.record("ratethrottle.outcome", error_kind(e))
+            }
+        };
+        r
     }
 
     /// Decides `requests` in one batch call (what coalescing sends when requests queue), on
@@ -826,5 +856,28 @@ impl RedisStore {
                 false
             }
         }
+    }
+}
+
+/// A span made by `make` when it would be a child of a request span being exported (the
+/// request was sampled); otherwise a disabled span, made without allocating: with export off
+/// the `enabled!` check is a cached no, and an unsampled request has no current span.
+fn traced(make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    // The target is `telemetry::otel::TARGET` (a sibling layer, not importable from here).
+    if tracing::enabled!(target: "ratethrottle::trace", tracing::Level::INFO)
+        && !tracing::Span::current().is_none()
+    {
+        make()
+    } else {
+        tracing::Span::none()
+    }
+}
+
+/// A span attribute naming what kind of failure a call met (never its text).
+fn error_kind(e: &StorageError) -> &'static str {
+    match e {
+        StorageError::Timeout(_) => "timeout",
+        StorageError::Unavailable(_) => "unavailable",
+        StorageError::Config(_) => "error",
     }
 }

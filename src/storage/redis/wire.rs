@@ -134,7 +134,20 @@ impl Wire {
             let client = node.pool.next();
             match self.send(client, call).await {
                 Err(e) if is_missing_code(&e) => {
-                    self.load_script(node).await.map_err(|e| (e, Some(false)))?;
+                    // A child of the request's redis.script span when it is traced (and
+                    // sent alone: a batch sender runs outside any request).
+                    let load = super::traced(|| {
+                        tracing::info_span!(
+                            target: "ratethrottle::trace",
+                            "redis.script_load",
+                            otel.kind = "client",
+                            db.system = "redis",
+                            server.address = %node.name,
+                        )
+                    });
+                    tracing::Instrument::instrument(self.load_script(node), load)
+                        .await
+                        .map_err(|e| (e, Some(false)))?;
                     self.health.commands.fetch_add(1, Relaxed);
                     self.send(client, call).await
                 }
