@@ -13,6 +13,11 @@ environment, like the test command). Rows:
   4. gRPC Check over the limit (every answer a 429, so the violation ring feeds
      `violation_rate` alerts every second) with alerts off, and with alerts to a sink that
      never answers plus one that answers 500: what a dead sink costs the request path.
+  5. gRPC ShouldRateLimit (memory) with OpenTelemetry tracing off and on at 1 % sampling,
+     exporting to a real OTLP receiver (tests/support/otlp_collector.py, when the test
+     command installed it; else to a closed port, spans dropped): runs interleaved
+     off/on/off/on..., the ratio of the medians is the cost of tracing.
+`BENCH_ONLY=tracing` runs only those rows.
 CPU seconds per request = CPU time the server processes (sidecar, Redis, Envoy) used during
 the run / requests.
 """
@@ -134,9 +139,10 @@ def stop(p):
         p.kill()
 
 
-def settings(tmp, storage):
-    path = os.path.join(tmp, f"bench-{abs(hash(storage))}.yaml")
+def settings(tmp, storage, extra=""):
+    path = os.path.join(tmp, f"bench-{abs(hash(storage + extra))}.yaml")
     with open(path, "w") as f:
+        f.write(extra)
         f.write(
             "settings:\n"
             f"  storage: \"{storage}\"\n"
@@ -160,9 +166,9 @@ def settings(tmp, storage):
     return path
 
 
-def sidecar(tmp, storage):
+def sidecar(tmp, storage, extra=""):
     grpc, admin = free_port(), free_port()
-    p = start([BIN, "serve", "--config", settings(tmp, storage), "--grpc-addr", f"127.0.0.1:{grpc}",
+    p = start([BIN, "serve", "--config", settings(tmp, storage, extra), "--grpc-addr", f"127.0.0.1:{grpc}",
                "--admin-addr", f"127.0.0.1:{admin}"], grpc)
     return p, grpc, admin
 
@@ -379,6 +385,52 @@ def alert_rows(tmp):
                      cpu / max(decided, 1) * 1e6, note))
 
 
+def tracing_rows(tmp, rounds=int(os.environ.get("BENCH_TRACING_ROUNDS", "3"))):
+    """ShouldRateLimit on memory, tracing off vs on at 1 % sampling, interleaved."""
+    subprocess.run([OK_RLS, "--write-bodies", tmp], check=True)
+    body, log = os.path.join(tmp, "rls.bin"), os.path.join(tmp, "h2load.log")
+    collector = None
+    python = os.environ.get("RATETHROTTLE_TEST_OTLP_PYTHON")
+    if python:
+        collector = subprocess.Popen([python, os.path.join(ROOT, "tests/support/otlp_collector.py")],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        port = int(collector.stdout.readline().split()[1])
+        # Spans are read and discarded (a pipe nobody reads would block the collector).
+        import threading
+        threading.Thread(target=lambda: [None for _ in collector.stdout], daemon=True).start()
+    else:
+        port = free_port()
+    on = f"tracing:\n  endpoint: http://127.0.0.1:{port}\n  sample_ratio: 0.01\n"
+    runs = {"off": [], "on": []}
+    try:
+        for _ in range(rounds):
+            for mode in ("off", "on"):
+                p, grpc, admin = sidecar(tmp, "memory", on if mode == "on" else "")
+                probe(grpc)
+                c0, n0 = cpu_seconds([p.pid]), metric(admin, "ratelimit_service_should_rate_limit_total")
+                rps, ok, lat = h2load(grpc, body, log)
+                cpu = cpu_seconds([p.pid]) - c0
+                decided = metric(admin, "ratelimit_service_should_rate_limit_total") - n0
+                exported = metric(admin, "ratethrottle_trace_spans_exported_total")
+                stop(p)
+                p50, p99 = percentiles(lat)
+                runs[mode].append((rps, p50, p99, cpu / max(decided, 1) * 1e6, exported))
+    finally:
+        if collector:
+            collector.kill()
+            collector.wait()
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    base = {i: med([r[i] for r in runs["off"]]) for i in range(4)}
+    for mode, label in [("off", "tracing off"), ("on", "tracing on, 1 % sampled, OTLP export")]:
+        m = {i: med([r[i] for r in runs[mode]]) for i in range(4)}
+        note = f"median of {rounds} interleaved runs; req/s per run: " + ", ".join(f"{r[0]:,.0f}" for r in runs[mode])
+        if mode == "on":
+            note += (f"; req/s {m[0] / max(base[0], 1):.3f}x, CPU/req {m[3] / max(base[3], 1e-9):.3f}x of off"
+                     f"; {int(sum(r[4] for r in runs['on']))} spans exported"
+                     + ("" if collector else " (no receiver: dropped)"))
+        ROWS.append(("gRPC ShouldRateLimit, memory (h2load)", label, m[0], m[1], m[2], m[3], note))
+
+
 def criterion_rows():
     out = subprocess.run(["cargo", "bench", "--bench", "decisions", "--", "--warm-up-time", "1",
                           "--measurement-time", str(max(2, SECONDS // 3)), "--output-format", "bencher"],
@@ -394,14 +446,18 @@ def main():
     tmp = tempfile.mkdtemp(prefix="ratethrottle-bench.")
     try:
         print(f"benchmarks: {SECONDS}s per row, {os.cpu_count()} cores", flush=True)
-        # BENCH_ONLY=redis: only the ShouldRateLimit rows (memory, Redis, Cluster).
+        # BENCH_ONLY=redis: only the ShouldRateLimit rows (memory, Redis, Cluster);
+        # BENCH_ONLY=tracing: only tracing off vs on.
         only = os.environ.get("BENCH_ONLY")
         if not only:
             criterion_rows()
-        grpc_rows(tmp)
+        if only in (None, "redis"):
+            grpc_rows(tmp)
         if not only:
             envoy_rows(tmp)
             alert_rows(tmp)
+        if only in (None, "tracing"):
+            tracing_rows(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print()
