@@ -5,7 +5,7 @@
 //! `proto` (generated API types) →
 //! `lists` (allow/block entry model, CIDR trie) → `config` (text → validated model) → `rules`
 //! (compiled match tree) → `storage` (counters in memory or Redis) and `telemetry` (metric
-//! counters) → `alerts` (events to webhook, Slack and Alertmanager sinks; fed by the runtime
+//! counters, trace export) → `alerts` (events to webhook, Slack and Alertmanager sinks; fed by the runtime
 //! and the server's watchers) → `engine` (one ShouldRateLimit decision) → `runtime` (live merge of files and
 //! resources, reload, runtime lists) → `authz` (ext_authz decisions) → `service` (gRPC face)
 //! and `k8s` (resource watcher) → `admin` (HTTP face) → `server` (assembly) → `cli`.

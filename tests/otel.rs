@@ -302,6 +302,34 @@ async fn standard_variables_malformed_traceparents_and_record_values() {
         attr(&s, "ratethrottle.descriptor_values"),
         &Value::from(format!("user={SECRET}"))
     );
+
+    // An access-log batch is a span too, joined to the stream's traceparent.
+    use envoy_types::pb::envoy::data::accesslog::v3::HttpAccessLogEntry;
+    use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
+    use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
+    use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::{
+        HttpAccessLogEntries, LogEntries,
+    };
+    let batch = StreamAccessLogsMessage {
+        identifier: None,
+        log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
+            log_entry: vec![HttpAccessLogEntry::default(), HttpAccessLogEntry::default()],
+        })),
+    };
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4736";
+    AccessLogServiceClient::new(sc.channel().await)
+        .stream_access_logs(traced(
+            tokio_stream::iter(vec![batch]),
+            &format!("00-{trace}-00f067aa0ba902b7-01"),
+        ))
+        .await
+        .expect("stream accepted");
+    let s = collector
+        .wait_for("an AccessLogBatch span", |s| s["name"] == "AccessLogBatch")
+        .await;
+    assert_eq!(s["trace_id"], trace, "{s}");
+    assert_eq!(s["parent_span_id"], "00f067aa0ba902b7", "{s}");
+    assert_eq!(attr(&s, "ratethrottle.entries"), 2, "{s}");
 }
 
 #[tokio::test]

@@ -75,13 +75,15 @@ impl AccessLogService for AccessLogGrpc {
                             ratethrottle.events = tracing::field::Empty,
                         )
                     });
+                    if let Some(LogEntries::HttpLogs(logs)) = &msg.log_entries {
+                        span.record("ratethrottle.entries", logs.log_entry.len() as i64);
+                    }
                     let Some(sink) = &self.sink else {
                         continue;
                     };
-                    let (mut entries, mut events) = (0i64, 0i64);
+                    let mut events = 0i64;
                     if let Some(LogEntries::HttpLogs(logs)) = msg.log_entries {
                         for e in &logs.log_entry {
-                            entries += 1;
                             match entry_event(e, &self.identity_header) {
                                 Some(ev) => {
                                     events += 1;
@@ -94,7 +96,6 @@ impl AccessLogService for AccessLogGrpc {
                             }
                         }
                     }
-                    span.record("ratethrottle.entries", entries);
                     span.record("ratethrottle.events", events);
                 }
                 Ok(None) => return Ok(Response::new(StreamAccessLogsResponse {})),
