@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ratethrottle::anomaly::trace::{self, Background, Population};
-use ratethrottle::anomaly::{Config, Detector, Event};
+use ratethrottle::anomaly::{Config, Detector, Event, TrustBook, TrustConfig};
 
 const T0: u64 = 1_700_000_000_000;
 
@@ -48,6 +48,49 @@ fn throughput(c: &mut Criterion) {
             })
         });
     }
+    // What the runtime's detector task does per event: the detector and the trust book.
+    let evs = events("zipf", 200_000);
+    g.throughput(Throughput::Elements(evs.len() as u64));
+    g.bench_function("zipf_with_trust", |b| {
+        let mut d = Detector::new(Config::default());
+        let mut book = TrustBook::new(TrustConfig::default(), Config::default().volume_from);
+        let mut shift = 0;
+        b.iter(|| {
+            for ev in &evs {
+                let mut ev = *ev;
+                ev.at_ms += shift;
+                d.observe(black_box(&ev));
+                book.observe(black_box(&ev));
+            }
+            shift += 200_000 / 20;
+            let now = evs.last().map_or(0, |e| e.at_ms) + shift;
+            black_box(d.tick(now));
+            black_box(book.tick(now));
+        })
+    });
+    g.finish();
+}
+
+/// The request path's cost of feeding the module: one `Sink::push` of a ready event into the
+/// bounded queue (target ≤ 100 ns), with a consumer draining it as the runtime does.
+fn push(c: &mut Criterion) {
+    let (sink, drain) = ratethrottle::anomaly::queue(65_536);
+    let ev = events("zipf", 1)[0];
+    let mut g = c.benchmark_group("anomaly_push");
+    g.throughput(Throughput::Elements(1));
+    let mut n = 0u32;
+    g.bench_function("sink_push", |b| {
+        b.iter(|| {
+            sink.push(black_box(ev));
+            n += 1;
+            if n == 4096 {
+                n = 0;
+                drain.drain(usize::MAX, |e| {
+                    black_box(e);
+                });
+            }
+        })
+    });
     g.finish();
 }
 
@@ -69,5 +112,5 @@ fn memory_at_10m_sources_per_minute(_: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, throughput, memory_at_10m_sources_per_minute);
+criterion_group!(benches, throughput, push, memory_at_10m_sources_per_minute);
 criterion_main!(benches);

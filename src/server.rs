@@ -273,15 +273,17 @@ impl BoundServer {
                 |a| a.identity.header.clone(),
             );
         let hook = authz.clone();
-        let live = Arc::new(
-            LiveConfig::new(
-                rules.clone(),
-                stats.clone(),
-                metrics.clone(),
-                status.clone(),
-            )
-            .on_install(move |c| hook.install(c)),
-        );
+        let mut live = LiveConfig::new(
+            rules.clone(),
+            stats.clone(),
+            metrics.clone(),
+            status.clone(),
+        )
+        .on_install(move |c| hook.install(c));
+        if let Some(module) = anomaly.clone() {
+            live = live.on_install(move |c| module.reconfigure(c.anomaly.as_ref()));
+        }
+        let live = Arc::new(live);
         let reloader = match (&opts.config_path, &opts.config) {
             (Some(path), Some(config)) => {
                 let r = Reloader::new(path.clone(), live.clone(), metrics.clone(), status.clone())

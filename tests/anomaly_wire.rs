@@ -372,3 +372,55 @@ async fn dry_run_reports_without_enforcing_and_garbage_access_logs_break_nothing
     );
     assert!(s.child_alive());
 }
+
+/// A reloaded `anomaly:` block takes effect without a restart: dry-run on, a flooder is only
+/// reported; the file turns dry-run off; the next flooder is denied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_anomaly_block_takes_effect_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = start(&dir, true);
+    let stop = Arc::new(AtomicBool::new(false));
+    let bg_denied = Arc::new(AtomicU64::new(0));
+    let bg = background(&s, stop.clone(), bg_denied.clone());
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let t0 = Instant::now();
+    let first = Arc::new(AtomicU64::new(0));
+    let flood = hammer(&s, "10.9.9.1", stop.clone(), first.clone(), t0);
+    eventually(Duration::from_secs(8), "a dry-run decision", || async {
+        let (_, d) = admin(&s, "GET", "/v1/anomaly/decisions").await;
+        d["decisions"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["value"] == "10.9.9.1"))
+    })
+    .await;
+    assert_eq!(first.load(Relaxed), 0, "dry-run denied the flooder");
+    // The operator turns dry-run off in the file.
+    support::write_atomically(&dir.path().join("settings.yaml"), &config(false));
+    eventually(
+        Duration::from_secs(10),
+        "the reload is in force",
+        || async {
+            let (_, c) = admin(&s, "GET", "/v1/config").await;
+            c.to_string().contains("\"dry_run\":false")
+        },
+    )
+    .await;
+    let first2 = Arc::new(AtomicU64::new(0));
+    let flood2 = hammer(&s, "10.9.9.2", stop.clone(), first2.clone(), Instant::now());
+    eventually(Duration::from_secs(8), "the new flooder gets 403", || {
+        let f = first2.clone();
+        async move { f.load(Relaxed) > 0 }
+    })
+    .await;
+    stop.store(true, Relaxed);
+    for t in flood.into_iter().chain(flood2) {
+        t.await.unwrap();
+    }
+    bg.await.unwrap();
+    assert_eq!(
+        bg_denied.load(Relaxed),
+        0,
+        "a well-behaved client was denied"
+    );
+    assert!(s.child_alive());
+}

@@ -282,6 +282,44 @@ impl Detector {
         &self.cfg
     }
 
+    /// Takes new thresholds on a reload, keeping what sizes the detector's memory and its
+    /// windows (`window_ms`, `slow_window_ms`, sketch width and depth, `max_tracked`,
+    /// `sample_capacity`, `replica`, `volume_from`: those need a restart) and every count,
+    /// baseline and decision. Returns whether anything changed, and the names of the kept
+    /// keys whose new value differed.
+    pub fn reconfigure(&mut self, new: Config) -> (bool, Vec<&'static str>) {
+        let old = &self.cfg;
+        let mut kept = Vec::new();
+        for (name, differs) in [
+            ("window", new.window_ms != old.window_ms),
+            ("slow_window", new.slow_window_ms != old.slow_window_ms),
+            ("max_tracked", new.max_tracked.max(16) != old.max_tracked),
+            (
+                "replica",
+                !new.replica.is_empty() && new.replica != old.replica,
+            ),
+            ("volume_from", new.volume_from != old.volume_from),
+        ] {
+            if differs {
+                kept.push(name);
+            }
+        }
+        let merged = Config {
+            replica: old.replica.clone(),
+            window_ms: old.window_ms,
+            slow_window_ms: old.slow_window_ms,
+            sketch_width: old.sketch_width,
+            sketch_depth: old.sketch_depth,
+            max_tracked: old.max_tracked,
+            sample_capacity: old.sample_capacity,
+            volume_from: old.volume_from,
+            ..new
+        };
+        let changed = merged != self.cfg || !kept.is_empty();
+        self.cfg = merged;
+        (changed, kept)
+    }
+
     pub fn stats(&self) -> Stats {
         self.stats
     }

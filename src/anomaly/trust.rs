@@ -198,6 +198,17 @@ impl TrustBook {
         &self.cfg
     }
 
+    /// New settings on a reload; `table_slots` (the request path's table) needs a restart.
+    pub fn reconfigure(&mut self, new: TrustConfig) -> bool {
+        let merged = TrustConfig {
+            table_slots: self.cfg.table_slots,
+            ..new
+        };
+        let changed = merged != self.cfg;
+        self.cfg = merged;
+        changed
+    }
+
     pub fn stats(&self) -> TrustStats {
         TrustStats {
             identities: self.states.len(),

@@ -190,6 +190,28 @@ impl Anomaly {
         let _ = self.alerts.set(alerts);
     }
 
+    /// A reloaded settings file's `anomaly:` block: thresholds, TTLs, dry-run, warm-up and
+    /// trust take effect now; what sizes memory or windows waits for a restart (logged).
+    /// Turning the module on or off needs a restart too.
+    pub fn reconfigure(&self, settings: Option<&crate::config::anomaly::AnomalySettings>) {
+        let Some(a) = settings.filter(|a| a.enabled) else {
+            tracing::warn!(
+                "the reloaded settings turn anomaly detection off: that takes a restart; it stays on"
+            );
+            return;
+        };
+        let (changed, kept) = self.detector.lock().reconfigure(a.detector.clone());
+        let trust_changed = self.trust.lock().reconfigure(a.trust.clone());
+        if !changed && !trust_changed {
+            return;
+        }
+        if kept.is_empty() {
+            tracing::info!(dry_run = a.detector.dry_run, "anomaly settings reloaded");
+        } else {
+            tracing::warn!(kept = ?kept, "anomaly settings reloaded; these keep their old values until a restart");
+        }
+    }
+
     pub fn metrics(&self) -> &Arc<AnomalyMetrics> {
         &self.metrics
     }
