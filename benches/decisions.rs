@@ -1,6 +1,9 @@
 //! Decisions per second, in process, one thread: each algorithm on one hot key and on one
 //! million distinct keys, through the memory store and through the whole engine (match +
 //! key digest + store). Fixed seed, fixed scenario table.
+// The engine's request future nests deeply (storage coalescing): rustc's default layout
+// query depth is not enough for crates that await it.
+#![recursion_limit = "256"]
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;

@@ -5,6 +5,9 @@
 //!
 //! `cargo bench --bench grpc_load` (env: BENCH_SECONDS=5, BENCH_CONNECTIONS=4,
 //! BENCH_STREAMS=32, BENCH_KEYS=100000).
+// The engine's request future nests deeply (storage coalescing): rustc's default layout
+// query depth is not enough for crates that await it.
+#![recursion_limit = "256"]
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
