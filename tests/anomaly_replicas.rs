@@ -57,6 +57,20 @@ fn client(
     })
 }
 
+/// Whether the runtime block list `s` serves holds the abuser.
+async fn blocked(s: &Sidecar) -> bool {
+    let auth = format!("Bearer {TOKEN}");
+    let (_, body) = http_with(
+        s.admin,
+        "GET",
+        "/v1/lists/block",
+        "",
+        &[("authorization", &auth)],
+    )
+    .await;
+    body.contains("10.9.9.9")
+}
+
 async fn decisions(s: &Sidecar) -> serde_json::Value {
     let auth = format!("Bearer {TOKEN}");
     let (code, body) = http_with(
@@ -97,19 +111,24 @@ async fn an_abuser_split_over_two_replicas_is_caught_by_merging_and_denied_on_bo
             abuser_denied.clone(),
         ));
     }
+    // Watched through the admin API: probing with Checks from the abuser's address would add
+    // to its count on both replicas.
     eventually(
         Duration::from_secs(10),
-        "the split abuser is denied",
-        || async {
-            a.check(&Check::new("10.9.9.9")).await.http == 403
-                && b.check(&Check::new("10.9.9.9")).await.http == 403
-        },
+        "the split abuser is blocked",
+        || async { blocked(&a).await && blocked(&b).await },
     )
     .await;
     stop.store(true, Relaxed);
     for t in tasks {
         t.await.unwrap();
     }
+    assert!(
+        abuser_denied.load(Relaxed) > 0,
+        "the abuser's own requests were denied"
+    );
+    assert_eq!(a.check(&Check::new("10.9.9.9")).await.http, 403);
+    assert_eq!(b.check(&Check::new("10.9.9.9")).await.http, 403);
     assert_eq!(
         bg_denied.load(Relaxed),
         0,
