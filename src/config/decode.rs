@@ -916,6 +916,51 @@ impl Decoder<'_> {
         })
     }
 
+    /// `name` under `f` as a duration in milliseconds; zero only when `zero_ok`. The section
+    /// decoders (`anomaly`, `alerts`, `tracing`) read their scalar keys through these.
+    fn field_ms(&mut self, f: &Fields<'_, '_>, name: &str, zero_ok: bool) -> Option<u64> {
+        let field = f.get(name)?;
+        let p = f.path(name);
+        let v = self.duration(field.value, &p)? / 1_000_000;
+        if v == 0 && !zero_ok {
+            self.error(field.value, &p, "must be at least 1ms");
+            return None;
+        }
+        Some(v)
+    }
+
+    /// `name` under `f` as an integer from `min` to `max`.
+    fn field_uint(&mut self, f: &Fields<'_, '_>, name: &str, min: u64, max: u64) -> Option<u64> {
+        let field = f.get(name)?;
+        let p = f.path(name);
+        let v = self.uint(field.value, &p, max)?;
+        if v < min {
+            self.error(
+                field.value,
+                &p,
+                format!("must be from {min} to {max}, found {v}"),
+            );
+            return None;
+        }
+        Some(v)
+    }
+
+    /// `name` under `f` as a number from `min` to `max`.
+    fn field_float(&mut self, f: &Fields<'_, '_>, name: &str, min: f64, max: f64) -> Option<f64> {
+        let field = f.get(name)?;
+        let p = f.path(name);
+        let v = self.float(field.value, &p)?;
+        if !(min..=max).contains(&v) {
+            self.error(
+                field.value,
+                &p,
+                format!("must be from {min} to {max}, found {v}"),
+            );
+            return None;
+        }
+        Some(v)
+    }
+
     fn burst(
         &mut self,
         f: &Fields<'_, '_>,

@@ -48,16 +48,16 @@ impl Decoder<'_> {
         {
             a.enabled = b;
         }
-        if let Some(n) = self.al_uint(&f, "queue_size", 1, 1 << 20) {
+        if let Some(n) = self.field_uint(&f, "queue_size", 1, 1 << 20) {
             a.queue_size = n as usize;
         }
-        if let Some(v) = self.al_duration(&f, "timeout", false) {
+        if let Some(v) = self.field_ms(&f, "timeout", false) {
             a.timeout_ms = v;
         }
-        if let Some(v) = self.al_duration(&f, "deadline", false) {
+        if let Some(v) = self.field_ms(&f, "deadline", false) {
             a.deadline_ms = v;
         }
-        if let Some(n) = self.al_uint(&f, "dead_after", 1, 1000) {
+        if let Some(n) = self.field_uint(&f, "dead_after", 1, 1000) {
             a.dead_after = n as u32;
         }
         match f.get("sinks") {
@@ -99,13 +99,13 @@ impl Decoder<'_> {
                         {
                             c.enabled = b;
                         }
-                        if let Some(n) = self.al_uint(&t, "threshold", 1, 1 << 40) {
+                        if let Some(n) = self.field_uint(&t, "threshold", 1, 1 << 40) {
                             c.threshold = n;
                         }
-                        if let Some(v) = self.al_duration(&t, "window", true) {
+                        if let Some(v) = self.field_ms(&t, "window", true) {
                             c.window_ms = v;
                         }
-                        if let Some(v) = self.al_duration(&t, "cooldown", true) {
+                        if let Some(v) = self.field_ms(&t, "cooldown", true) {
                             c.cooldown_ms = v;
                         }
                         if let Some(s) = self.severity(&t, "severity") {
@@ -294,33 +294,6 @@ impl Decoder<'_> {
             );
         }
         s
-    }
-
-    /// A duration in milliseconds; zero only when `zero_ok`.
-    fn al_duration(&mut self, f: &Fields<'_, '_>, name: &str, zero_ok: bool) -> Option<u64> {
-        let field = f.get(name)?;
-        let p = f.path(name);
-        let v = self.duration(field.value, &p)? / 1_000_000;
-        if v == 0 && !zero_ok {
-            self.error(field.value, &p, "must be at least 1ms");
-            return None;
-        }
-        Some(v)
-    }
-
-    fn al_uint(&mut self, f: &Fields<'_, '_>, name: &str, min: u64, max: u64) -> Option<u64> {
-        let field = f.get(name)?;
-        let p = f.path(name);
-        let v = self.uint(field.value, &p, max)?;
-        if v < min {
-            self.error(
-                field.value,
-                &p,
-                format!("must be from {min} to {max}, found {v}"),
-            );
-            return None;
-        }
-        Some(v)
     }
 }
 

@@ -2,10 +2,9 @@
 //! positions, key paths and "did you mean" as the rest of the file. `anomaly:` with nothing
 //! under it turns the module on with every default.
 
-use super::{Decoder, Fields, is_null};
+use super::{Decoder, is_null};
 use crate::anomaly::Source;
 use crate::config::anomaly::AnomalySettings;
-use crate::limiter::Nanos;
 use saphyr::MarkedYaml;
 
 const ANOMALY_KEYS: &[&str] = &[
@@ -50,10 +49,6 @@ const TRUST_KEYS: &[&str] = &[
 ];
 const SOURCES: &[&str] = &["check", "should_rate_limit", "access_log"];
 
-fn ms(n: Nanos) -> u64 {
-    n / 1_000_000
-}
-
 impl Decoder<'_> {
     pub(super) fn anomaly(&mut self, node: &MarkedYaml<'_>, path: &str) -> AnomalySettings {
         let mut a = AnomalySettings::default();
@@ -70,16 +65,16 @@ impl Decoder<'_> {
         }
         let d = &mut a.detector;
         d.dry_run = self.flag(&f, "dry_run");
-        if let Some(v) = self.a_duration(&f, "warmup", true) {
+        if let Some(v) = self.field_ms(&f, "warmup", true) {
             d.warmup_ms = v;
         }
-        if let Some(v) = self.a_duration(&f, "window", false) {
+        if let Some(v) = self.field_ms(&f, "window", false) {
             d.window_ms = v;
         }
-        if let Some(v) = self.a_duration(&f, "slow_window", false) {
+        if let Some(v) = self.field_ms(&f, "slow_window", false) {
             d.slow_window_ms = v;
         }
-        if let Some(v) = self.a_duration(&f, "unban_suppress", true) {
+        if let Some(v) = self.field_ms(&f, "unban_suppress", true) {
             d.unban_suppress_ms = v;
         }
         if let Some(field) = f.get("replica") {
@@ -119,29 +114,29 @@ impl Decoder<'_> {
                 }
             }
         }
-        if let Some(n) = self.a_uint(&f, "queue_size", 1, 16 * 1024 * 1024) {
+        if let Some(n) = self.field_uint(&f, "queue_size", 1, 16 * 1024 * 1024) {
             a.queue_size = n as usize;
         }
         let d = &mut a.detector;
-        if let Some(n) = self.a_uint(&f, "max_tracked", 16, 16 * 1024 * 1024) {
+        if let Some(n) = self.field_uint(&f, "max_tracked", 16, 16 * 1024 * 1024) {
             d.max_tracked = n as usize;
         }
-        if let Some(n) = self.a_uint(&f, "shared_min_identities", 2, 1 << 20) {
+        if let Some(n) = self.field_uint(&f, "shared_min_identities", 2, 1 << 20) {
             d.shared_min_identities = n;
         }
-        if let Some(n) = self.a_uint(&f, "max_decisions_per_minute", 1, 1_000_000) {
+        if let Some(n) = self.field_uint(&f, "max_decisions_per_minute", 1, 1_000_000) {
             d.max_decisions_per_minute = n as u32;
         }
         if let Some(field) = f.get("ttl")
             && let Some(t) = self.mapping(field.value, &f.path("ttl"), TTL_KEYS)
         {
-            if let Some(v) = self.a_duration(&t, "base", false) {
+            if let Some(v) = self.field_ms(&t, "base", false) {
                 d.ttl.base_ms = v;
             }
-            if let Some(v) = self.a_duration(&t, "cap", false) {
+            if let Some(v) = self.field_ms(&t, "cap", false) {
                 d.ttl.cap_ms = v;
             }
-            if let Some(v) = self.a_float(&t, "jitter", 0.0, 1.0) {
+            if let Some(v) = self.field_float(&t, "jitter", 0.0, 1.0) {
                 d.ttl.jitter = v;
             }
             if d.ttl.cap_ms < d.ttl.base_ms
@@ -158,10 +153,10 @@ impl Decoder<'_> {
             && let Some(t) = self.mapping(field.value, &f.path("volumetric"), VOLUMETRIC_KEYS)
         {
             d.volumetric.dry_run = self.flag(&t, "dry_run");
-            if let Some(v) = self.a_float(&t, "p99_multiple", 1.0, 1e6) {
+            if let Some(v) = self.field_float(&t, "p99_multiple", 1.0, 1e6) {
                 d.volumetric.p99_multiple = v;
             }
-            if let Some(v) = self.a_float(&t, "floor", 1.0, 1e9) {
+            if let Some(v) = self.field_float(&t, "floor", 1.0, 1e9) {
                 d.volumetric.floor = v;
             }
         }
@@ -169,16 +164,16 @@ impl Decoder<'_> {
             && let Some(t) = self.mapping(field.value, &f.path("self_anomaly"), SELF_KEYS)
         {
             d.self_anomaly.dry_run = self.flag(&t, "dry_run");
-            if let Some(v) = self.a_float(&t, "z", 1.0, 1e3) {
+            if let Some(v) = self.field_float(&t, "z", 1.0, 1e3) {
                 d.self_anomaly.z = v;
             }
-            if let Some(v) = self.a_float(&t, "min_std", 0.01, 10.0) {
+            if let Some(v) = self.field_float(&t, "min_std", 0.01, 10.0) {
                 d.self_anomaly.min_std = v;
             }
-            if let Some(v) = self.a_uint(&t, "warm_windows", 1, 1_000_000) {
+            if let Some(v) = self.field_uint(&t, "warm_windows", 1, 1_000_000) {
                 d.self_anomaly.warm_windows = v as u32;
             }
-            if let Some(v) = self.a_float(&t, "floor", 1.0, 1e9) {
+            if let Some(v) = self.field_float(&t, "floor", 1.0, 1e9) {
                 d.self_anomaly.floor = v;
             }
         }
@@ -186,10 +181,10 @@ impl Decoder<'_> {
             && let Some(t) = self.mapping(field.value, &f.path("failure_ratio"), FAILURE_KEYS)
         {
             d.failure_ratio.dry_run = self.flag(&t, "dry_run");
-            if let Some(v) = self.a_uint(&t, "min_failures", 1, 1_000_000) {
+            if let Some(v) = self.field_uint(&t, "min_failures", 1, 1_000_000) {
                 d.failure_ratio.min_failures = v as u32;
             }
-            if let Some(v) = self.a_float(&t, "ratio", 0.01, 1.0) {
+            if let Some(v) = self.field_float(&t, "ratio", 0.01, 1.0) {
                 d.failure_ratio.ratio = v;
             }
         }
@@ -198,10 +193,10 @@ impl Decoder<'_> {
         {
             d.path_spread.dry_run = self.flag(&t, "dry_run");
             // Distinct paths are counted in 512 bits (linear counting): ~300 at most.
-            if let Some(v) = self.a_uint(&t, "min_paths", 2, 300) {
+            if let Some(v) = self.field_uint(&t, "min_paths", 2, 300) {
                 d.path_spread.min_paths = v;
             }
-            if let Some(v) = self.a_float(&t, "min_failure_ratio", 0.0, 1.0) {
+            if let Some(v) = self.field_float(&t, "min_failure_ratio", 0.0, 1.0) {
                 d.path_spread.min_failure_ratio = v;
             }
         }
@@ -209,10 +204,10 @@ impl Decoder<'_> {
             && let Some(t) = self.mapping(field.value, &f.path("prefix_escalation"), PREFIX_KEYS)
         {
             d.prefix.dry_run = self.flag(&t, "dry_run");
-            if let Some(v) = self.a_uint(&t, "min_offenders", 2, 1024) {
+            if let Some(v) = self.field_uint(&t, "min_offenders", 2, 1024) {
                 d.prefix.min_offenders = v as usize;
             }
-            if let Some(v) = self.a_duration(&t, "memory", false) {
+            if let Some(v) = self.field_ms(&t, "memory", false) {
                 d.prefix.memory_ms = v;
             }
         }
@@ -220,23 +215,23 @@ impl Decoder<'_> {
             && let Some(t) = self.mapping(field.value, &f.path("population_shift"), POPULATION_KEYS)
         {
             d.population.dry_run = self.flag(&t, "dry_run");
-            if let Some(v) = self.a_float(&t, "surge_multiple", 1.0, 1e6) {
+            if let Some(v) = self.field_float(&t, "surge_multiple", 1.0, 1e6) {
                 d.population.surge_multiple = v;
             }
-            if let Some(v) = self.a_float(&t, "floor", 1.0, 1e9) {
+            if let Some(v) = self.field_float(&t, "floor", 1.0, 1e9) {
                 d.population.floor = v;
             }
-            if let Some(v) = self.a_duration(&t, "ttl", false) {
+            if let Some(v) = self.field_ms(&t, "ttl", false) {
                 d.population.ttl_ms = v;
             }
         }
         if let Some(field) = f.get("merge")
             && let Some(t) = self.mapping(field.value, &f.path("merge"), MERGE_KEYS)
         {
-            if let Some(v) = self.a_uint(&t, "top_n", 1, 65_536) {
+            if let Some(v) = self.field_uint(&t, "top_n", 1, 65_536) {
                 d.merge.top_n = v as usize;
             }
-            if let Some(v) = self.a_uint(&t, "min_count", 1, 1 << 30) {
+            if let Some(v) = self.field_uint(&t, "min_count", 1, 1 << 30) {
                 d.merge.min_count = v as u32;
             }
         }
@@ -244,25 +239,25 @@ impl Decoder<'_> {
             && let Some(t) = self.mapping(field.value, &f.path("trust"), TRUST_KEYS)
         {
             let tr = &mut a.trust;
-            if let Some(v) = self.a_duration(&t, "half_life", false) {
+            if let Some(v) = self.field_ms(&t, "half_life", false) {
                 tr.half_life_ms = v;
             }
-            if let Some(v) = self.a_float(&t, "history_requests", 1.0, 1e12) {
+            if let Some(v) = self.field_float(&t, "history_requests", 1.0, 1e12) {
                 tr.history_requests = v;
             }
-            if let Some(v) = self.a_float(&t, "bad_share", 0.001, 1.0) {
+            if let Some(v) = self.field_float(&t, "bad_share", 0.001, 1.0) {
                 tr.bad_share = v;
             }
-            if let Some(v) = self.a_duration(&t, "window", false) {
+            if let Some(v) = self.field_ms(&t, "window", false) {
                 tr.window_ms = v;
             }
-            if let Some(v) = self.a_float(&t, "erratic_z", 0.5, 1e3) {
+            if let Some(v) = self.field_float(&t, "erratic_z", 0.5, 1e3) {
                 tr.erratic_z = v;
             }
-            if let Some(v) = self.a_uint(&t, "max_identities", 16, 1 << 26) {
+            if let Some(v) = self.field_uint(&t, "max_identities", 16, 1 << 26) {
                 tr.max_identities = v as usize;
             }
-            if let Some(v) = self.a_uint(&t, "table_slots", 64, 1 << 26) {
+            if let Some(v) = self.field_uint(&t, "table_slots", 64, 1 << 26) {
                 tr.table_slots = v as usize;
             }
         }
@@ -277,48 +272,6 @@ impl Decoder<'_> {
             );
         }
         a
-    }
-
-    /// A duration in milliseconds; zero only when `zero_ok`.
-    fn a_duration(&mut self, f: &Fields<'_, '_>, name: &str, zero_ok: bool) -> Option<u64> {
-        let field = f.get(name)?;
-        let p = f.path(name);
-        let v = ms(self.duration(field.value, &p)?);
-        if v == 0 && !zero_ok {
-            self.error(field.value, &p, "must be at least 1ms");
-            return None;
-        }
-        Some(v)
-    }
-
-    fn a_uint(&mut self, f: &Fields<'_, '_>, name: &str, min: u64, max: u64) -> Option<u64> {
-        let field = f.get(name)?;
-        let p = f.path(name);
-        let v = self.uint(field.value, &p, max)?;
-        if v < min {
-            self.error(
-                field.value,
-                &p,
-                format!("must be from {min} to {max}, found {v}"),
-            );
-            return None;
-        }
-        Some(v)
-    }
-
-    fn a_float(&mut self, f: &Fields<'_, '_>, name: &str, min: f64, max: f64) -> Option<f64> {
-        let field = f.get(name)?;
-        let p = f.path(name);
-        let v = self.float(field.value, &p)?;
-        if !(min..=max).contains(&v) {
-            self.error(
-                field.value,
-                &p,
-                format!("must be from {min} to {max}, found {v}"),
-            );
-            return None;
-        }
-        Some(v)
     }
 }
 

@@ -111,45 +111,19 @@ impl Decoder<'_> {
                 );
             }
         }
-        if let Some(n) = self.t_uint(&f, "queue_size", 1, 1 << 20) {
+        if let Some(n) = self.field_uint(&f, "queue_size", 1, 1 << 20) {
             t.queue_size = n as usize;
         }
-        if let Some(n) = self.t_uint(&f, "batch_size", 1, 1 << 16) {
+        if let Some(n) = self.field_uint(&f, "batch_size", 1, 1 << 16) {
             t.batch_size = n as usize;
         }
-        if let Some(v) = self.t_ms(&f, "flush_interval") {
+        if let Some(v) = self.field_ms(&f, "flush_interval", false) {
             t.flush_interval_ms = v;
         }
-        if let Some(v) = self.t_ms(&f, "export_timeout") {
+        if let Some(v) = self.field_ms(&f, "export_timeout", false) {
             t.export_timeout_ms = v;
         }
         t
-    }
-
-    fn t_ms(&mut self, f: &super::Fields<'_, '_>, name: &str) -> Option<u64> {
-        let field = f.get(name)?;
-        let p = f.path(name);
-        let v = self.duration(field.value, &p)? / 1_000_000;
-        if v == 0 {
-            self.error(field.value, &p, "must be at least 1ms");
-            return None;
-        }
-        Some(v)
-    }
-
-    fn t_uint(&mut self, f: &super::Fields<'_, '_>, name: &str, min: u64, max: u64) -> Option<u64> {
-        let field = f.get(name)?;
-        let p = f.path(name);
-        let v = self.uint(field.value, &p, max)?;
-        if v < min {
-            self.error(
-                field.value,
-                &p,
-                format!("must be from {min} to {max}, found {v}"),
-            );
-            return None;
-        }
-        Some(v)
     }
 }
 
