@@ -262,10 +262,16 @@ async fn a_failed_batch_answers_every_request_by_the_failure_mode() {
         })
     };
     let generous = limit(Algorithm::FixedWindow, 1_000_000);
+    // Each task keeps deciding until Redis is gone (plus a little), however fast the
+    // machine: a fixed count could all finish before the pause on a quiet machine.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let run = |storage: Arc<Storage>| {
+        let stop = stop.clone();
         tokio::spawn(async move {
             let (mut by_redis, mut by_failure_mode) = (0u32, 0u32);
-            for i in 0..400u32 {
+            let mut i = 0u32;
+            while !stop.load(Relaxed) {
+                i = i.wrapping_add(1);
                 let mut ops = vec![CounterOp::new(u128::from(i % 4), generous, 1, false)];
                 match storage
                     .check_and_update(&mut ops, NOW, RejectedHits::Free)
@@ -294,6 +300,8 @@ async fn a_failed_batch_answers_every_request_by_the_failure_mode() {
     let pause = std::thread::spawn(move || cli(port, &["debug", "sleep", "0.6"]));
     tokio::time::sleep(Duration::from_millis(900)).await;
     server.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Relaxed);
     let mut totals = (0, 0);
     for task in load {
         // Liveness, not speed: a request left waiting would hang here.
@@ -306,7 +314,6 @@ async fn a_failed_batch_answers_every_request_by_the_failure_mode() {
     }
     let _ = pause.join();
     health.abort();
-    assert_eq!(totals.0 + totals.1, 48 * 400);
     assert!(totals.0 > 0, "Redis decided some before the pause");
     assert!(totals.1 > 0, "the failure mode answered the rest");
     let (batches, batched) = coalesced(&storage);
