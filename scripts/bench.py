@@ -17,7 +17,9 @@ environment, like the test command). Rows:
      exporting to a real OTLP receiver (tests/support/otlp_collector.py, when the test
      command installed it; else to a closed port, spans dropped): runs interleaved
      off/on/off/on..., the ratio of the medians is the cost of tracing.
-`BENCH_ONLY=tracing` runs only those rows.
+  6. The anomaly module off vs on (ShouldRateLimit and Check, memory), `adaptive` on a rule
+     vs off (ShouldRateLimit, memory and Redis): interleaved like 5, BENCH_ROUNDS runs each.
+`BENCH_ONLY=redis|anomaly|adaptive|tracing` runs only those rows.
 CPU seconds per request = CPU time the server processes (sidecar, Redis, Envoy) used during
 the run / requests.
 """
@@ -76,7 +78,8 @@ def metric(admin, name):
     return 0.0
 
 
-def grpc_body(value):
+def grpc_body(domain, entries):
+    """A gRPC-framed RateLimitRequest: one descriptor of (key, value) entries."""
     def varint(n):
         out = b""
         while True:
@@ -89,8 +92,8 @@ def grpc_body(value):
     def field(num, payload):
         return varint((num << 3) | 2) + varint(len(payload)) + payload
 
-    entry = field(1, b"api_key") + field(2, value.encode())
-    req = field(1, b"bench") + field(2, field(1, entry))
+    descriptor = b"".join(field(1, field(1, k.encode()) + field(2, v.encode())) for k, v in entries)
+    req = field(1, domain.encode()) + field(2, descriptor)
     return b"\x00" + len(req).to_bytes(4, "big") + req
 
 
@@ -139,8 +142,9 @@ def stop(p):
         p.kill()
 
 
-def settings(tmp, storage, extra=""):
-    path = os.path.join(tmp, f"bench-{abs(hash(storage + extra))}.yaml")
+def settings(tmp, storage, extra="", rule=""):
+    """`rule` is appended inside the bench domain's `identity` rate_limit (e.g. adaptive)."""
+    path = os.path.join(tmp, f"bench-{abs(hash(storage + extra + rule))}.yaml")
     with open(path, "w") as f:
         f.write(extra)
         f.write(
@@ -150,6 +154,7 @@ def settings(tmp, storage, extra=""):
             "domains:\n"
             "  - domain: bench\n    descriptors:\n"
             "      - key: api_key\n        rate_limit: {unit: hour, requests_per_unit: 1000000000}\n"
+            f"      - key: identity\n        rate_limit: {{unit: hour, requests_per_unit: 1000000000{rule}}}\n"
             "  - domain: example\n    descriptors:\n"
             "      - key: api_key\n        rate_limit: {unit: hour, requests_per_unit: 1000000000}\n"
             "      - key: remote_address\n        rate_limit: {unit: hour, requests_per_unit: 1000000000}\n"
@@ -166,9 +171,9 @@ def settings(tmp, storage, extra=""):
     return path
 
 
-def sidecar(tmp, storage, extra=""):
+def sidecar(tmp, storage, extra="", rule=""):
     grpc, admin = free_port(), free_port()
-    p = start([BIN, "serve", "--config", settings(tmp, storage, extra), "--grpc-addr", f"127.0.0.1:{grpc}",
+    p = start([BIN, "serve", "--config", settings(tmp, storage, extra, rule), "--grpc-addr", f"127.0.0.1:{grpc}",
                "--admin-addr", f"127.0.0.1:{admin}"], grpc)
     return p, grpc, admin
 
@@ -385,10 +390,65 @@ def alert_rows(tmp):
                      cpu / max(decided, 1) * 1e6, note))
 
 
-def tracing_rows(tmp, rounds=int(os.environ.get("BENCH_TRACING_ROUNDS", "3"))):
-    """ShouldRateLimit on memory, tracing off vs on at 1 % sampling, interleaved."""
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+# The anomaly module with its defaults; `warmup` keeps every decision a dry run, so the
+# bench's one hot caller is judged (full detector cost) without being blocked mid-run.
+ANOMALY = "anomaly:\n  enabled: true\n  warmup: 1h\n"
+ADAPTIVE = ", adaptive: {min_factor: 0.5, max_factor: 2.0}"
+
+
+def ab_rows(tmp, suite, rpc, storage, modes, body, rounds=ROUNDS):
+    """One setting off vs on, interleaved off/on/off/on... with a fresh sidecar per run; each
+    mode's row is the median of its runs, and the `on` row carries the ratios to `off`.
+    `modes`: [(label, extra settings, extra inside the identity rule)] with `off` first."""
+    log = os.path.join(tmp, "h2load-ab.log")
+    path = RLS_PATH if rpc == "ShouldRateLimit" else CHECK_PATH
+    counter = ("ratelimit_service_should_rate_limit_total" if rpc == "ShouldRateLimit"
+               else 'ratethrottle_authz_checks_total{outcome="allowed"}')
+    runs = {label: [] for label, _, _ in modes}
+    redis_side = redis_pids() if storage != "memory" else []
+    for _ in range(rounds):
+        for label, extra, rule in modes:
+            p, grpc, admin = sidecar(tmp, storage, extra, rule)
+            probe(grpc)
+            before = metric(admin, counter)
+            h2load(grpc, body, log, streams=1, conns=1, path=path, requests=10)
+            if metric(admin, counter) - before != 10:
+                raise SystemExit(f"probe failed for {rpc} {label}")
+            pids = [p.pid] + redis_side
+            c0, n0 = cpu_seconds(pids), metric(admin, counter)
+            rps, ok, lat = h2load(grpc, body, log, path=path)
+            cpu = cpu_seconds(pids) - c0
+            decided = metric(admin, counter) - n0
+            extra_counts = {m: metric(admin, m) for m in (
+                "ratethrottle_trace_spans_exported_total", "ratethrottle_anomaly_events_total",
+                "ratethrottle_anomaly_events_dropped_total")}
+            stop(p)
+            if decided < ok * 0.99:
+                raise SystemExit(f"{rpc} {label}: only {int(decided)} of {ok} answers were decisions")
+            p50, p99 = percentiles(lat)
+            runs[label].append((rps, p50, p99, cpu / max(decided, 1) * 1e6, extra_counts))
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    off = modes[0][0]
+    base = [med([r[i] for r in runs[off]]) for i in range(4)]
+    for label, _, _ in modes:
+        m = [med([r[i] for r in runs[label]]) for i in range(4)]
+        note = f"median of {rounds} interleaved runs; req/s per run: " + ", ".join(f"{r[0]:,.0f}" for r in runs[label])
+        if label != off:
+            note += (f"; vs {off}: req/s {m[0] / max(base[0], 1):.3f}x, p99 {m[2] / max(base[2], 1e-9):.3f}x, "
+                     f"CPU/req {m[3] / max(base[3], 1e-9):.3f}x")
+            for name, short in (("ratethrottle_trace_spans_exported_total", "spans exported"),
+                                ("ratethrottle_anomaly_events_total", "anomaly events observed"),
+                                ("ratethrottle_anomaly_events_dropped_total", "dropped")):
+                total = sum(r[4][name] for r in runs[label])
+                if total or name.endswith("dropped_total") and "anomaly" in label:
+                    note += f"; {int(total)} {short}"
+        ROWS.append((suite, label, m[0], m[1], m[2], m[3], note))
+
+
+def tracing_rows(tmp):
+    """ShouldRateLimit on memory, tracing off vs on at 1 % sampling."""
     subprocess.run([OK_RLS, "--write-bodies", tmp], check=True)
-    body, log = os.path.join(tmp, "rls.bin"), os.path.join(tmp, "h2load.log")
     collector = None
     python = os.environ.get("RATETHROTTLE_TEST_OTLP_PYTHON")
     if python:
@@ -396,39 +456,42 @@ def tracing_rows(tmp, rounds=int(os.environ.get("BENCH_TRACING_ROUNDS", "3"))):
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         port = int(collector.stdout.readline().split()[1])
         # Spans are read and discarded (a pipe nobody reads would block the collector).
-        import threading
         threading.Thread(target=lambda: [None for _ in collector.stdout], daemon=True).start()
     else:
         port = free_port()
     on = f"tracing:\n  endpoint: http://127.0.0.1:{port}\n  sample_ratio: 0.01\n"
-    runs = {"off": [], "on": []}
+    label = "tracing on, 1 % sampled, OTLP export" + ("" if collector else " (no receiver)")
     try:
-        for _ in range(rounds):
-            for mode in ("off", "on"):
-                p, grpc, admin = sidecar(tmp, "memory", on if mode == "on" else "")
-                probe(grpc)
-                c0, n0 = cpu_seconds([p.pid]), metric(admin, "ratelimit_service_should_rate_limit_total")
-                rps, ok, lat = h2load(grpc, body, log)
-                cpu = cpu_seconds([p.pid]) - c0
-                decided = metric(admin, "ratelimit_service_should_rate_limit_total") - n0
-                exported = metric(admin, "ratethrottle_trace_spans_exported_total")
-                stop(p)
-                p50, p99 = percentiles(lat)
-                runs[mode].append((rps, p50, p99, cpu / max(decided, 1) * 1e6, exported))
+        ab_rows(tmp, "gRPC ShouldRateLimit, memory (h2load)", "ShouldRateLimit", "memory",
+                [("tracing off", "", ""), (label, on, "")], os.path.join(tmp, "rls.bin"))
     finally:
         if collector:
             collector.kill()
             collector.wait()
-    med = lambda xs: sorted(xs)[len(xs) // 2]
-    base = {i: med([r[i] for r in runs["off"]]) for i in range(4)}
-    for mode, label in [("off", "tracing off"), ("on", "tracing on, 1 % sampled, OTLP export")]:
-        m = {i: med([r[i] for r in runs[mode]]) for i in range(4)}
-        note = f"median of {rounds} interleaved runs; req/s per run: " + ", ".join(f"{r[0]:,.0f}" for r in runs[mode])
-        if mode == "on":
-            note += (f"; req/s {m[0] / max(base[0], 1):.3f}x, CPU/req {m[3] / max(base[3], 1e-9):.3f}x of off"
-                     f"; {int(sum(r[4] for r in runs['on']))} spans exported"
-                     + ("" if collector else " (no receiver: dropped)"))
-        ROWS.append(("gRPC ShouldRateLimit, memory (h2load)", label, m[0], m[1], m[2], m[3], note))
+
+
+def anomaly_rows(tmp):
+    """The anomaly module off vs on (every request observed), ShouldRateLimit and Check."""
+    subprocess.run([OK_RLS, "--write-bodies", tmp], check=True)
+    modes = [("anomaly off", "", ""), ("anomaly on (dry run: warmup)", ANOMALY, "")]
+    ab_rows(tmp, "gRPC ShouldRateLimit, memory (h2load)", "ShouldRateLimit", "memory", modes,
+            os.path.join(tmp, "rls.bin"))
+    ab_rows(tmp, "gRPC Check, memory (h2load)", "Check", "memory", modes, os.path.join(tmp, "check.bin"))
+
+
+def adaptive_rows(tmp):
+    """`adaptive` on a rule vs off, memory and Redis. The request carries an `identity` entry,
+    so every decision looks its caller up in the trust table; the anomaly module (which keeps
+    the trust book) is on in both modes, so the difference is the adaptive limit alone."""
+    body = os.path.join(tmp, "rls-identity.bin")
+    with open(body, "wb") as f:
+        f.write(grpc_body("bench", [("identity", "bench-caller")]))
+    stores = [("memory", "memory")]
+    if os.environ.get("RATETHROTTLE_TEST_REDIS_URL"):
+        stores.append(("Redis", os.environ["RATETHROTTLE_TEST_REDIS_URL"]))
+    for name, storage in stores:
+        ab_rows(tmp, f"gRPC ShouldRateLimit, {name} (h2load)", "ShouldRateLimit", storage,
+                [("adaptive off (anomaly on)", ANOMALY, ""), ("adaptive on the rule", ANOMALY, ADAPTIVE)], body)
 
 
 def criterion_rows():
@@ -447,7 +510,7 @@ def main():
     try:
         print(f"benchmarks: {SECONDS}s per row, {os.cpu_count()} cores", flush=True)
         # BENCH_ONLY=redis: only the ShouldRateLimit rows (memory, Redis, Cluster);
-        # BENCH_ONLY=tracing: only tracing off vs on.
+        # BENCH_ONLY=anomaly | adaptive | tracing: only that off-vs-on comparison.
         only = os.environ.get("BENCH_ONLY")
         if not only:
             criterion_rows()
@@ -456,8 +519,9 @@ def main():
         if not only:
             envoy_rows(tmp)
             alert_rows(tmp)
-        if only in (None, "tracing"):
-            tracing_rows(tmp)
+        for name, rows in (("anomaly", anomaly_rows), ("adaptive", adaptive_rows), ("tracing", tracing_rows)):
+            if only in (None, name):
+                rows(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print()

@@ -4,7 +4,7 @@
 # and Envoy like the test command does, and runs scripts/bench.py.
 #   bash scripts/bench.sh            # full run (a few minutes)
 #   BENCH_SECONDS=3 bash scripts/bench.sh
-#   BENCH_ONLY=tracing bash scripts/bench.sh   # only tracing off vs on
+#   BENCH_ONLY=anomaly bash scripts/bench.sh   # only one comparison: anomaly, adaptive, tracing, redis
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()

@@ -24,11 +24,10 @@ use std::time::{Duration, Instant};
 const TARGET: &str = "x86_64-unknown-linux-musl";
 const TAG: &str = "localhost/ratethrottle:image-test";
 const VERSION: &str = env!("CARGO_PKG_VERSION");
-/// The image's size target (bytes, uncompressed).
-/// Issue 15's target is < 25 MB. OpenTelemetry export and the alert sinks (hyper-rustls) took
-/// the image to 25.3 MB; the budget allows 26 MB until cold dependencies are built for size
-/// (`opt-level = "s"` per package: kube, k8s-openapi, ratatui, opentelemetry-otlp).
-const MAX_IMAGE_BYTES: u64 = 26_000_000;
+/// The image's size target (bytes, uncompressed): < 25 MB. The binary is 24.3 MB with the
+/// code off the request path built for size (Cargo.toml's `profile.release.package` list);
+/// it was 25.0 MB (a 25.3 MB image) with everything at opt-level 3.
+const MAX_IMAGE_BYTES: u64 = 25_000_000;
 const CA_BUNDLE: &str = "etc/ssl/certs/ca-certificates.crt";
 
 fn root() -> &'static Path {

@@ -638,6 +638,85 @@ fn contour(sidecar: SocketAddr) -> Rendered {
     }
 }
 
+/// One Emissary `v3alpha1` label specifier as the Envoy rate limit action Emissary makes of it.
+/// Emissary's CRD (`MappingLabelSpecifier` in emissary-ingress/emissary `crd_mapping.go`) takes
+/// exactly one of five keys, each with its required fields; anything else is refused here, as
+/// the API server would refuse it (no registry package ships Emissary's schemas).
+fn emissary_label(s: &Value) -> Result<Value, String> {
+    let obj = s
+        .as_object()
+        .ok_or(format!("a label specifier is a mapping: {s}"))?;
+    let [(label, spec)] = obj.iter().collect::<Vec<_>>()[..] else {
+        return Err(format!("a label specifier has exactly one key: {s}"));
+    };
+    let field = |name: &str| {
+        spec[name]
+            .as_str()
+            .map(str::to_string)
+            .ok_or(format!("{label}.{name} is required: {s}"))
+    };
+    let only = |allowed: &[&str]| match spec
+        .as_object()
+        .and_then(|o| o.keys().find(|k| !allowed.contains(&k.as_str())))
+    {
+        Some(k) => Err(format!("{label}.{k} is not a field of {label}: {s}")),
+        None => Ok(()),
+    };
+    match label.as_str() {
+        "generic_key" => {
+            only(&["key", "value"])?;
+            let mut action = json!({"descriptor_value": field("value")?});
+            if let Some(k) = spec["key"].as_str() {
+                action["descriptor_key"] = json!(k);
+            }
+            Ok(json!({ "generic_key": action }))
+        }
+        "remote_address" | "source_cluster" | "destination_cluster" => {
+            only(&["key"])?;
+            if field("key")? != *label {
+                return Err(format!("{label}.key must be {label:?}: {s}"));
+            }
+            Ok(json!({ label.as_str(): {} }))
+        }
+        "request_headers" => {
+            only(&["key", "header_name", "omit_if_not_present"])?;
+            Ok(json!({"request_headers": {
+                "header_name": field("header_name")?,
+                "descriptor_key": field("key")?,
+                "skip_if_absent": spec["omit_if_not_present"].as_bool().unwrap_or(false),
+            }}))
+        }
+        other => Err(format!(
+            "{other:?} is not an Emissary label specifier (generic_key, remote_address, \
+             request_headers, source_cluster, destination_cluster): {s}"
+        )),
+    }
+}
+
+#[test]
+fn emissary_labels_are_read_as_emissary_reads_them() {
+    let ok = json!({"request_headers": {"key": "identity", "header_name": "x-id", "omit_if_not_present": true}});
+    assert_eq!(
+        emissary_label(&ok).expect("valid"),
+        json!({"request_headers": {"header_name": "x-id", "descriptor_key": "identity", "skip_if_absent": true}})
+    );
+    assert_eq!(
+        emissary_label(&json!({"remote_address": {"key": "remote_address"}})).expect("valid"),
+        json!({"remote_address": {}})
+    );
+    // A label name wrapped around the specifier (the form this example first shipped with),
+    // two keys, a missing required field, a wrong fixed key, an unknown field: all refused.
+    for bad in [
+        json!({"identity": {"request_headers": {"key": "identity", "header_name": "x-id"}}}),
+        json!({"generic_key": {"value": "api"}, "remote_address": {"key": "remote_address"}}),
+        json!({"request_headers": {"key": "identity"}}),
+        json!({"remote_address": {"key": "client"}}),
+        json!({"generic_key": {"value": "api", "descriptor_value": "api"}}),
+    ] {
+        assert!(emissary_label(&bad).is_err(), "{bad}");
+    }
+}
+
 /// Emissary: the AuthService and RateLimitService as filters and clusters, the Mapping's
 /// label groups of the RateLimitService's domain as its route's rate limits.
 fn emissary(sidecar: SocketAddr) -> Rendered {
@@ -686,18 +765,7 @@ fn emissary(sidecar: SocketAddr) -> Rendered {
                 .as_array()
                 .expect("specifiers")
                 .iter()
-                .map(|s| {
-                    let (label, spec) = s.as_object().expect("one label").iter().next().expect("one");
-                    match label.as_str() {
-                        "generic_key" => json!({"generic_key": {"descriptor_value": spec["value"]}}),
-                        "remote_address" => json!({"remote_address": {}}),
-                        _ => {
-                            let h = &spec["request_headers"];
-                            json!({"request_headers": {"header_name": h["header_name"],
-                                "descriptor_key": h["key"], "skip_if_absent": h["omit_if_not_present"]}})
-                        }
-                    }
-                })
+                .map(|s| emissary_label(s).unwrap_or_else(|e| panic!("{e}")))
                 .collect();
             json!({"actions": actions})
         })
