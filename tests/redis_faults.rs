@@ -172,6 +172,13 @@ async fn outage(mode: &str) {
     assert!(errors >= down.len() as u64, "{errors} < {}", down.len());
     assert_eq!(errors, fallbacks, "{m}");
     assert!(sc.stderr().contains("Redis"), "the outage is logged");
+    // Logged, not flooded: at most one storage-error line a second, however many requests.
+    let lines = sc.stderr().matches("storage error:").count();
+    let outage_secs = (restarted - killed).as_secs_f64();
+    assert!(
+        lines >= 1 && (lines as f64) <= outage_secs + 2.0,
+        "{lines} storage-error lines for {errors} failures in {outage_secs:.1} s"
+    );
 
     // Back: Redis decides again, exactly, and no request is answered by the failure mode.
     eventually(Duration::from_secs(15), "Redis answers again", || async {

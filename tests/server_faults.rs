@@ -329,3 +329,40 @@ async fn undecodable_protobuf_is_invalid_argument() {
         .await;
     assert!(ok.is_ok(), "{ok:?}");
 }
+
+/// The soft and hard open-file limits of a process, from /proc.
+fn nofile_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files");
+    let nums: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (nums[0], nums[1])
+}
+
+#[test]
+fn serve_raises_the_soft_open_file_limit_to_the_hard_one() {
+    // Only the soft limit is lowered (`ulimit -S`): the hard limit stays where it was, and
+    // `serve` lifts the soft one to it at start (every Envoy connection is a descriptor).
+    let sidecar = Sidecar::start_via(
+        &["sh", "-c", "ulimit -S -n 128 && exec \"$@\"", "sh"],
+        None,
+        &[],
+        &[],
+    );
+    let (soft, hard) = nofile_limits(sidecar.child.id());
+    assert!(
+        hard > 128,
+        "this machine's hard limit is {hard}: nothing to raise"
+    );
+    assert_eq!(soft, hard, "the soft limit was left at {soft}");
+    assert!(
+        sidecar.stderr().contains("raised the open file limit"),
+        "{}",
+        sidecar.stderr()
+    );
+}
