@@ -158,6 +158,42 @@ fn silent_connections_and_half_sent_requests_are_closed_by_the_server() {
     assert_eq!((code, body.as_str()), (200, "OK\n"));
 }
 
+/// A slowloris at the scale the adversarial run used: 1,000 connections that never finish a
+/// request (half on each port) are all closed by the handshake timeout, and the sidecar keeps
+/// serving while they are open.
+#[test]
+fn a_thousand_slowloris_connections_are_all_closed() {
+    let sidecar = Sidecar::start_with_env(
+        None,
+        &[],
+        &[
+            ("RATETHROTTLE_HANDSHAKE_TIMEOUT_MS", "500"),
+            ("RATETHROTTLE_HTTP2_KEEPALIVE_MS", "500"),
+        ],
+    );
+    let opened = Instant::now();
+    let mut conns: Vec<TcpStream> = (0..1000)
+        .map(|i| {
+            if i % 2 == 0 {
+                raw(sidecar.grpc, &H2_PREFACE_AND_SETTINGS[..10])
+            } else {
+                raw(sidecar.admin, HALF_SENT_REQUEST)
+            }
+        })
+        .collect();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (code, _) = rt.block_on(sidecar.get("/healthz"));
+    assert_eq!(code, 200, "served while 1,000 slow connections are open");
+    let within = Duration::from_secs(15);
+    let mut last = Duration::ZERO;
+    for (i, conn) in conns.iter_mut().enumerate() {
+        let took = closed_within(conn, opened, within)
+            .unwrap_or_else(|| panic!("connection {i} still open after {within:?}"));
+        last = last.max(took);
+    }
+    eprintln!("1,000 slowloris connections: the last closed {last:?} after opening");
+}
+
 /// `utime + stime` of `pid` in clock ticks (`/proc/<pid>/stat` fields 14 and 15).
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
