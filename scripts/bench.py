@@ -78,8 +78,8 @@ def metric(admin, name):
     return 0.0
 
 
-def grpc_body(domain, entries):
-    """A gRPC-framed RateLimitRequest: one descriptor of (key, value) entries."""
+def grpc_body(domain, descriptors):
+    """A gRPC-framed RateLimitRequest: descriptors, each a list of (key, value) entries."""
     def varint(n):
         out = b""
         while True:
@@ -92,8 +92,9 @@ def grpc_body(domain, entries):
     def field(num, payload):
         return varint((num << 3) | 2) + varint(len(payload)) + payload
 
-    descriptor = b"".join(field(1, field(1, k.encode()) + field(2, v.encode())) for k, v in entries)
-    req = field(1, domain.encode()) + field(2, descriptor)
+    req = field(1, domain.encode())
+    for entries in descriptors:
+        req += field(2, b"".join(field(1, field(1, k.encode()) + field(2, v.encode())) for k, v in entries))
     return b"\x00" + len(req).to_bytes(4, "big") + req
 
 
@@ -474,8 +475,12 @@ def anomaly_rows(tmp):
     """The anomaly module off vs on (every request observed), ShouldRateLimit and Check."""
     subprocess.run([OK_RLS, "--write-bodies", tmp], check=True)
     modes = [("anomaly off", "", ""), ("anomaly on (dry run: warmup)", ANOMALY, "")]
-    ab_rows(tmp, "gRPC ShouldRateLimit, memory (h2load)", "ShouldRateLimit", "memory", modes,
-            os.path.join(tmp, "rls.bin"))
+    # The module hears of a ShouldRateLimit through its remote_address entry (as Envoy's
+    # `remote_address` action sends it): the request carries one beside the API key.
+    body = os.path.join(tmp, "rls-address.bin")
+    with open(body, "wb") as f:
+        f.write(grpc_body("bench", [[("api_key", "bench-key")], [("remote_address", "10.1.2.3")]]))
+    ab_rows(tmp, "gRPC ShouldRateLimit, memory (h2load)", "ShouldRateLimit", "memory", modes, body)
     ab_rows(tmp, "gRPC Check, memory (h2load)", "Check", "memory", modes, os.path.join(tmp, "check.bin"))
 
 
@@ -485,7 +490,7 @@ def adaptive_rows(tmp):
     the trust book) is on in both modes, so the difference is the adaptive limit alone."""
     body = os.path.join(tmp, "rls-identity.bin")
     with open(body, "wb") as f:
-        f.write(grpc_body("bench", [("identity", "bench-caller")]))
+        f.write(grpc_body("bench", [[("identity", "bench-caller")]]))
     stores = [("memory", "memory")]
     if os.environ.get("RATETHROTTLE_TEST_REDIS_URL"):
         stores.append(("Redis", os.environ["RATETHROTTLE_TEST_REDIS_URL"]))
