@@ -20,6 +20,7 @@ mod load;
 mod model;
 pub mod otel;
 pub mod storage_url;
+pub mod yaml;
 
 pub use decode::uses_burst;
 pub mod jwks;

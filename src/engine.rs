@@ -233,6 +233,11 @@ impl RateLimitEngine {
         &self.storage
     }
 
+    /// The clock decisions are made on; background tasks that expire state take it too.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
     pub fn metrics(&self) -> &Arc<ServiceMetrics> {
         &self.metrics
     }

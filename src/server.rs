@@ -249,6 +249,7 @@ impl BoundServer {
                     drain,
                     lists.clone(),
                     anomaly_metrics.clone(),
+                    clock.clone(),
                 );
                 module.set_alerts(alerts.clone());
                 (Some(sink), Some(module))
@@ -450,7 +451,14 @@ impl BoundServer {
         if let Some(w) = self.watcher {
             background.spawn("kubernetes watcher", w.run());
         }
-        background.spawn("counter sweeper", sweep(self.engine.storage().clone()));
+        background.spawn(
+            "counter sweeper",
+            sweep(
+                self.engine.storage().clone(),
+                self.engine.clock().clone(),
+                Duration::from_secs(10),
+            ),
+        );
         background.spawn("list polling", self.authz.lists().clone().run());
         if let Some(a) = self.anomaly.clone() {
             background.spawn("anomaly detector", a.run());
@@ -559,9 +567,8 @@ impl Background {
 }
 
 /// Drops expired counter states so idle keys give their memory back.
-async fn sweep(storage: Arc<Storage>) {
-    let clock = SystemClock;
-    let mut tick = tokio::time::interval(Duration::from_secs(10));
+async fn sweep(storage: Arc<Storage>, clock: Arc<dyn Clock>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
         let memory = match &*storage {
@@ -599,5 +606,44 @@ mod background_tests {
             other => panic!("{other:?}"),
         }
         assert!(Background::default().stopped().await.is_none());
+    }
+
+    /// The sweeper reads time off the server's clock, not the system's: with a manual clock
+    /// that has not moved, nothing expires; moved past the window, the counter goes.
+    #[tokio::test]
+    async fn the_counter_sweeper_expires_on_the_injected_clock() {
+        use crate::limiter::{Algorithm, Clock, Limit, ManualClock, RejectedHits, Unit};
+        use crate::storage::{MemoryStore, Storage};
+        use std::sync::Arc;
+        let clock = Arc::new(ManualClock::default());
+        let store = Arc::new(Storage::Memory(MemoryStore::new(100)));
+        let Storage::Memory(m) = &*store else {
+            unreachable!()
+        };
+        let limit = Limit {
+            algorithm: Algorithm::FixedWindow,
+            requests_per_unit: 10,
+            unit: Unit::Second,
+            burst: 1,
+            block_duration: 0,
+        };
+        m.apply(1, &limit, clock.now(), 1, RejectedHits::Free);
+        let dyn_clock: Arc<dyn Clock> = clock.clone();
+        let every = std::time::Duration::from_millis(10);
+        let task = tokio::spawn(super::sweep(store.clone(), dyn_clock, every));
+        // Several sweeps on a clock still in the counter's second (the system clock is 15
+        // years past it: a sweep reading it would drop the counter).
+        tokio::time::sleep(every * 5).await;
+        assert_eq!(m.len(), 1, "swept on the system clock");
+        clock.advance(std::time::Duration::from_secs(5));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while m.len() != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not swept after the clock moved"
+            );
+            tokio::time::sleep(every).await;
+        }
+        task.abort();
     }
 }

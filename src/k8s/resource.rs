@@ -222,7 +222,7 @@ pub fn validate_manifests(
     let mut reports = Vec::new();
     let mut tracked: Vec<(usize, Tracked)> = Vec::new();
     for (path, text) in files {
-        let docs = match serde_saphyr::from_multiple::<Value>(text) {
+        let docs = match crate::config::yaml::documents(text) {
             Ok(docs) => docs,
             Err(e) => {
                 reports.push(ManifestReport {

@@ -1,7 +1,8 @@
 //! The anomaly module at run time: the task that owns the detector, drains the hot path's
-//! queue, ticks it with the real clock, and applies its decisions to the runtime lists.
+//! queue, ticks it with the server's clock, and applies its decisions to the runtime lists.
 //!
-//! Owns: the detector's clock (wall milliseconds: windows line up across replicas), the
+//! Owns: reading the detector's time off the injected clock (wall milliseconds: windows line
+//! up across replicas; the same clock the engine decides on and the lists expire by), the
 //! allowlist it asks (the current lists snapshot: manual allow entries always win), writing
 //! `deny` decisions as block entries (TTL, reason `anomaly:<detector>/v1 …`, code `anomaly`)
 //! through [`Lists`] — in Redis when the counters are, so every replica enforces them, and
@@ -28,7 +29,7 @@ use crate::anomaly::{
     Action, Decision, Detector, Drain, Explanation, Scope, Target, TrustBook, TrustExplanation,
     canonical, mask, subject,
 };
-use crate::limiter::{Clock, SystemClock};
+use crate::limiter::Clock;
 use crate::lists::cidr::{IpNet, addr};
 use crate::lists::{ListKind, MAX_ENTRY_BYTES};
 use crate::runtime::adaptive::TrustSink;
@@ -162,8 +163,8 @@ impl Anomaly {
         drain: Drain,
         lists: Arc<Lists>,
         metrics: Arc<AnomalyMetrics>,
+        clock: Arc<dyn Clock>,
     ) -> Arc<Anomaly> {
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let allow = {
             let lists = lists.clone();
             let clock = clock.clone();
