@@ -500,7 +500,7 @@ def adaptive_rows(tmp):
 
 
 def criterion_rows():
-    out = subprocess.run(["cargo", "bench", "--bench", "decisions", "--", "--warm-up-time", "1",
+    out = subprocess.run(["cargo", "bench", "--locked", "--bench", "decisions", "--", "--warm-up-time", "1",
                           "--measurement-time", str(max(2, SECONDS // 3)), "--output-format", "bencher"],
                          cwd=ROOT, capture_output=True, text=True).stdout
     for line in out.splitlines():

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Write both files (the tests that read what the crate embedded run next, on a rebuilt crate).
-RATETHROTTLE_REGEN_DESCRIPTORS=1 cargo test --test descriptors -- \
+RATETHROTTLE_REGEN_DESCRIPTORS=1 cargo test --locked --test descriptors -- \
     envoy_reflection_set_is_what_envoy_types_ships admin_api_field_numbers_never_change
-cargo test --test descriptors
+cargo test --locked --test descriptors
 git status --short proto/

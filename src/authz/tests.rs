@@ -107,3 +107,59 @@ fn without_an_authz_block_everything_is_allowed_and_named_by_ip() {
     assert!(a.ok());
     assert_eq!(a.header("x-ratethrottle-identity"), Some("ip:2001:db8::1"));
 }
+
+/// Trust only scales limits: a caller at full trust (adaptive factor × max) is still denied
+/// by a manual block entry and by an anomaly `deny` entry, and its limit is the scaled one.
+#[test]
+fn full_trust_never_exempts_a_caller_from_a_block_or_an_anomaly_deny() {
+    let yaml = "authz:\n  domain: api\n  identity:\n    sources:\n      - header: x-api-key\n        name: api_key\n  lists:\n    block: [\"api_key:blocked\"]\n  policies:\n    - name: all\n      match: {path: {prefix: /}}\n      descriptors:\n        - [{identity: {}}]\ndomains:\n  - domain: api\n    descriptors:\n      - key: identity\n        rate_limit: {unit: minute, requests_per_unit: 1, adaptive: {min_factor: 0.5, max_factor: 4.0}}\n";
+    let config = parse_str("rt.yaml", yaml).unwrap_or_else(|e| panic!("{e}"));
+    let stats = Arc::new(StatsRegistry::default());
+    let clock = Arc::new(ManualClock::new(START));
+    let trust = Arc::new(crate::anomaly::TrustTable::new(1024));
+    let limits = RateLimitEngine::new(
+        Arc::new(ArcSwap::from_pointee(RuleSet::compile(&config, &stats))),
+        Arc::new(Storage::Memory(MemoryStore::new(10_000))),
+        clock.clone(),
+        stats,
+        Arc::new(ServiceMetrics::default()),
+    )
+    .with_trust(trust.clone());
+    let lists = Arc::new(Lists::memory(clock.clone()));
+    let e = AuthzEngine::new(
+        limits,
+        lists.clone(),
+        Arc::new(AuthzMetrics::default()),
+        clock.clone(),
+    );
+    e.install(&config);
+    for who in ["api_key:blocked", "api_key:abuser", "api_key:fine"] {
+        trust.set(
+            crate::anomaly::subject(who, None).expect("subject"),
+            Some(u16::MAX),
+        );
+    }
+    let call = |key: &str| ask(&e, &Check::new("198.51.100.20").header("x-api-key", key));
+    // Full trust: the limit of 1/min is 4/min for this caller.
+    for _ in 0..4 {
+        assert!(call("fine").ok());
+    }
+    assert_eq!(call("fine").http, 429, "the scaled limit still holds");
+    // A manual block entry wins over full trust.
+    assert_eq!(call("blocked").http, 403);
+    // So does an anomaly decision written to the lists.
+    assert!(call("abuser").ok());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    rt.block_on(lists.add(
+        crate::lists::ListKind::Block,
+        "api_key:abuser",
+        Some(Duration::from_secs(600)),
+        "anomaly:volumetric/v1 test",
+        Some("anomaly"),
+    ))
+    .expect("add");
+    let denied = call("abuser");
+    assert_eq!(denied.http, 403);
+}
