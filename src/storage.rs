@@ -90,7 +90,10 @@ impl Storage {
                 m.check_and_update(ops, now, rejected);
                 Ok(())
             }
-            Storage::Redis(r) => r.check_and_update(ops, now, rejected).await,
+            // Boxed: the Redis call's state machine is ~15 KB (the batch it may lead), and
+            // unboxed it would size every decision's future, memory path included: each
+            // gRPC call boxes its future, so all of it was allocated and copied per request.
+            Storage::Redis(r) => Box::pin(r.check_and_update(ops, now, rejected)).await,
         }
     }
 

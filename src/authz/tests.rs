@@ -163,3 +163,13 @@ fn full_trust_never_exempts_a_caller_from_a_block_or_an_anomaly_deny() {
     let denied = call("abuser");
     assert_eq!(denied.http, 403);
 }
+
+/// As for ShouldRateLimit (engine tests): the Check future is boxed per request, so a
+/// store's awaits must not inflate it.
+#[test]
+fn the_check_future_stays_small() {
+    let (e, _) = engine("authz:\n  domain: gate\n");
+    let req = Check::new("198.51.100.1").build();
+    let size = std::mem::size_of_val(&e.check(&req));
+    assert!(size <= 8192, "the Check future is {size} bytes");
+}

@@ -128,9 +128,9 @@ pub async fn submit(wire: &Arc<Wire>, node: &Arc<Node>, request: Request) -> Ans
                 wire: wire.clone(),
                 node: node.clone(),
             };
-            return wire
-                .call(node, &request.ops, request.rejected, request.now)
-                .await;
+            // Boxed: the client's call future is large, and inline it would size every
+            // waiter's future too (most requests under load wait in a batch).
+            return Box::pin(wire.call(node, &request.ops, request.rejected, request.now)).await;
         }
         Entered::Queued { rx, start } => {
             if start {
