@@ -389,7 +389,7 @@ async fn a_cluster_master_killed_under_load_stalls_only_its_slots() {
     .await
     .expect("cluster healthy again");
     let healthy = Instant::now();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     stop.store(true, Relaxed);
     let samples = runner.await.expect("load");
 
@@ -402,10 +402,17 @@ async fn a_cluster_master_killed_under_load_stalls_only_its_slots() {
         .iter()
         .filter(|s| s.code == Code::OverLimit as i32)
         .count();
+    // The sidecar learns the promotion from MOVED replies and its background probe: within
+    // 2 s of the cluster reporting healthy (a loaded machine once needed more than 300 ms).
     let after: Vec<&Sample> = samples
         .iter()
-        .filter(|s| s.start >= healthy + Duration::from_millis(300))
+        .filter(|s| s.start >= healthy + Duration::from_secs(2))
         .collect();
+    let last_failure = samples
+        .iter()
+        .filter(|s| s.start >= healthy && s.code != Code::Ok as i32)
+        .map(|s| s.start - healthy)
+        .max();
     let share = failed as f64 / during.len().max(1) as f64;
     eprintln!(
         "REDIS-FAULT cluster master kill -9 (1 of 3 masters, node timeout 1 s): failover took {:?}; {} requests during it, {:.1} % answered by the failure mode, p99 {:?}; {before} before",
@@ -420,9 +427,10 @@ async fn a_cluster_master_killed_under_load_stalls_only_its_slots() {
         "{:.1} % of requests got the failure-mode answer while one master of three was down",
         share * 100.0
     );
+    eprintln!("REDIS-FAULT last failure-mode answer after healthy: {last_failure:?}");
     assert!(
-        after.iter().all(|s| s.code == Code::Ok as i32),
-        "every slot is decided by Redis again after the failover"
+        !after.is_empty() && after.iter().all(|s| s.code == Code::Ok as i32),
+        "every slot is decided by Redis again within 2 s of the failover (last failure-mode answer {last_failure:?} after it)"
     );
     let m = metrics(&sc).await;
     assert!(metric(&m, "ratelimit_service_call_should_rate_limit_redis_error ") > 0);
