@@ -9,11 +9,16 @@
 //! written for it would otherwise break: string fields take any scalar verbatim
 //! (`value: 0800` stays `"0800"`), booleans accept `yes`/`no`/`on`/`off`, integers accept
 //! `1_000`, null means "absent", and `<<` merge keys work.
+//!
+//! Each section (settings and domains here; `authz`, `anomaly`, `alerts`, `tracing` in their
+//! own files) reads its keys through `value`: one `field`/`field_with`/`required` call per key,
+//! into a model whose `Default` holds the defaults.
 
 mod alerts;
 mod anomaly;
 mod authz;
 mod otel;
+mod value;
 
 use std::cell::OnceCell;
 use std::collections::HashMap;
@@ -31,6 +36,7 @@ use super::model::{
 use super::otel::TracingSettings;
 use crate::anomaly::Adaptive;
 use crate::limiter::{Algorithm, NANOS_PER_SECOND, Nanos, RejectedHits, Unit};
+use value::{Duration, Fields, Named, UpTo, non_empty, nonzero, set};
 
 /// Where something was found, for errors that are raised later (by `load`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,15 +116,6 @@ const REDIS_KEYS: &[&str] = &[
     "pool_size",
     "cached_flush_interval",
 ];
-const UNITS: [Unit; 7] = [
-    Unit::Second,
-    Unit::Minute,
-    Unit::Hour,
-    Unit::Day,
-    Unit::Week,
-    Unit::Month,
-    Unit::Year,
-];
 
 /// Parses and decodes one file's text. Never fails: problems land in `errors`.
 pub(crate) fn decode_file(file: &Path, text: &str) -> FileOutput {
@@ -156,8 +153,7 @@ fn decode_single<T>(
         Ok(docs) => match docs.as_slice() {
             [doc] if matches!(data(doc), YamlData::Mapping(_)) => root(&mut d, doc),
             [doc] => {
-                let found = d.describe(doc);
-                d.error(doc, "", format!("expected a mapping, found {found}"));
+                d.expected(doc, "", "a mapping");
                 None
             }
             _ => {
@@ -287,42 +283,37 @@ fn is_null(node: &MarkedYaml<'_>) -> bool {
     matches!(data(node), YamlData::Value(Scalar::Null))
 }
 
-/// YAML 1.1 booleans, which the reference's parser accepts and YAML 1.2 reads as strings.
-fn yaml11_bool(s: &str) -> Option<bool> {
-    match s {
-        "y" | "Y" | "yes" | "Yes" | "YES" | "on" | "On" | "ON" => Some(true),
-        "n" | "N" | "no" | "No" | "NO" | "off" | "Off" | "OFF" => Some(false),
-        _ => None,
+impl Named for Unit {
+    const WHAT: &'static str = "unit";
+    const NAMES: &'static [&'static str] = &[
+        Unit::Second.as_str(),
+        Unit::Minute.as_str(),
+        Unit::Hour.as_str(),
+        Unit::Day.as_str(),
+        Unit::Week.as_str(),
+        Unit::Month.as_str(),
+        Unit::Year.as_str(),
+    ];
+    const HINT: bool = false;
+    fn parse_name(s: &str) -> Option<Self> {
+        Unit::parse(s)
     }
 }
 
-/// One key of a mapping, after unknown keys were reported.
-struct Field<'n, 'i> {
-    name: String,
-    key: &'n MarkedYaml<'i>,
-    value: &'n MarkedYaml<'i>,
+impl Named for Algorithm {
+    const WHAT: &'static str = "algorithm";
+    const NAMES: &'static [&'static str] = Algorithm::NAMES;
+    fn parse_name(s: &str) -> Option<Self> {
+        Algorithm::parse(s)
+    }
 }
 
-/// The known keys of one mapping.
-struct Fields<'n, 'i> {
-    node: &'n MarkedYaml<'i>,
-    path: String,
-    list: Vec<Field<'n, 'i>>,
-}
-
-impl<'n, 'i> Fields<'n, 'i> {
-    /// The field, null or not.
-    fn raw(&self, name: &str) -> Option<&Field<'n, 'i>> {
-        self.list.iter().find(|f| f.name == name)
-    }
-
-    /// The field, unless absent or null (null means absent, as in the reference).
-    fn get(&self, name: &str) -> Option<&Field<'n, 'i>> {
-        self.raw(name).filter(|f| !is_null(f.value))
-    }
-
-    fn path(&self, name: &str) -> String {
-        child(&self.path, name)
+impl Named for FailureMode {
+    const WHAT: &'static str = "failure mode";
+    const NAMES: &'static [&'static str] = &["allow", "deny", "local"];
+    const HINT: bool = false;
+    fn parse_name(s: &str) -> Option<Self> {
+        FailureMode::parse(s)
     }
 }
 
@@ -367,6 +358,12 @@ impl Decoder<'_> {
             key: key.to_string(),
             message: message.into(),
         });
+    }
+
+    /// Reports that `node` is not `what`: "expected `what`, found" and how it looks.
+    fn expected(&mut self, node: &MarkedYaml<'_>, path: &str, what: &str) {
+        let found = self.describe(node);
+        self.error(node, path, format!("expected {what}, found {found}"));
     }
 
     /// The scalar exactly as written, so `0800` or `1.10` keep their spelling.
@@ -439,14 +436,11 @@ impl Decoder<'_> {
                 }
             }
             _ => {
-                let found = self.describe(doc);
-                self.error(
+                self.expected(
                     doc,
                     "",
-                    format!(
-                        "expected a mapping with \"domain\" (a domain file) or \
-                         \"settings\"/\"domains\" (a settings file), found {found}"
-                    ),
+                    "a mapping with \"domain\" (a domain file) or \"settings\"/\"domains\" \
+                     (a settings file)",
                 );
             }
         }
@@ -456,41 +450,42 @@ impl Decoder<'_> {
         let Some(f) = self.mapping(doc, "", SETTINGS_DOC_KEYS) else {
             return;
         };
-        if let Some(field) = f.get("settings") {
-            let settings = self.settings(field.value, &f.path("settings"));
-            let loc = Self::loc(field.key, f.path("settings"));
-            self.out.settings.push((settings, loc));
+        if f.get("settings").is_some()
+            && let Some(settings) = self.block(&f, "settings", Self::settings)
+        {
+            self.out.settings.push(settings);
         }
-        if let Some(field) = f.raw("authz") {
-            let authz = self.authz(field.value, &f.path("authz"));
-            let loc = Self::loc(field.key, f.path("authz"));
-            self.out.authz.push((authz, loc));
+        if let Some(authz) = self.block(&f, "authz", Self::authz) {
+            self.out.authz.push(authz);
         }
-        if let Some(field) = f.raw("anomaly") {
-            let anomaly = self.anomaly(field.value, &f.path("anomaly"));
-            let loc = Self::loc(field.key, f.path("anomaly"));
-            self.out.anomaly.push((anomaly, loc));
+        if let Some(anomaly) = self.block(&f, "anomaly", Self::anomaly) {
+            self.out.anomaly.push(anomaly);
         }
-        if let Some(field) = f.raw("alerts") {
-            let alerts = self.alerts(field.value, &f.path("alerts"));
-            let loc = Self::loc(field.key, f.path("alerts"));
-            self.out.alerts.push((alerts, loc));
+        if let Some(alerts) = self.block(&f, "alerts", Self::alerts) {
+            self.out.alerts.push(alerts);
         }
-        if let Some(field) = f.raw("tracing") {
-            let tracing = self.tracing(field.value, &f.path("tracing"));
-            let loc = Self::loc(field.key, f.path("tracing"));
-            self.out.tracing.push((tracing, loc));
+        if let Some(tracing) = self.block(&f, "tracing", Self::tracing) {
+            self.out.tracing.push(tracing);
         }
-        if let Some(field) = f.get("domains") {
-            let path = f.path("domains");
-            if let Some(items) = self.sequence(field.value, &path, "a list of domains") {
-                for (i, item) in items.iter().enumerate() {
-                    if let Some(domain) = self.domain(item, &index(&path, i)) {
-                        self.out.domains.push(domain);
-                    }
-                }
+        let domains = self.field_items(&f, "domains", "a list of domains");
+        for (item, path) in domains.unwrap_or_default() {
+            if let Some(domain) = self.domain(item, &path) {
+                self.out.domains.push(domain);
             }
         }
+    }
+
+    /// A top-level block of a settings document (null included: `anomaly:` alone means
+    /// "on, with defaults"), with the location of its key.
+    fn block<T>(
+        &mut self,
+        f: &Fields<'_, '_>,
+        name: &str,
+        read: impl FnOnce(&mut Self, &MarkedYaml<'_>, &str) -> T,
+    ) -> Option<(T, Loc)> {
+        let field = f.raw(name)?;
+        let path = f.path(name);
+        Some((read(self, field.value, &path), Self::loc(field.key, path)))
     }
 
     fn settings(&mut self, node: &MarkedYaml<'_>, path: &str) -> Settings {
@@ -498,65 +493,45 @@ impl Decoder<'_> {
         let Some(f) = self.mapping(node, path, SETTINGS_KEYS) else {
             return s;
         };
-        if let Some(field) = f.get("default_algorithm")
-            && let Some(a) = self.algorithm(field.value, &f.path("default_algorithm"))
-        {
-            s.default_algorithm = a;
-        }
-        if let Some(field) = f.get("count_rejected_hits")
-            && self.boolean(field.value, &f.path("count_rejected_hits")) == Some(true)
-        {
+        let default_algorithm = self.field(&f, "default_algorithm");
+        set(&mut s.default_algorithm, default_algorithm);
+        if self.field(&f, "count_rejected_hits") == Some(true) {
             s.rejected_hits = RejectedHits::Counted;
         }
-        if let Some(field) = f.get("near_limit_ratio") {
-            let path = f.path("near_limit_ratio");
-            if let Some(r) = self.float(field.value, &path) {
-                if r > 0.0 && r <= 1.0 {
-                    s.near_limit_ratio = r;
-                } else {
-                    let found = self.describe(field.value);
-                    self.error(
-                        field.value,
-                        &path,
-                        format!("must be greater than 0 and at most 1, found {found}"),
-                    );
-                }
+        // The message shows the ratio as written (`0`, `.5`), not as parsed.
+        let written = f
+            .get("near_limit_ratio")
+            .map(|x| self.describe(x.value))
+            .unwrap_or_default();
+        let ratio = |r: f64| {
+            if r > 0.0 && r <= 1.0 {
+                Ok(r)
+            } else {
+                Err(format!(
+                    "must be greater than 0 and at most 1, found {written}"
+                ))
             }
-        }
-        if let Some(field) = f.get("max_keys") {
-            let path = f.path("max_keys");
-            let max = u64::try_from(usize::MAX).unwrap_or(u64::MAX);
-            if let Some(n) = self.uint(field.value, &path, max) {
-                match usize::try_from(n) {
-                    Ok(n) if n > 0 => s.max_keys = n,
-                    _ => self.error(field.value, &path, "must be greater than 0"),
-                }
-            }
-        }
+        };
+        let near_limit_ratio = self.field_with(&f, "near_limit_ratio", ratio);
+        set(&mut s.near_limit_ratio, near_limit_ratio);
+        set(&mut s.max_keys, self.field_with(&f, "max_keys", nonzero));
         for (name, slot) in [
             ("grpc_addr", &mut s.grpc_addr),
             ("admin_addr", &mut s.admin_addr),
             ("storage", &mut s.storage),
             ("admin_token", &mut s.admin_token),
         ] {
-            if let Some(field) = f.get(name) {
-                let path = f.path(name);
-                match self.string(field.value, &path) {
-                    Some(v) if v.is_empty() => self.error(field.value, &path, "must not be empty"),
-                    Some(v) if name == "storage" && v != "memory" => {
-                        match super::storage_url::RedisUrl::parse(&v) {
-                            Ok(_) => *slot = Some(v),
-                            Err(e) => self.error(field.value, &path, e.to_string()),
-                        }
-                    }
-                    Some(v) => *slot = Some(v),
-                    None => {}
+            let check = |v: String| {
+                let v = non_empty(v)?;
+                if name == "storage" && v != "memory" {
+                    super::storage_url::RedisUrl::parse(&v).map_err(|e| e.to_string())?;
                 }
-            }
+                Ok(v)
+            };
+            *slot = self.field_with(&f, name, check);
         }
-        if let Some(field) = f.get("redis") {
-            s.redis = self.redis_settings(field.value, &f.path("redis"));
-        }
+        let redis = self.field_by(&f, "redis", Self::redis_settings);
+        set(&mut s.redis, redis);
         s
     }
 
@@ -565,55 +540,18 @@ impl Decoder<'_> {
         let Some(f) = self.mapping(node, path, REDIS_KEYS) else {
             return r;
         };
-        if let Some(field) = f.get("prefix")
-            && let Some(v) = self.string(field.value, &f.path("prefix"))
-        {
-            r.prefix = v;
-        }
-        if let Some(field) = f.get("timeout") {
-            let path = f.path("timeout");
-            match self.duration(field.value, &path) {
-                Some(0) => self.error(field.value, &path, "must be greater than 0"),
-                Some(d) => r.timeout = d,
-                None => {}
-            }
-        }
-        if let Some(field) = f.get("failure_mode") {
-            let path = f.path("failure_mode");
-            if let Some(v) = self.string(field.value, &path) {
-                match FailureMode::parse(&v) {
-                    Some(m) => r.failure_mode = m,
-                    None => self.error(
-                        field.value,
-                        &path,
-                        format!("unknown failure mode {v:?} (expected one of allow, deny, local)"),
-                    ),
-                }
-            }
-        }
-        if let Some(field) = f.get("local_cache")
-            && let Some(b) = self.boolean(field.value, &f.path("local_cache"))
-        {
-            r.local_cache = b;
-        }
-        if let Some(field) = f.get("cached_flush_interval") {
-            let path = f.path("cached_flush_interval");
-            match self.duration(field.value, &path) {
-                Some(0) => self.error(field.value, &path, "must be greater than 0"),
-                Some(d) => r.cached_flush_interval = Some(d),
-                None => {}
-            }
-        }
-        if let Some(field) = f.get("pool_size") {
-            let path = f.path("pool_size");
-            if let Some(n) = self.uint(field.value, &path, 64) {
-                if n == 0 {
-                    self.error(field.value, &path, "must be between 1 and 64");
-                } else {
-                    r.pool_size = n as usize;
-                }
-            }
-        }
+        set(&mut r.prefix, self.field(&f, "prefix"));
+        let timeout = self.field_with(&f, "timeout", |Duration(d)| nonzero(d));
+        set(&mut r.timeout, timeout);
+        set(&mut r.failure_mode, self.field(&f, "failure_mode"));
+        set(&mut r.local_cache, self.field(&f, "local_cache"));
+        r.cached_flush_interval =
+            self.field_with(&f, "cached_flush_interval", |Duration(d)| nonzero(d));
+        let pool = |UpTo::<64>(n)| match n {
+            0 => Err("must be between 1 and 64".to_string()),
+            n => Ok(n as usize),
+        };
+        set(&mut r.pool_size, self.field_with(&f, "pool_size", pool));
         r
     }
 
@@ -621,10 +559,9 @@ impl Decoder<'_> {
     fn domain(&mut self, node: &MarkedYaml<'_>, path: &str) -> Option<(DomainConfig, Loc)> {
         let f = self.mapping(node, path, DOMAIN_KEYS)?;
         let domain = self.required_string(&f, "domain");
-        let descriptors = match f.get("descriptors") {
-            Some(field) => self.descriptors(field.value, &f.path("descriptors")),
-            None => Vec::new(),
-        };
+        let descriptors = self
+            .field_by(&f, "descriptors", Self::descriptors)
+            .unwrap_or_default();
         let (domain, loc) = domain?;
         let config = DomainConfig {
             domain,
@@ -638,7 +575,7 @@ impl Decoder<'_> {
     fn required_string(&mut self, f: &Fields<'_, '_>, name: &str) -> Option<(String, Loc)> {
         let path = f.path(name);
         let Some(field) = f.raw(name) else {
-            self.error(f.node, &f.path, format!("missing required key {name:?}"));
+            self.missing(f, name);
             return None;
         };
         let value = if is_null(field.value) {
@@ -661,12 +598,11 @@ impl Decoder<'_> {
 
     fn descriptors(&mut self, node: &MarkedYaml<'_>, path: &str) -> Vec<DescriptorConfig> {
         let mut out = Vec::new();
-        let Some(items) = self.sequence(node, path, "a list of descriptors") else {
-            return out;
-        };
+        let items = self
+            .items(node, path, "a list of descriptors")
+            .unwrap_or_default();
         let mut seen: HashMap<(String, Option<String>), usize> = HashMap::new();
-        for (i, item) in items.iter().enumerate() {
-            let item_path = index(path, i);
+        for (item, item_path) in items {
             let Some(d) = self.descriptor(item, &item_path) else {
                 continue;
             };
@@ -700,55 +636,38 @@ impl Decoder<'_> {
             .required_string(&f, "key")
             .map(|(k, _)| k)
             .unwrap_or_default();
-        let value = match f.get("value") {
-            Some(field) => self
-                .string(field.value, &f.path("value"))
-                .filter(|v| !v.is_empty()),
-            None => None,
-        };
+        let value = self.field(&f, "value").filter(|v: &String| !v.is_empty());
         let mut limits = Vec::new();
-        let single = f.get("rate_limit");
-        let list = f.get("rate_limits");
-        if let (Some(_), Some(list)) = (single, list) {
-            self.error(
-                list.key,
-                &f.path("rate_limits"),
+        if f.get("rate_limit").is_some() {
+            self.error_at_key(
+                &f,
+                "rate_limits",
                 "rate_limit and rate_limits are mutually exclusive: put every limit in rate_limits",
             );
         }
-        if let Some(field) = single {
+        if let Some(field) = f.get("rate_limit") {
             let line = field.key.span.start.line();
             limits.extend(self.rate_limit(field.value, &f.path("rate_limit"), false, line));
         }
-        if let Some(field) = list {
-            let list_path = f.path("rate_limits");
-            if let Some(items) = self.sequence(field.value, &list_path, "a list of rate limits") {
-                for (i, item) in items.iter().enumerate() {
-                    let line = item.span.start.line();
-                    limits.extend(self.rate_limit(item, &index(&list_path, i), true, line));
-                }
-            }
+        let list = self.field_items(&f, "rate_limits", "a list of rate limits");
+        for (item, item_path) in list.unwrap_or_default() {
+            let line = item.span.start.line();
+            limits.extend(self.rate_limit(item, &item_path, true, line));
         }
         let shadow_mode = self.flag(&f, "shadow_mode");
         let detailed_metric = self.flag(&f, "detailed_metric");
         let value_to_metric = self.flag(&f, "value_to_metric");
         let share_threshold = self.flag(&f, "share_threshold");
-        if share_threshold
-            && !value.as_deref().is_some_and(|v| v.contains('*'))
-            && let Some(field) = f.get("share_threshold")
-        {
-            {
-                self.error(
-                    field.key,
-                    &f.path("share_threshold"),
-                    "share_threshold can only be used with a wildcard value (one with `*`)",
-                );
-            }
+        if share_threshold && !value.as_deref().is_some_and(|v| v.contains('*')) {
+            self.error_at_key(
+                &f,
+                "share_threshold",
+                "share_threshold can only be used with a wildcard value (one with `*`)",
+            );
         }
-        let descriptors = match f.get("descriptors") {
-            Some(field) => self.descriptors(field.value, &f.path("descriptors")),
-            None => Vec::new(),
-        };
+        let descriptors = self
+            .field_by(&f, "descriptors", Self::descriptors)
+            .unwrap_or_default();
         Some(DescriptorConfig {
             key,
             value,
@@ -770,19 +689,13 @@ impl Decoder<'_> {
         line: usize,
     ) -> Option<RateLimitConfig> {
         let f = self.mapping(node, path, RATE_LIMIT_KEYS)?;
-        let unlimited = match f.get("unlimited") {
-            Some(field) if in_list => {
-                self.error(
-                    field.key,
-                    &f.path("unlimited"),
-                    "not allowed in rate_limits: an unlimited descriptor takes a single rate_limit",
-                );
-                false
-            }
-            Some(field) => self
-                .boolean(field.value, &f.path("unlimited"))
-                .unwrap_or(false),
-            None => false,
+        let unlimited = if in_list && f.get("unlimited").is_some() {
+            let why =
+                "not allowed in rate_limits: an unlimited descriptor takes a single rate_limit";
+            self.error_at_key(&f, "unlimited", why);
+            false
+        } else {
+            self.flag(&f, "unlimited")
         };
         let mut unit = None;
         let mut requests_per_unit = 0;
@@ -795,57 +708,24 @@ impl Decoder<'_> {
                 "block_duration",
                 "adaptive",
             ] {
-                if let Some(field) = f.get(name) {
-                    self.error(
-                        field.key,
-                        &f.path(name),
-                        "must not be set when unlimited is true",
-                    );
-                }
+                self.error_at_key(&f, name, "must not be set when unlimited is true");
             }
         } else {
-            match f.get("unit") {
-                Some(field) => unit = self.unit(field.value, &f.path("unit")),
-                None => self.error(node, path, "missing required key \"unit\""),
-            }
-            match f.get("requests_per_unit") {
-                Some(field) => {
-                    let path = f.path("requests_per_unit");
-                    requests_per_unit = self
-                        .uint(field.value, &path, u64::from(u32::MAX))
-                        .and_then(|n| u32::try_from(n).ok())
-                        .unwrap_or(0);
-                }
-                None => self.error(node, path, "missing required key \"requests_per_unit\""),
-            }
+            unit = self.required(&f, "unit");
+            requests_per_unit = self.required(&f, "requests_per_unit").unwrap_or(0);
         }
-        let name = match f.get("name") {
-            Some(field) => self
-                .string(field.value, &f.path("name"))
-                .filter(|n| !n.is_empty()),
-            None => None,
-        };
-        let replaces = match f.get("replaces") {
-            Some(field) => self.replaces(field.value, &f.path("replaces"), name.as_deref()),
-            None => Vec::new(),
-        };
-        let mut algorithm = None;
-        let mut burst = None;
-        let mut block_duration = None;
-        let mut adaptive = None;
+        let name = self.field(&f, "name").filter(|n: &String| !n.is_empty());
+        let replaces = self
+            .field_by(&f, "replaces", |d, node, p| {
+                d.replaces(node, p, name.as_deref())
+            })
+            .unwrap_or_default();
+        let (mut algorithm, mut burst, mut block_duration, mut adaptive) = (None, None, None, None);
         if !unlimited {
-            if let Some(field) = f.get("adaptive") {
-                adaptive = self.adaptive(field.value, &f.path("adaptive"));
-            }
-            if let Some(field) = f.get("algorithm") {
-                algorithm = self.algorithm(field.value, &f.path("algorithm"));
-            }
-            if let Some(field) = f.get("burst") {
-                burst = self.burst(&f, field, algorithm, f.get("algorithm").is_some());
-            }
-            if let Some(field) = f.get("block_duration") {
-                block_duration = self.duration(field.value, &f.path("block_duration"));
-            }
+            adaptive = self.field_by(&f, "adaptive", Self::adaptive).flatten();
+            algorithm = self.field(&f, "algorithm");
+            burst = self.burst(&f, algorithm);
+            block_duration = self.field(&f, "block_duration").map(|Duration(d)| d);
         }
         Some(RateLimitConfig {
             unit,
@@ -865,26 +745,22 @@ impl Decoder<'_> {
     /// `initial_factor` defaults to 1 (within the range).
     fn adaptive(&mut self, node: &MarkedYaml<'_>, path: &str) -> Option<Adaptive> {
         let f = self.mapping(node, path, ADAPTIVE_KEYS)?;
-        let factor = |d: &mut Self, name: &str| -> Option<f64> {
-            let field = f.get(name)?;
-            let p = f.path(name);
-            let v = d.float(field.value, &p)?;
-            if !(v > 0.0 && v <= MAX_ADAPTIVE_FACTOR) {
-                d.error(
-                    field.value,
-                    &p,
-                    format!("must be greater than 0 and at most {MAX_ADAPTIVE_FACTOR}, found {v}"),
-                );
-                return None;
+        let factor = |v: f64| {
+            if v > 0.0 && v <= MAX_ADAPTIVE_FACTOR {
+                Ok(v)
+            } else {
+                let max = MAX_ADAPTIVE_FACTOR;
+                Err(format!(
+                    "must be greater than 0 and at most {max}, found {v}"
+                ))
             }
-            Some(v)
         };
-        let min = factor(self, "min_factor");
-        let max = factor(self, "max_factor");
-        let initial = factor(self, "initial_factor");
+        let min = self.field_with(&f, "min_factor", factor);
+        let max = self.field_with(&f, "max_factor", factor);
+        let initial = self.field_with(&f, "initial_factor", factor);
         for name in ["min_factor", "max_factor"] {
             if f.get(name).is_none() {
-                self.error(node, path, format!("missing required key {name:?}"));
+                self.missing(&f, name);
             }
         }
         let (min, max) = (min?, max?);
@@ -897,10 +773,10 @@ impl Decoder<'_> {
             return None;
         }
         let initial = match (initial, f.get("initial_factor")) {
-            (Some(i), Some(field)) if !(min..=max).contains(&i) => {
-                self.error(
-                    field.value,
-                    &f.path("initial_factor"),
+            (Some(i), Some(_)) if !(min..=max).contains(&i) => {
+                self.error_at(
+                    &f,
+                    "initial_factor",
                     format!("must be within min_factor {min} and max_factor {max}, found {i}"),
                 );
                 return None;
@@ -916,82 +792,27 @@ impl Decoder<'_> {
         })
     }
 
-    /// `name` under `f` as a duration in milliseconds; zero only when `zero_ok`. The section
-    /// decoders (`anomaly`, `alerts`, `tracing`) read their scalar keys through these.
-    fn field_ms(&mut self, f: &Fields<'_, '_>, name: &str, zero_ok: bool) -> Option<u64> {
-        let field = f.get(name)?;
-        let p = f.path(name);
-        let v = self.duration(field.value, &p)? / 1_000_000;
-        if v == 0 && !zero_ok {
-            self.error(field.value, &p, "must be at least 1ms");
-            return None;
-        }
-        Some(v)
-    }
-
-    /// `name` under `f` as an integer from `min` to `max`.
-    fn field_uint(&mut self, f: &Fields<'_, '_>, name: &str, min: u64, max: u64) -> Option<u64> {
-        let field = f.get(name)?;
-        let p = f.path(name);
-        let v = self.uint(field.value, &p, max)?;
-        if v < min {
-            self.error(
-                field.value,
-                &p,
-                format!("must be from {min} to {max}, found {v}"),
-            );
-            return None;
-        }
-        Some(v)
-    }
-
-    /// `name` under `f` as a number from `min` to `max`.
-    fn field_float(&mut self, f: &Fields<'_, '_>, name: &str, min: f64, max: f64) -> Option<f64> {
-        let field = f.get(name)?;
-        let p = f.path(name);
-        let v = self.float(field.value, &p)?;
-        if !(min..=max).contains(&v) {
-            self.error(
-                field.value,
-                &p,
-                format!("must be from {min} to {max}, found {v}"),
-            );
-            return None;
-        }
-        Some(v)
-    }
-
-    fn burst(
-        &mut self,
-        f: &Fields<'_, '_>,
-        field: &Field<'_, '_>,
-        algorithm: Option<Algorithm>,
-        algorithm_given: bool,
-    ) -> Option<u32> {
-        let path = f.path("burst");
-        let n = self.uint(field.value, &path, u64::from(u32::MAX))?;
-        let n = u32::try_from(n).ok()?;
-        if n == 0 {
-            self.error(field.value, &path, "must be greater than 0");
-            return None;
-        }
+    /// `burst` under `f`, which only a bucket algorithm takes; with no algorithm, `load`
+    /// checks it against the default one.
+    fn burst(&mut self, f: &Fields<'_, '_>, algorithm: Option<Algorithm>) -> Option<u32> {
+        let n = self.field_with(f, "burst", nonzero)?;
         match algorithm {
             Some(a) if !uses_burst(a) => {
-                self.error(
-                    field.key,
-                    &path,
-                    format!(
-                        "only applies to token_bucket, leaky_bucket and gcra, not {}",
-                        a.as_str()
-                    ),
+                let why = format!(
+                    "only applies to token_bucket, leaky_bucket and gcra, not {}",
+                    a.as_str()
                 );
+                self.error_at_key(f, "burst", why);
                 None
             }
             Some(_) => Some(n),
             // An invalid algorithm was already reported; don't pile up.
-            None if algorithm_given => Some(n),
+            None if f.get("algorithm").is_some() => Some(n),
             None => {
-                self.out.bursts_on_default.push(Self::loc(field.key, path));
+                let key = f.get("burst")?.key;
+                self.out
+                    .bursts_on_default
+                    .push(Self::loc(key, f.path("burst")));
                 Some(n)
             }
         }
@@ -1004,11 +825,10 @@ impl Decoder<'_> {
         own_name: Option<&str>,
     ) -> Vec<String> {
         let mut out = Vec::new();
-        let Some(items) = self.sequence(node, path, "a list of {name: ...}") else {
-            return out;
-        };
-        for (i, item) in items.iter().enumerate() {
-            let item_path = index(path, i);
+        let items = self
+            .items(node, path, "a list of {name: ...}")
+            .unwrap_or_default();
+        for (item, item_path) in items {
             let Some(f) = self.mapping(item, &item_path, REPLACES_KEYS) else {
                 continue;
             };
@@ -1029,222 +849,6 @@ impl Decoder<'_> {
             out.push(name);
         }
         out
-    }
-
-    fn flag(&mut self, f: &Fields<'_, '_>, name: &str) -> bool {
-        match f.get(name) {
-            Some(field) => self.boolean(field.value, &f.path(name)).unwrap_or(false),
-            None => false,
-        }
-    }
-
-    /// The known keys of a mapping; reports the node if it is no mapping, and every unknown
-    /// key (with the closest valid one when it looks like a typo).
-    fn mapping<'n, 'i>(
-        &mut self,
-        node: &'n MarkedYaml<'i>,
-        path: &str,
-        allowed: &[&str],
-    ) -> Option<Fields<'n, 'i>> {
-        let YamlData::Mapping(map) = data(node) else {
-            let found = self.describe(node);
-            self.error(node, path, format!("expected a mapping, found {found}"));
-            return None;
-        };
-        let mut list: Vec<Field<'n, 'i>> = Vec::new();
-        let mut merges = Vec::new();
-        for (k, v) in map.iter() {
-            let name = match data(k) {
-                YamlData::Value(Scalar::String(s)) => s.to_string(),
-                YamlData::Value(_) => self.raw_text(k),
-                _ => {
-                    let found = self.describe(k);
-                    self.error(k, path, format!("keys must be strings, found {found}"));
-                    continue;
-                }
-            };
-            if name == "<<" && !self.is_quoted(k) {
-                merges.push(v);
-            } else if allowed.contains(&name.as_str()) {
-                list.push(Field {
-                    name,
-                    key: k,
-                    value: v,
-                });
-            } else {
-                let hint = match suggest(&name, allowed) {
-                    Some(s) => format!("did you mean {s:?}?"),
-                    None => format!("expected one of {}", allowed.join(", ")),
-                };
-                self.error(
-                    k,
-                    &child(path, &name),
-                    format!("unknown key {name:?} ({hint})"),
-                );
-            }
-        }
-        // `<<: *anchor` merges: explicit keys win, then earlier merged mappings.
-        for merge in merges {
-            let sources: Vec<&'n MarkedYaml<'i>> = match data(merge) {
-                YamlData::Sequence(items) => items.iter().collect(),
-                _ => vec![merge],
-            };
-            for source in sources {
-                if let Some(merged) = self.mapping(source, path, allowed) {
-                    for field in merged.list {
-                        if !list.iter().any(|f| f.name == field.name) {
-                            list.push(field);
-                        }
-                    }
-                }
-            }
-        }
-        Some(Fields {
-            node,
-            path: path.to_string(),
-            list,
-        })
-    }
-
-    fn sequence<'n, 'i>(
-        &mut self,
-        node: &'n MarkedYaml<'i>,
-        path: &str,
-        what: &str,
-    ) -> Option<&'n [MarkedYaml<'i>]> {
-        match data(node) {
-            YamlData::Sequence(items) => Some(items),
-            _ => {
-                let found = self.describe(node);
-                self.error(node, path, format!("expected {what}, found {found}"));
-                None
-            }
-        }
-    }
-
-    fn string(&mut self, node: &MarkedYaml<'_>, path: &str) -> Option<String> {
-        match data(node) {
-            YamlData::Value(Scalar::String(s)) => Some(s.to_string()),
-            YamlData::Value(Scalar::Null) => Some(String::new()),
-            // Like the reference, any scalar is taken verbatim for a string field.
-            YamlData::Value(_) => Some(self.raw_text(node)),
-            _ => {
-                let found = self.describe(node);
-                self.error(node, path, format!("expected a string, found {found}"));
-                None
-            }
-        }
-    }
-
-    fn boolean(&mut self, node: &MarkedYaml<'_>, path: &str) -> Option<bool> {
-        let parsed = match data(node) {
-            YamlData::Value(Scalar::Boolean(b)) => Some(*b),
-            YamlData::Value(Scalar::String(s)) if !self.is_quoted(node) => yaml11_bool(s),
-            _ => None,
-        };
-        if parsed.is_none() {
-            let found = self.describe(node);
-            self.error(node, path, format!("expected true or false, found {found}"));
-        }
-        parsed
-    }
-
-    /// A non-negative integer up to `max`. Plain `1_000` is accepted, as the reference does.
-    fn uint(&mut self, node: &MarkedYaml<'_>, path: &str, max: u64) -> Option<u64> {
-        let parsed = match data(node) {
-            YamlData::Value(Scalar::Integer(i)) => u64::try_from(*i).ok(),
-            YamlData::Value(Scalar::String(s)) if !self.is_quoted(node) => {
-                let digits = s.starts_with(|c: char| c.is_ascii_digit())
-                    && s.chars().all(|c| c.is_ascii_digit() || c == '_');
-                if digits {
-                    s.replace('_', "").parse::<u64>().ok()
-                } else {
-                    None
-                }
-            }
-            _ => None,
-        };
-        match parsed {
-            Some(n) if n <= max => Some(n),
-            _ => {
-                let found = self.describe(node);
-                self.error(
-                    node,
-                    path,
-                    format!("expected an integer from 0 to {max}, found {found}"),
-                );
-                None
-            }
-        }
-    }
-
-    fn float(&mut self, node: &MarkedYaml<'_>, path: &str) -> Option<f64> {
-        match data(node) {
-            #[allow(clippy::cast_precision_loss)] // config-sized integers are exact
-            YamlData::Value(Scalar::Integer(i)) => Some(*i as f64),
-            YamlData::Value(Scalar::FloatingPoint(f)) if f.is_finite() => Some(f.into_inner()),
-            _ => {
-                let found = self.describe(node);
-                self.error(node, path, format!("expected a number, found {found}"));
-                None
-            }
-        }
-    }
-
-    fn unit(&mut self, node: &MarkedYaml<'_>, path: &str) -> Option<Unit> {
-        let s = self.string(node, path)?;
-        let unit = Unit::parse(&s);
-        if unit.is_none() {
-            let names: Vec<&str> = UNITS.iter().map(|u| u.as_str()).collect();
-            self.error(
-                node,
-                path,
-                format!("unknown unit {s:?} (expected one of {})", names.join(", ")),
-            );
-        }
-        unit
-    }
-
-    fn algorithm(&mut self, node: &MarkedYaml<'_>, path: &str) -> Option<Algorithm> {
-        let s = self.string(node, path)?;
-        let algorithm = Algorithm::parse(&s);
-        if algorithm.is_none() {
-            let hint = match suggest(&s, Algorithm::NAMES) {
-                Some(close) => format!("did you mean {close:?}? "),
-                None => String::new(),
-            };
-            self.error(
-                node,
-                path,
-                format!(
-                    "unknown algorithm {s:?} ({hint}expected one of {})",
-                    Algorithm::NAMES.join(", ")
-                ),
-            );
-        }
-        algorithm
-    }
-
-    fn duration(&mut self, node: &MarkedYaml<'_>, path: &str) -> Option<Nanos> {
-        let parsed = match data(node) {
-            YamlData::Value(Scalar::Integer(i)) => u64::try_from(*i)
-                .ok()
-                .and_then(|s| s.checked_mul(NANOS_PER_SECOND)),
-            YamlData::Value(Scalar::String(s)) => parse_duration(s),
-            _ => None,
-        };
-        if parsed.is_none() {
-            let found = self.describe(node);
-            self.error(
-                node,
-                path,
-                format!(
-                    "expected a duration: whole seconds or a number with unit ms, s, m, h or d \
-                     (like 500ms, 30s, 5m, 1h), found {found}"
-                ),
-            );
-        }
-        parsed
     }
 }
 
@@ -1340,6 +944,65 @@ mod tests {
             "must be within min_factor 0.5 and max_factor 2",
         );
         has("descriptors[5].rate_limit.adaptive", "expected a mapping");
+    }
+
+    /// The messages the shared readers build (`Named` with and without a hint, `UpTo` and its
+    /// check, a zero `Duration`, a missing required key), each at its node with its key path:
+    /// the other tests match most of these loosely or not at all.
+    #[test]
+    fn shared_readers_keep_their_messages_and_positions() {
+        let all = errors(
+            "settings:\n  redis:\n    timeout: 0\n    failure_mode: alow\n    pool_size: 0\n\
+             ---\nsettings:\n  redis: {pool_size: 65}\n---\nanomaly: {volume_from: chek}\n\
+             ---\ndomain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: secnd, \
+             requests_per_unit: 1}\n  - key: b\n    rate_limit: {requests_per_unit: 1}\n",
+        );
+        let want = vec![
+            (3, 14, "settings.redis.timeout", "must be greater than 0"),
+            (
+                4,
+                19,
+                "settings.redis.failure_mode",
+                "unknown failure mode \"alow\" (expected one of allow, deny, local)",
+            ),
+            (
+                5,
+                16,
+                "settings.redis.pool_size",
+                "must be between 1 and 64",
+            ),
+            (
+                8,
+                22,
+                "settings.redis.pool_size",
+                "expected an integer from 0 to 64, found 65",
+            ),
+            (
+                10,
+                24,
+                "anomaly.volume_from",
+                "unknown source \"chek\" (did you mean \"check\"? expected one of check, \
+                 should_rate_limit, access_log)",
+            ),
+            (
+                15,
+                24,
+                "descriptors[0].rate_limit.unit",
+                "unknown unit \"secnd\" (expected one of second, minute, hour, day, week, month, \
+                 year)",
+            ),
+            (
+                17,
+                17,
+                "descriptors[1].rate_limit",
+                "missing required key \"unit\"",
+            ),
+        ];
+        let got: Vec<(usize, usize, &str, &str)> = all
+            .iter()
+            .map(|(l, c, k, m)| (*l, *c, k.as_str(), m.as_str()))
+            .collect();
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! "did you mean" as the rest of the file. A sink URL written in the file is checked here;
 //! `env:`/`file:` references are checked when the server resolves them.
 
-use super::{Decoder, Fields, index, is_null, suggest};
+use super::value::{Named, set};
+use super::{Decoder, is_null};
 use crate::config::alerts::{
     AlertKind, AlertSettings, DEFAULT_SIGNATURE_HEADER, SecretRef, Severity, SinkConfig, SinkType,
     check_sink_url,
@@ -33,6 +34,37 @@ fn kind_names() -> Vec<&'static str> {
     AlertKind::ALL.iter().map(|k| k.name()).collect()
 }
 
+impl Named for SinkType {
+    const WHAT: &'static str = "sink type";
+    const NAMES: &'static [&'static str] = SinkType::NAMES;
+    fn parse_name(s: &str) -> Option<Self> {
+        match s {
+            "webhook" => Some(SinkType::Webhook),
+            "slack" => Some(SinkType::Slack),
+            "alertmanager" => Some(SinkType::Alertmanager),
+            _ => None,
+        }
+    }
+}
+
+impl Named for Severity {
+    const WHAT: &'static str = "severity";
+    const NAMES: &'static [&'static str] = Severity::NAMES;
+    fn parse_name(s: &str) -> Option<Self> {
+        Severity::parse(s)
+    }
+}
+
+/// A sink's name: 1-64 letters, digits, - or _.
+fn sink_name(v: String) -> Result<String, String> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    if v.is_empty() || v.len() > 64 || !v.chars().all(ok) {
+        Err("must be 1-64 letters, digits, - or _".into())
+    } else {
+        Ok(v)
+    }
+}
+
 impl Decoder<'_> {
     pub(super) fn alerts(&mut self, node: &MarkedYaml<'_>, path: &str) -> AlertSettings {
         let mut a = AlertSettings::default();
@@ -43,75 +75,42 @@ impl Decoder<'_> {
         let Some(f) = self.mapping(node, path, ALERTS_KEYS) else {
             return a;
         };
-        if let Some(field) = f.get("enabled")
-            && let Some(b) = self.boolean(field.value, &f.path("enabled"))
-        {
-            a.enabled = b;
+        set(&mut a.enabled, self.field(&f, "enabled"));
+        let queue_size = self.field_uint(&f, "queue_size", 1, 1 << 20);
+        set(&mut a.queue_size, queue_size);
+        set(&mut a.timeout_ms, self.field_ms(&f, "timeout", false));
+        set(&mut a.deadline_ms, self.field_ms(&f, "deadline", false));
+        let dead_after = self.field_uint(&f, "dead_after", 1, 1000);
+        set(&mut a.dead_after, dead_after);
+        if a.enabled && f.get("sinks").is_none() {
+            self.error(node, path, "needs at least one sink under sinks");
         }
-        if let Some(n) = self.field_uint(&f, "queue_size", 1, 1 << 20) {
-            a.queue_size = n as usize;
-        }
-        if let Some(v) = self.field_ms(&f, "timeout", false) {
-            a.timeout_ms = v;
-        }
-        if let Some(v) = self.field_ms(&f, "deadline", false) {
-            a.deadline_ms = v;
-        }
-        if let Some(n) = self.field_uint(&f, "dead_after", 1, 1000) {
-            a.dead_after = n as u32;
-        }
-        match f.get("sinks") {
-            Some(field) => {
-                let p = f.path("sinks");
-                if let Some(items) = self.sequence(field.value, &p, "a list of sinks") {
-                    for (i, item) in items.iter().enumerate() {
-                        if let Some(s) = self.sink(item, &index(&p, i)) {
-                            if a.sinks.iter().any(|o| o.name == s.name) {
-                                self.error(
-                                    item,
-                                    &index(&p, i),
-                                    format!("duplicate sink name {:?} (set name)", s.name),
-                                );
-                            } else {
-                                a.sinks.push(s);
-                            }
-                        }
-                    }
-                    if items.is_empty() {
-                        self.error(field.value, &p, "needs at least one sink");
-                    }
+        if let Some(items) = self.field_items(&f, "sinks", "a list of sinks") {
+            if items.is_empty() {
+                self.error_at(&f, "sinks", "needs at least one sink");
+            }
+            for (item, p) in items {
+                let Some(s) = self.sink(item, &p) else {
+                    continue;
+                };
+                if a.sinks.iter().any(|o| o.name == s.name) {
+                    let why = format!("duplicate sink name {:?} (set name)", s.name);
+                    self.error(item, &p, why);
+                } else {
+                    a.sinks.push(s);
                 }
             }
-            None if a.enabled => self.error(node, path, "needs at least one sink under sinks"),
-            None => {}
         }
-        if let Some(field) = f.get("kinds") {
-            let p = f.path("kinds");
-            let names = kind_names();
-            if let Some(k) = self.mapping(field.value, &p, &names) {
-                for kind in AlertKind::ALL {
-                    if let Some(field) = k.get(kind.name())
-                        && let Some(t) = self.mapping(field.value, &k.path(kind.name()), KIND_KEYS)
-                    {
-                        let c = &mut a.kinds[kind.index()];
-                        if let Some(field) = t.get("enabled")
-                            && let Some(b) = self.boolean(field.value, &t.path("enabled"))
-                        {
-                            c.enabled = b;
-                        }
-                        if let Some(n) = self.field_uint(&t, "threshold", 1, 1 << 40) {
-                            c.threshold = n;
-                        }
-                        if let Some(v) = self.field_ms(&t, "window", true) {
-                            c.window_ms = v;
-                        }
-                        if let Some(v) = self.field_ms(&t, "cooldown", true) {
-                            c.cooldown_ms = v;
-                        }
-                        if let Some(s) = self.severity(&t, "severity") {
-                            c.severity = s;
-                        }
-                    }
+        if let Some(k) = self.section(&f, "kinds", &kind_names()) {
+            for kind in AlertKind::ALL {
+                if let Some(t) = self.section(&k, kind.name(), KIND_KEYS) {
+                    let c = &mut a.kinds[kind.index()];
+                    set(&mut c.enabled, self.field(&t, "enabled"));
+                    let threshold = self.field_uint(&t, "threshold", 1, 1 << 40);
+                    set(&mut c.threshold, threshold);
+                    set(&mut c.window_ms, self.field_ms(&t, "window", true));
+                    set(&mut c.cooldown_ms, self.field_ms(&t, "cooldown", true));
+                    set(&mut c.severity, self.field(&t, "severity"));
                 }
             }
         }
@@ -139,12 +138,7 @@ impl Decoder<'_> {
                     }
                 }
             } else {
-                let found = self.describe(field.value);
-                self.error(
-                    field.value,
-                    &p,
-                    format!("expected a mapping of label names to values, found {found}"),
-                );
+                self.expected(field.value, &p, "a mapping of label names to values");
             }
         }
         a
@@ -152,7 +146,7 @@ impl Decoder<'_> {
 
     fn sink(&mut self, node: &MarkedYaml<'_>, path: &str) -> Option<SinkConfig> {
         let f = self.mapping(node, path, SINK_KEYS)?;
-        let kind = match f.get("type") {
+        let kind: Option<SinkType> = match f.get("type") {
             None => {
                 self.error(
                     node,
@@ -162,84 +156,42 @@ impl Decoder<'_> {
                 None
             }
             Some(field) => {
-                let p = f.path("type");
-                let v = self.string(field.value, &p)?;
-                match v.as_str() {
-                    "webhook" => Some(SinkType::Webhook),
-                    "slack" => Some(SinkType::Slack),
-                    "alertmanager" => Some(SinkType::Alertmanager),
-                    _ => {
-                        let hint = match suggest(&v, SinkType::NAMES) {
-                            Some(s) => format!("did you mean {s:?}? "),
-                            None => String::new(),
-                        };
-                        self.error(
-                            field.value,
-                            &p,
-                            format!(
-                                "unknown sink type {v:?} ({hint}expected one of {})",
-                                SinkType::NAMES.join(", ")
-                            ),
-                        );
-                        None
-                    }
-                }
+                // A type that is no string at all ends the sink here; an unknown name does not.
+                let v: String = self.field(&f, "type")?;
+                self.named(field.value, &f.path("type"), &v)
             }
         };
-        let url = match f.get("url") {
-            None => {
-                self.error(node, path, "needs url (a URL, env:NAME or file:/path)");
-                None
-            }
-            Some(field) => self.secret(field.value, &f.path("url"), true),
-        };
-        let hmac_key = match f.get("hmac_key") {
-            Some(field) => {
-                if kind.is_some_and(|k| k != SinkType::Webhook) {
-                    self.error(
-                        field.key,
-                        &f.path("hmac_key"),
-                        "only a webhook sink signs its body",
-                    );
-                }
-                self.secret(field.value, &f.path("hmac_key"), false)
-            }
-            None => None,
-        };
+        if f.get("url").is_none() {
+            self.error(node, path, "needs url (a URL, env:NAME or file:/path)");
+        }
+        let url = self.field_by(&f, "url", |d, n, p| d.secret(n, p, true));
+        if kind.is_some_and(|k| k != SinkType::Webhook) {
+            self.error_at_key(&f, "hmac_key", "only a webhook sink signs its body");
+        }
+        let hmac_key = self
+            .field_by(&f, "hmac_key", |d, n, p| d.secret(n, p, false))
+            .flatten();
         let signature_header = match f.get("signature_header") {
             Some(field) => {
-                let p = f.path("signature_header");
-                let v = self.string(field.value, &p)?;
+                let v: String = self.field(&f, "signature_header")?;
                 if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-                    self.error(field.value, &p, "a header name is letters, digits and -");
+                    let why = "a header name is letters, digits and -";
+                    self.error(field.value, &f.path("signature_header"), why);
                 }
                 v.to_ascii_lowercase()
             }
             None => DEFAULT_SIGNATURE_HEADER.to_string(),
         };
-        let min_severity = self.severity(&f, "min_severity").unwrap_or(Severity::Info);
+        let min_severity = self.field(&f, "min_severity").unwrap_or(Severity::Info);
         let kind = kind?;
         let name = match f.get("name") {
-            Some(field) => {
-                let p = f.path("name");
-                let v = self.string(field.value, &p)?;
-                if v.is_empty()
-                    || v.len() > 64
-                    || !v
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                {
-                    self.error(field.value, &p, "must be 1-64 letters, digits, - or _");
-                    return None;
-                }
-                v
-            }
+            Some(_) => self.field_with(&f, "name", sink_name)?,
             None => kind.name().to_string(),
         };
         Some(SinkConfig {
             name,
             kind,
-            url: url?,
+            url: url.flatten()?,
             hmac_key,
             signature_header,
             min_severity,
@@ -272,28 +224,6 @@ impl Decoder<'_> {
             }
             None => Some(r),
         }
-    }
-
-    fn severity(&mut self, f: &Fields<'_, '_>, name: &str) -> Option<Severity> {
-        let field = f.get(name)?;
-        let p = f.path(name);
-        let v = self.string(field.value, &p)?;
-        let s = Severity::parse(&v);
-        if s.is_none() {
-            let hint = match suggest(&v, Severity::NAMES) {
-                Some(s) => format!("did you mean {s:?}? "),
-                None => String::new(),
-            };
-            self.error(
-                field.value,
-                &p,
-                format!(
-                    "unknown severity {v:?} ({hint}expected one of {})",
-                    Severity::NAMES.join(", ")
-                ),
-            );
-        }
-        s
     }
 }
 

@@ -2,6 +2,7 @@
 //! positions, key paths and "did you mean" as the rest of the file. `anomaly:` with nothing
 //! under it turns the module on with every default.
 
+use super::value::{Named, set};
 use super::{Decoder, is_null};
 use crate::anomaly::Source;
 use crate::config::anomaly::AnomalySettings;
@@ -47,7 +48,28 @@ const TRUST_KEYS: &[&str] = &[
     "max_identities",
     "table_slots",
 ];
-const SOURCES: &[&str] = &["check", "should_rate_limit", "access_log"];
+
+impl Named for Source {
+    const WHAT: &'static str = "source";
+    const NAMES: &'static [&'static str] = &["check", "should_rate_limit", "access_log"];
+    fn parse_name(s: &str) -> Option<Self> {
+        match s {
+            "check" => Some(Source::Authz),
+            "should_rate_limit" => Some(Source::RateLimit),
+            "access_log" => Some(Source::AccessLog),
+            _ => None,
+        }
+    }
+}
+
+/// A replica name: 1-128 characters, no control characters.
+fn replica(v: String) -> Result<String, String> {
+    if v.is_empty() || v.len() > 128 || v.chars().any(char::is_control) {
+        Err("must be 1-128 characters, no control characters".into())
+    } else {
+        Ok(v)
+    }
+}
 
 impl Decoder<'_> {
     pub(super) fn anomaly(&mut self, node: &MarkedYaml<'_>, path: &str) -> AnomalySettings {
@@ -58,218 +80,100 @@ impl Decoder<'_> {
         let Some(f) = self.mapping(node, path, ANOMALY_KEYS) else {
             return a;
         };
-        if let Some(field) = f.get("enabled")
-            && let Some(b) = self.boolean(field.value, &f.path("enabled"))
-        {
-            a.enabled = b;
-        }
+        set(&mut a.enabled, self.field(&f, "enabled"));
         let d = &mut a.detector;
         d.dry_run = self.flag(&f, "dry_run");
-        if let Some(v) = self.field_ms(&f, "warmup", true) {
-            d.warmup_ms = v;
-        }
-        if let Some(v) = self.field_ms(&f, "window", false) {
-            d.window_ms = v;
-        }
-        if let Some(v) = self.field_ms(&f, "slow_window", false) {
-            d.slow_window_ms = v;
-        }
-        if let Some(v) = self.field_ms(&f, "unban_suppress", true) {
-            d.unban_suppress_ms = v;
-        }
-        if let Some(field) = f.get("replica") {
-            let p = f.path("replica");
-            match self.string(field.value, &p) {
-                Some(v) if v.is_empty() || v.len() > 128 || v.chars().any(char::is_control) => self
-                    .error(
-                        field.value,
-                        &p,
-                        "must be 1-128 characters, no control characters",
-                    ),
-                Some(v) => d.replica = v,
-                None => {}
+        set(&mut d.warmup_ms, self.field_ms(&f, "warmup", true));
+        set(&mut d.window_ms, self.field_ms(&f, "window", false));
+        let slow_window = self.field_ms(&f, "slow_window", false);
+        set(&mut d.slow_window_ms, slow_window);
+        let unban_suppress = self.field_ms(&f, "unban_suppress", true);
+        set(&mut d.unban_suppress_ms, unban_suppress);
+        set(&mut d.replica, self.field_with(&f, "replica", replica));
+        set(&mut d.volume_from, self.field(&f, "volume_from"));
+        let queue_size = self.field_uint(&f, "queue_size", 1, 16 << 20);
+        set(&mut a.queue_size, queue_size);
+        let max_tracked = self.field_uint(&f, "max_tracked", 16, 16 << 20);
+        set(&mut d.max_tracked, max_tracked);
+        let shared = self.field_uint(&f, "shared_min_identities", 2, 1 << 20);
+        set(&mut d.shared_min_identities, shared);
+        let decisions = self.field_uint(&f, "max_decisions_per_minute", 1, 1_000_000);
+        set(&mut d.max_decisions_per_minute, decisions);
+        if let Some(t) = self.section(&f, "ttl", TTL_KEYS) {
+            set(&mut d.ttl.base_ms, self.field_ms(&t, "base", false));
+            set(&mut d.ttl.cap_ms, self.field_ms(&t, "cap", false));
+            set(&mut d.ttl.jitter, self.field_float(&t, "jitter", 0.0, 1.0));
+            if d.ttl.cap_ms < d.ttl.base_ms {
+                self.error_at(&t, "cap", "must not be shorter than ttl.base");
             }
         }
-        if let Some(field) = f.get("volume_from") {
-            let p = f.path("volume_from");
-            if let Some(v) = self.string(field.value, &p) {
-                match v.as_str() {
-                    "check" => d.volume_from = Source::Authz,
-                    "should_rate_limit" => d.volume_from = Source::RateLimit,
-                    "access_log" => d.volume_from = Source::AccessLog,
-                    _ => {
-                        let hint = match super::suggest(&v, SOURCES) {
-                            Some(s) => format!("did you mean {s:?}? "),
-                            None => String::new(),
-                        };
-                        self.error(
-                            field.value,
-                            &p,
-                            format!(
-                                "unknown source {v:?} ({hint}expected one of {})",
-                                SOURCES.join(", ")
-                            ),
-                        );
-                    }
-                }
-            }
+        if let Some(t) = self.section(&f, "volumetric", VOLUMETRIC_KEYS) {
+            let v = &mut d.volumetric;
+            v.dry_run = self.flag(&t, "dry_run");
+            let p99_multiple = self.field_float(&t, "p99_multiple", 1.0, 1e6);
+            set(&mut v.p99_multiple, p99_multiple);
+            set(&mut v.floor, self.field_float(&t, "floor", 1.0, 1e9));
         }
-        if let Some(n) = self.field_uint(&f, "queue_size", 1, 16 * 1024 * 1024) {
-            a.queue_size = n as usize;
+        if let Some(t) = self.section(&f, "self_anomaly", SELF_KEYS) {
+            let s = &mut d.self_anomaly;
+            s.dry_run = self.flag(&t, "dry_run");
+            set(&mut s.z, self.field_float(&t, "z", 1.0, 1e3));
+            set(&mut s.min_std, self.field_float(&t, "min_std", 0.01, 10.0));
+            let warm_windows = self.field_uint(&t, "warm_windows", 1, 1_000_000);
+            set(&mut s.warm_windows, warm_windows);
+            set(&mut s.floor, self.field_float(&t, "floor", 1.0, 1e9));
         }
-        let d = &mut a.detector;
-        if let Some(n) = self.field_uint(&f, "max_tracked", 16, 16 * 1024 * 1024) {
-            d.max_tracked = n as usize;
+        if let Some(t) = self.section(&f, "failure_ratio", FAILURE_KEYS) {
+            let r = &mut d.failure_ratio;
+            r.dry_run = self.flag(&t, "dry_run");
+            let min_failures = self.field_uint(&t, "min_failures", 1, 1_000_000);
+            set(&mut r.min_failures, min_failures);
+            set(&mut r.ratio, self.field_float(&t, "ratio", 0.01, 1.0));
         }
-        if let Some(n) = self.field_uint(&f, "shared_min_identities", 2, 1 << 20) {
-            d.shared_min_identities = n;
-        }
-        if let Some(n) = self.field_uint(&f, "max_decisions_per_minute", 1, 1_000_000) {
-            d.max_decisions_per_minute = n as u32;
-        }
-        if let Some(field) = f.get("ttl")
-            && let Some(t) = self.mapping(field.value, &f.path("ttl"), TTL_KEYS)
-        {
-            if let Some(v) = self.field_ms(&t, "base", false) {
-                d.ttl.base_ms = v;
-            }
-            if let Some(v) = self.field_ms(&t, "cap", false) {
-                d.ttl.cap_ms = v;
-            }
-            if let Some(v) = self.field_float(&t, "jitter", 0.0, 1.0) {
-                d.ttl.jitter = v;
-            }
-            if d.ttl.cap_ms < d.ttl.base_ms
-                && let Some(field) = t.get("cap")
-            {
-                self.error(
-                    field.value,
-                    &t.path("cap"),
-                    "must not be shorter than ttl.base",
-                );
-            }
-        }
-        if let Some(field) = f.get("volumetric")
-            && let Some(t) = self.mapping(field.value, &f.path("volumetric"), VOLUMETRIC_KEYS)
-        {
-            d.volumetric.dry_run = self.flag(&t, "dry_run");
-            if let Some(v) = self.field_float(&t, "p99_multiple", 1.0, 1e6) {
-                d.volumetric.p99_multiple = v;
-            }
-            if let Some(v) = self.field_float(&t, "floor", 1.0, 1e9) {
-                d.volumetric.floor = v;
-            }
-        }
-        if let Some(field) = f.get("self_anomaly")
-            && let Some(t) = self.mapping(field.value, &f.path("self_anomaly"), SELF_KEYS)
-        {
-            d.self_anomaly.dry_run = self.flag(&t, "dry_run");
-            if let Some(v) = self.field_float(&t, "z", 1.0, 1e3) {
-                d.self_anomaly.z = v;
-            }
-            if let Some(v) = self.field_float(&t, "min_std", 0.01, 10.0) {
-                d.self_anomaly.min_std = v;
-            }
-            if let Some(v) = self.field_uint(&t, "warm_windows", 1, 1_000_000) {
-                d.self_anomaly.warm_windows = v as u32;
-            }
-            if let Some(v) = self.field_float(&t, "floor", 1.0, 1e9) {
-                d.self_anomaly.floor = v;
-            }
-        }
-        if let Some(field) = f.get("failure_ratio")
-            && let Some(t) = self.mapping(field.value, &f.path("failure_ratio"), FAILURE_KEYS)
-        {
-            d.failure_ratio.dry_run = self.flag(&t, "dry_run");
-            if let Some(v) = self.field_uint(&t, "min_failures", 1, 1_000_000) {
-                d.failure_ratio.min_failures = v as u32;
-            }
-            if let Some(v) = self.field_float(&t, "ratio", 0.01, 1.0) {
-                d.failure_ratio.ratio = v;
-            }
-        }
-        if let Some(field) = f.get("path_spread")
-            && let Some(t) = self.mapping(field.value, &f.path("path_spread"), SPREAD_KEYS)
-        {
-            d.path_spread.dry_run = self.flag(&t, "dry_run");
+        if let Some(t) = self.section(&f, "path_spread", SPREAD_KEYS) {
+            let p = &mut d.path_spread;
+            p.dry_run = self.flag(&t, "dry_run");
             // Distinct paths are counted in 512 bits (linear counting): ~300 at most.
-            if let Some(v) = self.field_uint(&t, "min_paths", 2, 300) {
-                d.path_spread.min_paths = v;
-            }
-            if let Some(v) = self.field_float(&t, "min_failure_ratio", 0.0, 1.0) {
-                d.path_spread.min_failure_ratio = v;
-            }
+            set(&mut p.min_paths, self.field_uint(&t, "min_paths", 2, 300));
+            let ratio = self.field_float(&t, "min_failure_ratio", 0.0, 1.0);
+            set(&mut p.min_failure_ratio, ratio);
         }
-        if let Some(field) = f.get("prefix_escalation")
-            && let Some(t) = self.mapping(field.value, &f.path("prefix_escalation"), PREFIX_KEYS)
-        {
+        if let Some(t) = self.section(&f, "prefix_escalation", PREFIX_KEYS) {
             d.prefix.dry_run = self.flag(&t, "dry_run");
-            if let Some(v) = self.field_uint(&t, "min_offenders", 2, 1024) {
-                d.prefix.min_offenders = v as usize;
-            }
-            if let Some(v) = self.field_ms(&t, "memory", false) {
-                d.prefix.memory_ms = v;
-            }
+            let min_offenders = self.field_uint(&t, "min_offenders", 2, 1024);
+            set(&mut d.prefix.min_offenders, min_offenders);
+            set(&mut d.prefix.memory_ms, self.field_ms(&t, "memory", false));
         }
-        if let Some(field) = f.get("population_shift")
-            && let Some(t) = self.mapping(field.value, &f.path("population_shift"), POPULATION_KEYS)
-        {
-            d.population.dry_run = self.flag(&t, "dry_run");
-            if let Some(v) = self.field_float(&t, "surge_multiple", 1.0, 1e6) {
-                d.population.surge_multiple = v;
-            }
-            if let Some(v) = self.field_float(&t, "floor", 1.0, 1e9) {
-                d.population.floor = v;
-            }
-            if let Some(v) = self.field_ms(&t, "ttl", false) {
-                d.population.ttl_ms = v;
-            }
+        if let Some(t) = self.section(&f, "population_shift", POPULATION_KEYS) {
+            let p = &mut d.population;
+            p.dry_run = self.flag(&t, "dry_run");
+            let surge_multiple = self.field_float(&t, "surge_multiple", 1.0, 1e6);
+            set(&mut p.surge_multiple, surge_multiple);
+            set(&mut p.floor, self.field_float(&t, "floor", 1.0, 1e9));
+            set(&mut p.ttl_ms, self.field_ms(&t, "ttl", false));
         }
-        if let Some(field) = f.get("merge")
-            && let Some(t) = self.mapping(field.value, &f.path("merge"), MERGE_KEYS)
-        {
-            if let Some(v) = self.field_uint(&t, "top_n", 1, 65_536) {
-                d.merge.top_n = v as usize;
-            }
-            if let Some(v) = self.field_uint(&t, "min_count", 1, 1 << 30) {
-                d.merge.min_count = v as u32;
-            }
+        if let Some(t) = self.section(&f, "merge", MERGE_KEYS) {
+            set(&mut d.merge.top_n, self.field_uint(&t, "top_n", 1, 65_536));
+            let min_count = self.field_uint(&t, "min_count", 1, 1 << 30);
+            set(&mut d.merge.min_count, min_count);
         }
-        if let Some(field) = f.get("trust")
-            && let Some(t) = self.mapping(field.value, &f.path("trust"), TRUST_KEYS)
-        {
+        if let Some(t) = self.section(&f, "trust", TRUST_KEYS) {
             let tr = &mut a.trust;
-            if let Some(v) = self.field_ms(&t, "half_life", false) {
-                tr.half_life_ms = v;
-            }
-            if let Some(v) = self.field_float(&t, "history_requests", 1.0, 1e12) {
-                tr.history_requests = v;
-            }
-            if let Some(v) = self.field_float(&t, "bad_share", 0.001, 1.0) {
-                tr.bad_share = v;
-            }
-            if let Some(v) = self.field_ms(&t, "window", false) {
-                tr.window_ms = v;
-            }
-            if let Some(v) = self.field_float(&t, "erratic_z", 0.5, 1e3) {
-                tr.erratic_z = v;
-            }
-            if let Some(v) = self.field_uint(&t, "max_identities", 16, 1 << 26) {
-                tr.max_identities = v as usize;
-            }
-            if let Some(v) = self.field_uint(&t, "table_slots", 64, 1 << 26) {
-                tr.table_slots = v as usize;
-            }
+            set(&mut tr.half_life_ms, self.field_ms(&t, "half_life", false));
+            let history = self.field_float(&t, "history_requests", 1.0, 1e12);
+            set(&mut tr.history_requests, history);
+            let bad_share = self.field_float(&t, "bad_share", 0.001, 1.0);
+            set(&mut tr.bad_share, bad_share);
+            set(&mut tr.window_ms, self.field_ms(&t, "window", false));
+            let erratic_z = self.field_float(&t, "erratic_z", 0.5, 1e3);
+            set(&mut tr.erratic_z, erratic_z);
+            let max_identities = self.field_uint(&t, "max_identities", 16, 1 << 26);
+            set(&mut tr.max_identities, max_identities);
+            let table_slots = self.field_uint(&t, "table_slots", 64, 1 << 26);
+            set(&mut tr.table_slots, table_slots);
         }
-        let d = &mut a.detector;
-        if d.slow_window_ms < d.window_ms
-            && let Some(field) = f.get("slow_window")
-        {
-            self.error(
-                field.value,
-                &f.path("slow_window"),
-                "must not be shorter than window",
-            );
+        if a.detector.slow_window_ms < a.detector.window_ms {
+            self.error_at(&f, "slow_window", "must not be shorter than window");
         }
         a
     }

@@ -3,7 +3,8 @@
 //! to the settings file) and parsed, so a bad key is a config error with its line, not a
 //! surprise at the first request.
 
-use super::{Decoder, Fields, child, data, index, is_null};
+use super::value::{Duration, Fields, FromYaml, UpTo, non_empty, nonzero, set};
+use super::{Decoder, child, data, index, is_null};
 use crate::config::authz::{
     ActionConfig, AuthzConfig, AuthzFailureMode, GraphqlConfig, GrpcMatch, HeaderMatchConfig,
     IdentityConfig, IdentitySource, JwtConfig, JwtInvalid, JwtKey, ListEntryConfig, ListsConfig,
@@ -12,7 +13,7 @@ use crate::config::authz::{
 use crate::limiter::NANOS_PER_SECOND;
 use crate::lists::canonical_entry;
 use saphyr::{MarkedYaml, Scalar, YamlData};
-use std::path::PathBuf;
+use std::path::Path;
 
 const AUTHZ_KEYS: &[&str] = &[
     "domain",
@@ -86,6 +87,8 @@ const GRAPHQL_KEYS: &[&str] = &[
     "cost_descriptor",
 ];
 const WEBSOCKET_KEYS: &[&str] = &["descriptor"];
+/// The largest `max_header_bytes` and `graphql.max_body_bytes`.
+const MAX_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Public reason codes go into response bodies: keep them short and inert.
 fn valid_code(s: &str) -> bool {
@@ -156,56 +159,82 @@ pub(crate) fn parse_rfc3339_utc(s: &str) -> Option<u64> {
     u64::try_from(days * 86_400 + hh * 3_600 + mm * 60 + ss).ok()
 }
 
+/// A header name as Envoy reports it: lower case, not empty.
+fn header_name(v: String) -> Result<String, String> {
+    let v = non_empty(v)?;
+    if valid_header_name(&v) {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{v:?} is not a lower-case header name (Envoy reports headers in lower case)"
+        ))
+    }
+}
+
+fn authz_failure_mode(v: String) -> Result<AuthzFailureMode, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "allow" => Ok(AuthzFailureMode::Allow),
+        "deny" => Ok(AuthzFailureMode::Deny),
+        _ => Err(format!(
+            "unknown failure mode {v:?} (expected allow or deny)"
+        )),
+    }
+}
+
+fn on_invalid(v: String) -> Result<JwtInvalid, String> {
+    match v.as_str() {
+        "deny" => Ok(JwtInvalid::Deny),
+        "ignore" => Ok(JwtInvalid::Ignore),
+        _ => Err(format!("unknown value {v:?} (expected deny or ignore)")),
+    }
+}
+
+fn reason_code(c: String) -> Result<String, String> {
+    if valid_code(&c) {
+        Ok(c)
+    } else {
+        Err(format!(
+            "{c:?} is not a reason code (1-64 of a-z, 0-9, _ and -)"
+        ))
+    }
+}
+
+/// A list entry's expiry: a UTC time like `2030-01-31T00:00:00Z`, or Unix seconds.
+struct UnixTime(u64);
+
+impl FromYaml for UnixTime {
+    fn decode(d: &mut Decoder<'_>, node: &MarkedYaml<'_>, path: &str) -> Option<Self> {
+        let parsed = match data(node) {
+            YamlData::Value(Scalar::Integer(i)) => u64::try_from(*i).ok(),
+            YamlData::Value(Scalar::String(s)) => parse_rfc3339_utc(s),
+            _ => None,
+        };
+        if parsed.is_none() {
+            let what = "a UTC time like 2030-01-31T00:00:00Z or Unix seconds";
+            d.expected(node, path, what);
+        }
+        parsed.map(UnixTime)
+    }
+}
+
 impl Decoder<'_> {
     pub(super) fn authz(&mut self, node: &MarkedYaml<'_>, path: &str) -> AuthzConfig {
         let mut a = AuthzConfig::default();
         let Some(f) = self.mapping(node, path, AUTHZ_KEYS) else {
             return a;
         };
-        if let Some(field) = f.get("domain") {
-            let path = f.path("domain");
-            match self.string(field.value, &path) {
-                Some(v) if v.is_empty() => self.error(field.value, &path, "must not be empty"),
-                Some(v) => a.domain = v,
-                None => {}
-            }
-        }
-        if let Some(field) = f.get("failure_mode") {
-            let path = f.path("failure_mode");
-            if let Some(v) = self.string(field.value, &path) {
-                match v.to_ascii_lowercase().as_str() {
-                    "allow" => a.failure_mode = AuthzFailureMode::Allow,
-                    "deny" => a.failure_mode = AuthzFailureMode::Deny,
-                    _ => self.error(
-                        field.value,
-                        &path,
-                        format!("unknown failure mode {v:?} (expected allow or deny)"),
-                    ),
-                }
-            }
-        }
-        if let Some(field) = f.get("max_header_bytes") {
-            let path = f.path("max_header_bytes");
-            match self.uint(field.value, &path, 64 * 1024 * 1024) {
-                Some(0) => self.error(field.value, &path, "must be greater than 0"),
-                Some(n) => a.max_header_bytes = n as usize,
-                None => {}
-            }
-        }
-        if let Some(field) = f.get("rate_limit_headers") {
-            a.rate_limit_headers = self
-                .boolean(field.value, &f.path("rate_limit_headers"))
-                .unwrap_or(false);
-        }
-        if let Some(field) = f.get("identity") {
-            a.identity = self.identity(field.value, &f.path("identity"));
-        }
-        if let Some(field) = f.get("lists") {
-            a.lists = self.lists(field.value, &f.path("lists"));
-        }
-        if let Some(field) = f.get("policies") {
-            a.policies = self.policies(field.value, &f.path("policies"));
-        }
+        set(&mut a.domain, self.field_with(&f, "domain", non_empty));
+        let failure_mode = self.field_with(&f, "failure_mode", authz_failure_mode);
+        set(&mut a.failure_mode, failure_mode);
+        let bytes = |UpTo::<MAX_BYTES>(n)| nonzero(n as usize);
+        let max_header_bytes = self.field_with(&f, "max_header_bytes", bytes);
+        set(&mut a.max_header_bytes, max_header_bytes);
+        a.rate_limit_headers = self.flag(&f, "rate_limit_headers");
+        let identity = self.field_by(&f, "identity", Self::identity);
+        set(&mut a.identity, identity);
+        set(&mut a.lists, self.field_by(&f, "lists", Self::lists));
+        let policies = self.field_by(&f, "policies", Self::policies);
+        set(&mut a.policies, policies);
         if let Some(field) = f.raw("graphql") {
             a.graphql = Some(self.graphql(field.value, &f.path("graphql")));
         }
@@ -215,65 +244,16 @@ impl Decoder<'_> {
         a
     }
 
-    /// A non-empty string.
-    fn nonempty(&mut self, node: &MarkedYaml<'_>, path: &str) -> Option<String> {
-        match self.string(node, path) {
-            Some(v) if v.is_empty() => {
-                self.error(node, path, "must not be empty");
-                None
-            }
-            other => other,
-        }
-    }
-
-    fn header_name(&mut self, node: &MarkedYaml<'_>, path: &str) -> Option<String> {
-        let v = self.nonempty(node, path)?;
-        if !valid_header_name(&v) {
-            self.error(
-                node,
-                path,
-                format!(
-                    "{v:?} is not a lower-case header name (Envoy reports headers in lower case)"
-                ),
-            );
-            return None;
-        }
-        Some(v)
-    }
-
-    /// A required non-empty string key of `f`.
-    fn req(&mut self, f: &Fields<'_, '_>, name: &str) -> Option<String> {
-        match f.get(name) {
-            Some(field) => self.nonempty(field.value, &f.path(name)),
-            None => {
-                self.error(f.node, &f.path, format!("missing required key {name:?}"));
-                None
-            }
-        }
-    }
-
-    /// An optional string key of `f` with a default.
-    fn opt(&mut self, f: &Fields<'_, '_>, name: &str, default: &str) -> String {
-        match f.get(name) {
-            Some(field) => self
-                .nonempty(field.value, &f.path(name))
-                .unwrap_or_else(|| default.to_string()),
-            None => default.to_string(),
-        }
-    }
-
-    /// A string, or a list of strings.
+    /// A non-empty string, or a list of them.
     fn strings(&mut self, node: &MarkedYaml<'_>, path: &str) -> Vec<String> {
         if let YamlData::Sequence(items) = data(node) {
             let mut out = Vec::new();
             for (i, item) in items.iter().enumerate() {
-                if let Some(s) = self.nonempty(item, &index(path, i)) {
-                    out.push(s);
-                }
+                out.extend(self.value_with(item, &index(path, i), non_empty));
             }
             out
         } else {
-            self.nonempty(node, path).into_iter().collect()
+            self.value_with(node, path, non_empty).into_iter().collect()
         }
     }
 
@@ -282,48 +262,29 @@ impl Decoder<'_> {
         let Some(f) = self.mapping(node, path, IDENTITY_KEYS) else {
             return c;
         };
-        if let Some(field) = f.get("sources") {
-            let path = f.path("sources");
-            if let Some(items) = self.sequence(field.value, &path, "a list of identity sources") {
-                c.sources.clear();
-                for (i, item) in items.iter().enumerate() {
-                    let item_path = index(&path, i);
-                    if let Some(s) = self.source(item, &item_path) {
-                        if c.sources.iter().any(|x| x.name() == s.name()) {
-                            self.error(
-                                item,
-                                &item_path,
-                                format!("duplicate identity source name {:?}", s.name()),
-                            );
-                        }
-                        c.sources.push(s);
-                    }
+        if let Some(items) = self.field_items(&f, "sources", "a list of identity sources") {
+            c.sources.clear();
+            for (item, item_path) in items {
+                let Some(s) = self.source(item, &item_path) else {
+                    continue;
+                };
+                if c.sources.iter().any(|x| x.name() == s.name()) {
+                    let why = format!("duplicate identity source name {:?}", s.name());
+                    self.error(item, &item_path, why);
                 }
-                if c.sources.is_empty() {
-                    self.error(field.value, &path, "needs at least one source");
-                }
+                c.sources.push(s);
+            }
+            if c.sources.is_empty() {
+                self.error_at(&f, "sources", "needs at least one source");
             }
         }
-        if let Some(field) = f.get("xff_num_trusted_hops") {
-            let path = f.path("xff_num_trusted_hops");
-            if let Some(n) = self.uint(field.value, &path, 16) {
-                c.xff_num_trusted_hops = n as u32;
-            }
-        }
-        if let Some(field) = f.get("header")
-            && let Some(h) = self.header_name(field.value, &f.path("header"))
-        {
-            c.header = h;
-        }
-        if let Some(field) = f.get("strip_headers") {
-            let path = f.path("strip_headers");
-            if let Some(items) = self.sequence(field.value, &path, "a list of header names") {
-                for (i, item) in items.iter().enumerate() {
-                    if let Some(h) = self.header_name(item, &index(&path, i)) {
-                        c.strip_headers.push(h);
-                    }
-                }
-            }
+        let hops = self.field_uint(&f, "xff_num_trusted_hops", 0, 16);
+        set(&mut c.xff_num_trusted_hops, hops);
+        set(&mut c.header, self.field_with(&f, "header", header_name));
+        let strip = self.field_items(&f, "strip_headers", "a list of header names");
+        for (item, item_path) in strip.unwrap_or_default() {
+            let header = self.value_with(item, &item_path, header_name);
+            c.strip_headers.extend(header);
         }
         c
     }
@@ -351,14 +312,12 @@ impl Decoder<'_> {
         }
         let f = self.mapping(node, path, SOURCE_KEYS)?;
         let kind = self.one_kind(&f, SOURCE_KINDS, "an identity source")?;
-        let name = f
-            .get("name")
-            .and_then(|field| self.nonempty(field.value, &f.path("name")));
+        let name = self.field_with(&f, "name", non_empty);
         let field = f.raw(kind)?;
         let kpath = f.path(kind);
         Some(match kind {
             "header" => {
-                let header = self.header_name(field.value, &kpath)?;
+                let header = self.value_with(field.value, &kpath, header_name)?;
                 IdentitySource::Header {
                     name: name.unwrap_or_else(|| header.clone()),
                     header,
@@ -435,19 +394,6 @@ impl Decoder<'_> {
         }
     }
 
-    fn key_file(&mut self, node: &MarkedYaml<'_>, path: &str) -> Option<(PathBuf, Vec<u8>)> {
-        let name = self.nonempty(node, path)?;
-        let base = self.file.parent().unwrap_or(std::path::Path::new("."));
-        let file = base.join(&name);
-        match std::fs::read(&file) {
-            Ok(bytes) => Some((file, bytes)),
-            Err(e) => {
-                self.error(node, path, format!("cannot read {}: {e}", file.display()));
-                None
-            }
-        }
-    }
-
     fn jwt(&mut self, node: &MarkedYaml<'_>, path: &str) -> Option<JwtConfig> {
         let f = self.mapping(node, path, JWT_KEYS)?;
         let mut j = JwtConfig {
@@ -462,116 +408,80 @@ impl Decoder<'_> {
             require_exp: true,
             on_invalid: JwtInvalid::Deny,
         };
-        if let Some(field) = f.get("header")
-            && let Some(h) = self.header_name(field.value, &f.path("header"))
-        {
-            j.header = h;
-        }
-        j.claim = self.opt(&f, "claim", "sub");
-        if let Some(field) = f.get("hs256_secret")
-            && let Some(s) = self.nonempty(field.value, &f.path("hs256_secret"))
-        {
-            j.keys.push(JwtKey::Hs256 {
-                secret: s.into_bytes(),
-            });
-        }
-        if let Some(field) = f.get("hs256_secret_env") {
-            let path = f.path("hs256_secret_env");
-            if let Some(var) = self.nonempty(field.value, &path) {
-                match std::env::var(&var) {
-                    Ok(s) if !s.is_empty() => j.keys.push(JwtKey::Hs256 {
-                        secret: s.into_bytes(),
-                    }),
-                    _ => self.error(
-                        field.value,
-                        &path,
-                        format!("environment variable {var} is not set"),
-                    ),
-                }
+        set(&mut j.header, self.field_with(&f, "header", header_name));
+        set(&mut j.claim, self.field_with(&f, "claim", non_empty));
+        let secret = |s: String| {
+            let secret = non_empty(s)?.into_bytes();
+            Ok(JwtKey::Hs256 { secret })
+        };
+        j.keys.extend(self.field_with(&f, "hs256_secret", secret));
+        let from_env = |var: String| {
+            let var = non_empty(var)?;
+            match std::env::var(&var) {
+                Ok(s) if !s.is_empty() => secret(s),
+                _ => Err(format!("environment variable {var} is not set")),
             }
-        }
-        if let Some(field) = f.get("rsa_public_key_file") {
-            let path = f.path("rsa_public_key_file");
-            if let Some((file, pem)) = self.key_file(field.value, &path) {
-                match jsonwebtoken::DecodingKey::from_rsa_pem(&pem) {
-                    Ok(_) => j.keys.push(JwtKey::RsaPem { file, pem }),
-                    Err(e) => self.error(
-                        field.value,
-                        &path,
-                        format!("{} is not an RSA public key in PEM: {e}", file.display()),
-                    ),
-                }
+        };
+        j.keys
+            .extend(self.field_with(&f, "hs256_secret_env", from_env));
+        // Key files are named relative to the settings file.
+        let dir = self.file.parent().unwrap_or(Path::new("."));
+        let read = |name: String| {
+            let file = dir.join(non_empty(name)?);
+            match std::fs::read(&file) {
+                Ok(bytes) => Ok((file, bytes)),
+                Err(e) => Err(format!("cannot read {}: {e}", file.display())),
             }
-        }
-        if let Some(field) = f.get("ec_public_key_file") {
-            let path = f.path("ec_public_key_file");
-            if let Some((file, pem)) = self.key_file(field.value, &path) {
-                match jsonwebtoken::DecodingKey::from_ec_pem(&pem) {
-                    Ok(_) => j.keys.push(JwtKey::EcPem { file, pem }),
-                    Err(e) => self.error(
-                        field.value,
-                        &path,
-                        format!("{} is not an EC public key in PEM: {e}", file.display()),
-                    ),
-                }
+        };
+        let rsa = |name: String| {
+            let (file, pem) = read(name)?;
+            match jsonwebtoken::DecodingKey::from_rsa_pem(&pem) {
+                Ok(_) => Ok(JwtKey::RsaPem { file, pem }),
+                Err(e) => Err(format!(
+                    "{} is not an RSA public key in PEM: {e}",
+                    file.display()
+                )),
             }
-        }
-        if let Some(field) = f.get("jwks_file") {
-            let path = f.path("jwks_file");
-            if let Some((file, bytes)) = self.key_file(field.value, &path) {
-                let parsed = String::from_utf8(bytes)
-                    .map_err(|e| e.to_string())
-                    .and_then(|json| {
-                        super::super::jwks::parse_jwks(&json)
-                            .map(|_| json)
-                            .map_err(|e| e.to_string())
-                    });
-                match parsed {
-                    Ok(json) => j.keys.push(JwtKey::Jwks { file, json }),
-                    Err(e) => self.error(
-                        field.value,
-                        &path,
-                        format!("{} is not a usable JWKS: {e}", file.display()),
-                    ),
-                }
+        };
+        j.keys
+            .extend(self.field_with(&f, "rsa_public_key_file", rsa));
+        let ec = |name: String| {
+            let (file, pem) = read(name)?;
+            match jsonwebtoken::DecodingKey::from_ec_pem(&pem) {
+                Ok(_) => Ok(JwtKey::EcPem { file, pem }),
+                Err(e) => Err(format!(
+                    "{} is not an EC public key in PEM: {e}",
+                    file.display()
+                )),
             }
-        }
-        if let Some(field) = f.get("issuer") {
-            j.issuer = self.nonempty(field.value, &f.path("issuer"));
-        }
-        if let Some(field) = f.get("audiences") {
-            j.audiences = self.strings(field.value, &f.path("audiences"));
-        }
-        if let Some(field) = f.get("leeway") {
-            let path = f.path("leeway");
-            if let Some(d) = self.duration(field.value, &path) {
-                j.leeway = d / NANOS_PER_SECOND;
+        };
+        j.keys.extend(self.field_with(&f, "ec_public_key_file", ec));
+        let jwks = |name: String| {
+            let (file, bytes) = read(name)?;
+            let parsed = String::from_utf8(bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|json| {
+                    super::super::jwks::parse_jwks(&json)
+                        .map(|_| json)
+                        .map_err(|e| e.to_string())
+                });
+            match parsed {
+                Ok(json) => Ok(JwtKey::Jwks { file, json }),
+                Err(e) => Err(format!("{} is not a usable JWKS: {e}", file.display())),
             }
-        }
-        if let Some(field) = f.get("allow_unverified") {
-            j.allow_unverified = self
-                .boolean(field.value, &f.path("allow_unverified"))
-                .unwrap_or(false);
-        }
-        if let Some(field) = f.get("require_exp") {
-            j.require_exp = self
-                .boolean(field.value, &f.path("require_exp"))
-                .unwrap_or(true);
-        }
-        if let Some(field) = f.get("on_invalid") {
-            let path = f.path("on_invalid");
-            if let Some(v) = self.string(field.value, &path) {
-                match v.as_str() {
-                    "deny" => j.on_invalid = JwtInvalid::Deny,
-                    "ignore" => j.on_invalid = JwtInvalid::Ignore,
-                    _ => self.error(
-                        field.value,
-                        &path,
-                        format!("unknown value {v:?} (expected deny or ignore)"),
-                    ),
-                }
-            }
-        }
+        };
+        j.keys.extend(self.field_with(&f, "jwks_file", jwks));
+        j.issuer = self.field_with(&f, "issuer", non_empty);
+        let audiences = self.field_by(&f, "audiences", Self::strings);
+        set(&mut j.audiences, audiences);
+        let leeway = self
+            .field(&f, "leeway")
+            .map(|Duration(d)| d / NANOS_PER_SECOND);
+        set(&mut j.leeway, leeway);
+        j.allow_unverified = self.flag(&f, "allow_unverified");
+        set(&mut j.require_exp, self.field(&f, "require_exp"));
+        let invalid = self.field_with(&f, "on_invalid", on_invalid);
+        set(&mut j.on_invalid, invalid);
         let key_given = JWT_KEYS[2..7].iter().any(|k| f.raw(k).is_some());
         if j.keys.is_empty() && !j.allow_unverified && !key_given {
             self.error(
@@ -591,13 +501,8 @@ impl Decoder<'_> {
             return l;
         };
         for (name, out) in [("allow", &mut l.allow), ("block", &mut l.block)] {
-            let Some(field) = f.get(name) else { continue };
-            let path = f.path(name);
-            let Some(items) = self.sequence(field.value, &path, "a list of entries") else {
-                continue;
-            };
-            for (i, item) in items.iter().enumerate() {
-                let item_path = index(&path, i);
+            let items = self.field_items(&f, name, "a list of entries");
+            for (item, item_path) in items.unwrap_or_default() {
                 if let Some(e) = self.list_entry(item, &item_path) {
                     if let Some(first) = out.iter().find(|x| x.value == e.value) {
                         let message = format!(
@@ -620,21 +525,16 @@ impl Decoder<'_> {
             YamlData::Mapping(_) => {
                 let f = self.mapping(node, path, ENTRY_KEYS)?;
                 let Some(field) = f.get("value") else {
-                    self.error(node, path, "missing required key \"value\"");
+                    self.missing(&f, "value");
                     return None;
                 };
                 (field.value, f.path("value"), Some(f))
             }
             _ => (node, path.to_string(), None),
         };
-        let raw = self.nonempty(value_node, &value_path)?;
-        let value = match canonical_entry(&raw) {
-            Ok(v) => v,
-            Err(e) => {
-                self.error(value_node, &value_path, e);
-                return None;
-            }
-        };
+        let value = self.value_with(value_node, &value_path, |raw: String| {
+            canonical_entry(&non_empty(raw)?)
+        })?;
         let mut e = ListEntryConfig {
             value,
             reason: String::new(),
@@ -643,87 +543,32 @@ impl Decoder<'_> {
             line,
         };
         let Some(f) = f else { return Some(e) };
-        if let Some(field) = f.get("reason") {
-            e.reason = self
-                .string(field.value, &f.path("reason"))
-                .unwrap_or_default();
-        }
-        if let Some(field) = f.get("code") {
-            let path = f.path("code");
-            if let Some(c) = self.string(field.value, &path) {
-                if valid_code(&c) {
-                    e.code = Some(c);
-                } else {
-                    self.error(
-                        field.value,
-                        &path,
-                        format!("{c:?} is not a reason code (1-64 of a-z, 0-9, _ and -)"),
-                    );
-                }
-            }
-        }
-        if let Some(field) = f.get("expires") {
-            let path = f.path("expires");
-            let parsed = match data(field.value) {
-                YamlData::Value(Scalar::Integer(i)) => u64::try_from(*i).ok(),
-                YamlData::Value(Scalar::String(s)) => parse_rfc3339_utc(s),
-                _ => None,
-            };
-            match parsed {
-                Some(t) => e.expires_at = Some(t),
-                None => {
-                    let found = self.describe(field.value);
-                    self.error(
-                        field.value,
-                        &path,
-                        format!(
-                            "expected a UTC time like 2030-01-31T00:00:00Z or Unix seconds, \
-                             found {found}"
-                        ),
-                    );
-                }
-            }
-        }
+        e.reason = self.field(&f, "reason").unwrap_or_default();
+        e.code = self.field_with(&f, "code", reason_code);
+        e.expires_at = self.field(&f, "expires").map(|UnixTime(t)| t);
         Some(e)
     }
 
     fn policies(&mut self, node: &MarkedYaml<'_>, path: &str) -> Vec<PolicyConfig> {
         let mut out: Vec<PolicyConfig> = Vec::new();
-        let Some(items) = self.sequence(node, path, "a list of policies") else {
-            return out;
-        };
-        for (i, item) in items.iter().enumerate() {
-            let item_path = index(path, i);
+        let items = self
+            .items(node, path, "a list of policies")
+            .unwrap_or_default();
+        for (item, item_path) in items {
             let Some(f) = self.mapping(item, &item_path, POLICY_KEYS) else {
                 continue;
             };
-            let name = self.req(&f, "name");
-            let matcher = match f.get("match") {
-                Some(field) => self.matcher(field.value, &f.path("match")),
-                None => MatchConfig::default(),
-            };
-            let mut descriptors = Vec::new();
-            match f.get("descriptors") {
-                Some(field) => {
-                    let dpath = f.path("descriptors");
-                    if let Some(ds) = self.sequence(field.value, &dpath, "a list of descriptors") {
-                        for (j, d) in ds.iter().enumerate() {
-                            let actions = self.actions(d, &index(&dpath, j));
-                            if !actions.is_empty() {
-                                descriptors.push(actions);
-                            }
-                        }
-                    }
-                }
-                None => self.error(item, &item_path, "missing required key \"descriptors\""),
+            let name = self.required_with(&f, "name", non_empty);
+            let matcher = self
+                .field_by(&f, "match", Self::matcher)
+                .unwrap_or_default();
+            if f.get("descriptors").is_none() {
+                self.missing(&f, "descriptors");
             }
-            let mut hits = 1;
-            if let Some(field) = f.get("hits") {
-                hits = self
-                    .uint(field.value, &f.path("hits"), u64::from(u32::MAX))
-                    .and_then(|n| u32::try_from(n).ok())
-                    .unwrap_or(1);
-            }
+            let descriptors = self
+                .field_by(&f, "descriptors", Self::policy_descriptors)
+                .unwrap_or_default();
+            let hits = self.field(&f, "hits").unwrap_or(1);
             let Some(name) = name else { continue };
             if let Some(first) = out.iter().find(|p| p.name == name) {
                 let message = format!(
@@ -744,31 +589,35 @@ impl Decoder<'_> {
         out
     }
 
+    /// A policy's descriptors: a list of action lists (empty ones are reported and dropped).
+    fn policy_descriptors(&mut self, node: &MarkedYaml<'_>, path: &str) -> Vec<Vec<ActionConfig>> {
+        let mut out = Vec::new();
+        for (item, item_path) in self
+            .items(node, path, "a list of descriptors")
+            .unwrap_or_default()
+        {
+            let actions = self.actions(item, &item_path);
+            if !actions.is_empty() {
+                out.push(actions);
+            }
+        }
+        out
+    }
+
     fn matcher(&mut self, node: &MarkedYaml<'_>, path: &str) -> MatchConfig {
         let mut m = MatchConfig::default();
         let Some(f) = self.mapping(node, path, MATCH_KEYS) else {
             return m;
         };
-        if let Some(field) = f.get("hosts") {
-            m.hosts = self
-                .strings(field.value, &f.path("hosts"))
-                .into_iter()
-                .map(|h| h.to_ascii_lowercase())
-                .collect();
+        if let Some(hosts) = self.field_by(&f, "hosts", Self::strings) {
+            m.hosts = hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
         }
-        if let Some(field) = f.get("methods") {
-            m.methods = self
-                .strings(field.value, &f.path("methods"))
-                .into_iter()
-                .map(|h| h.to_ascii_uppercase())
-                .collect();
+        if let Some(methods) = self.field_by(&f, "methods", Self::strings) {
+            m.methods = methods.iter().map(|h| h.to_ascii_uppercase()).collect();
         }
-        if let Some(field) = f.get("path") {
-            m.path = self.string_match(field.value, &f.path("path"));
-        }
-        if let Some(field) = f.get("headers") {
-            m.headers = self.header_matches(field.value, &f.path("headers"));
-        }
+        m.path = self.field_by(&f, "path", Self::string_match).flatten();
+        let headers = self.field_by(&f, "headers", Self::header_matches);
+        set(&mut m.headers, headers);
         if let Some(field) = f.raw("grpc") {
             let path = f.path("grpc");
             let mut g = GrpcMatch::default();
@@ -776,12 +625,8 @@ impl Decoder<'_> {
                 YamlData::Value(Scalar::Null | Scalar::Boolean(true)) => {}
                 _ => {
                     if let Some(gf) = self.mapping(field.value, &path, GRPC_KEYS) {
-                        if let Some(x) = gf.get("service") {
-                            g.service = self.nonempty(x.value, &gf.path("service"));
-                        }
-                        if let Some(x) = gf.get("method") {
-                            g.method = self.nonempty(x.value, &gf.path("method"));
-                        }
+                        g.service = self.field_with(&gf, "service", non_empty);
+                        g.method = self.field_with(&gf, "method", non_empty);
                     }
                 }
             }
@@ -819,21 +664,14 @@ impl Decoder<'_> {
 
     fn header_matches(&mut self, node: &MarkedYaml<'_>, path: &str) -> Vec<HeaderMatchConfig> {
         let mut out = Vec::new();
-        let Some(items) = self.sequence(node, path, "a list of header matches") else {
-            return out;
-        };
-        for (i, item) in items.iter().enumerate() {
-            let item_path = index(path, i);
+        let items = self
+            .items(node, path, "a list of header matches")
+            .unwrap_or_default();
+        for (item, item_path) in items {
             let Some(f) = self.mapping(item, &item_path, HEADER_MATCH_KEYS) else {
                 continue;
             };
-            let name = match f.get("name") {
-                Some(field) => self.header_name(field.value, &f.path("name")),
-                None => {
-                    self.error(item, &item_path, "missing required key \"name\"");
-                    None
-                }
-            };
+            let name = self.required_with(&f, "name", header_name);
             let kinds: Vec<&str> = ["exact", "prefix", "regex", "present"]
                 .into_iter()
                 .filter(|k| f.raw(k).is_some())
@@ -842,14 +680,9 @@ impl Decoder<'_> {
             match kinds.as_slice() {
                 [] => {}
                 ["present"] => {
-                    if let Some(field) = f.get("present")
-                        && self.boolean(field.value, &f.path("present")) == Some(false)
-                    {
-                        self.error(
-                            field.value,
-                            &f.path("present"),
-                            "use invert: true to match an absent header",
-                        );
+                    if self.field(&f, "present") == Some(false) {
+                        let why = "use invert: true to match an absent header";
+                        self.error_at(&f, "present", why);
                     }
                 }
                 [one] => value = self.string_match_of(&f, one),
@@ -859,12 +692,7 @@ impl Decoder<'_> {
                     "takes at most one of exact, prefix, regex, present",
                 ),
             }
-            let invert = match f.get("invert") {
-                Some(field) => self
-                    .boolean(field.value, &f.path("invert"))
-                    .unwrap_or(false),
-                None => false,
-            };
+            let invert = self.flag(&f, "invert");
             if let Some(name) = name {
                 out.push(HeaderMatchConfig {
                     name,
@@ -879,11 +707,13 @@ impl Decoder<'_> {
     /// One descriptor: a list of actions.
     fn actions(&mut self, node: &MarkedYaml<'_>, path: &str) -> Vec<ActionConfig> {
         let mut out = Vec::new();
-        let Some(items) = self.sequence(node, path, "a list of actions") else {
+        let Some(items) = self.items(node, path, "a list of actions") else {
             return out;
         };
-        for (i, item) in items.iter().enumerate() {
-            let item_path = index(path, i);
+        if items.is_empty() {
+            self.error(node, path, "a descriptor needs at least one action");
+        }
+        for (item, item_path) in items {
             let Some(f) = self.mapping(item, &item_path, ACTION_KINDS) else {
                 continue;
             };
@@ -893,9 +723,6 @@ impl Decoder<'_> {
             if let Some(a) = self.action(&f, kind) {
                 out.push(a);
             }
-        }
-        if items.is_empty() {
-            self.error(node, path, "a descriptor needs at least one action");
         }
         out
     }
@@ -922,7 +749,7 @@ impl Decoder<'_> {
         };
         let need = |d: &mut Self, name: &str| -> Option<String> {
             match &f {
-                Some(f) => d.req(f, name),
+                Some(f) => d.required_with(f, name, non_empty),
                 None => {
                     d.error(node, &path, format!("missing required key {name:?}"));
                     None
@@ -930,62 +757,41 @@ impl Decoder<'_> {
             }
         };
         let key_or = |d: &mut Self, default: &str| -> String {
-            match &f {
-                Some(f) => d.opt(f, "descriptor_key", default),
-                None => default.to_string(),
-            }
+            f.as_ref()
+                .and_then(|f| d.field_with(f, "descriptor_key", non_empty))
+                .unwrap_or_else(|| default.to_string())
         };
         let flag = |d: &mut Self, name: &str, default: bool| -> bool {
-            match f
-                .as_ref()
-                .and_then(|f| f.get(name).map(|x| (x.value, f.path(name))))
-            {
-                Some((v, p)) => d.boolean(v, &p).unwrap_or(default),
-                None => default,
-            }
+            f.as_ref().and_then(|f| d.field(f, name)).unwrap_or(default)
+        };
+        let mask = |d: &mut Self, name: &str, max: u8| -> u8 {
+            f.as_ref()
+                .and_then(|f| d.field_uint(f, name, 0, u64::from(max)))
+                .unwrap_or(max)
         };
         Some(match kind {
             "generic_key" => ActionConfig::GenericKey {
                 descriptor_value: need(self, "descriptor_value")?,
                 descriptor_key: key_or(self, "generic_key"),
             },
-            "request_headers" => {
-                let header_name = match f.as_ref().and_then(|f| f.get("header_name")) {
-                    Some(h) => self.header_name(h.value, &child(&path, "header_name"))?,
+            "request_headers" => ActionConfig::RequestHeaders {
+                header_name: match &f {
+                    Some(f) => self.required_with(f, "header_name", header_name)?,
                     None => need(self, "header_name")?,
-                };
-                ActionConfig::RequestHeaders {
-                    header_name,
-                    descriptor_key: need(self, "descriptor_key")?,
-                    skip_if_absent: flag(self, "skip_if_absent", false),
-                }
-            }
+                },
+                descriptor_key: need(self, "descriptor_key")?,
+                skip_if_absent: flag(self, "skip_if_absent", false),
+            },
             "query_parameters" => ActionConfig::QueryParameters {
                 query_parameter_name: need(self, "query_parameter_name")?,
                 descriptor_key: need(self, "descriptor_key")?,
                 skip_if_absent: flag(self, "skip_if_absent", false),
             },
             "remote_address" => ActionConfig::RemoteAddress,
-            "masked_remote_address" => {
-                let mut lens = [32u8, 128u8];
-                if let Some(f) = &f {
-                    for (i, (name, max)) in
-                        [("v4_prefix_mask_len", 32u64), ("v6_prefix_mask_len", 128)]
-                            .into_iter()
-                            .enumerate()
-                    {
-                        if let Some(x) = f.get(name)
-                            && let Some(n) = self.uint(x.value, &f.path(name), max)
-                        {
-                            lens[i] = n as u8;
-                        }
-                    }
-                }
-                ActionConfig::MaskedRemoteAddress {
-                    v4_prefix_mask_len: lens[0],
-                    v6_prefix_mask_len: lens[1],
-                }
-            }
+            "masked_remote_address" => ActionConfig::MaskedRemoteAddress {
+                v4_prefix_mask_len: mask(self, "v4_prefix_mask_len", 32),
+                v6_prefix_mask_len: mask(self, "v6_prefix_mask_len", 128),
+            },
             "header_value_match" => {
                 let headers = match f.as_ref().and_then(|f| f.get("headers")) {
                     Some(h) => self.header_matches(h.value, &child(&path, "headers")),
@@ -1027,39 +833,23 @@ impl Decoder<'_> {
         let Some(f) = self.mapping(node, path, GRAPHQL_KEYS) else {
             return g;
         };
-        if let Some(field) = f.get("paths") {
-            g.paths = self.strings(field.value, &f.path("paths"));
+        if let Some(paths) = self.field_by(&f, "paths", Self::strings) {
+            g.paths = paths;
             if g.paths.iter().any(|p| !p.starts_with('/')) {
-                self.error(field.value, &f.path("paths"), "paths must start with /");
+                self.error_at(&f, "paths", "paths must start with /");
             }
         }
-        if let Some(field) = f.get("max_depth") {
-            let path = f.path("max_depth");
-            match self.uint(field.value, &path, 1_000) {
-                Some(0) => self.error(field.value, &path, "must be greater than 0"),
-                Some(n) => g.max_depth = n as u32,
-                None => {}
-            }
-        }
-        for (name, slot, max) in [
-            ("max_complexity", &mut g.max_complexity, u64::MAX >> 1),
-            ("default_field_cost", &mut g.default_field_cost, 1_000_000),
-            ("default_list_size", &mut g.default_list_size, 1_000_000),
-        ] {
-            if let Some(field) = f.get(name)
-                && let Some(n) = self.uint(field.value, &f.path(name), max)
-            {
-                *slot = n;
-            }
-        }
-        if let Some(field) = f.get("max_body_bytes") {
-            let path = f.path("max_body_bytes");
-            match self.uint(field.value, &path, 64 * 1024 * 1024) {
-                Some(0) => self.error(field.value, &path, "must be greater than 0"),
-                Some(n) => g.max_body_bytes = n as usize,
-                None => {}
-            }
-        }
+        let depth = |UpTo::<1_000>(n)| nonzero(n as u32);
+        set(&mut g.max_depth, self.field_with(&f, "max_depth", depth));
+        let complexity = self.field_uint(&f, "max_complexity", 0, u64::MAX >> 1);
+        set(&mut g.max_complexity, complexity);
+        let cost = self.field_uint(&f, "default_field_cost", 0, 1_000_000);
+        set(&mut g.default_field_cost, cost);
+        let size = self.field_uint(&f, "default_list_size", 0, 1_000_000);
+        set(&mut g.default_list_size, size);
+        let bytes = |UpTo::<MAX_BYTES>(n)| nonzero(n as usize);
+        let max_body_bytes = self.field_with(&f, "max_body_bytes", bytes);
+        set(&mut g.max_body_bytes, max_body_bytes);
         if let Some(field) = f.get("field_costs") {
             let path = f.path("field_costs");
             if let YamlData::Mapping(map) = data(field.value) {
@@ -1070,20 +860,13 @@ impl Decoder<'_> {
                     }
                 }
             } else {
-                let found = self.describe(field.value);
-                self.error(
-                    field.value,
-                    &path,
-                    format!("expected a mapping of field name to cost, found {found}"),
-                );
+                self.expected(field.value, &path, "a mapping of field name to cost");
             }
         }
-        if let Some(field) = f.get("list_arguments") {
-            g.list_arguments = self.strings(field.value, &f.path("list_arguments"));
-        }
-        if let Some(field) = f.get("cost_descriptor") {
-            g.cost_descriptor = self.actions(field.value, &f.path("cost_descriptor"));
-        }
+        let list_arguments = self.field_by(&f, "list_arguments", Self::strings);
+        set(&mut g.list_arguments, list_arguments);
+        let cost_descriptor = self.field_by(&f, "cost_descriptor", Self::actions);
+        set(&mut g.cost_descriptor, cost_descriptor);
         g
     }
 
@@ -1095,9 +878,8 @@ impl Decoder<'_> {
         let Some(f) = self.mapping(node, path, WEBSOCKET_KEYS) else {
             return w;
         };
-        if let Some(field) = f.get("descriptor") {
-            w.descriptor = self.actions(field.value, &f.path("descriptor"));
-        }
+        let descriptor = self.field_by(&f, "descriptor", Self::actions);
+        set(&mut w.descriptor, descriptor);
         w
     }
 }

@@ -2,6 +2,7 @@
 //! positions, key paths and "did you mean" as the rest of the file. `tracing:` with nothing
 //! under it turns export on with every default.
 
+use super::value::{Named, set};
 use super::{Decoder, child, data, is_null};
 use crate::config::otel::{SamplerKind, TracingSettings, check_endpoint};
 use saphyr::{MarkedYaml, YamlData};
@@ -20,6 +21,23 @@ const TRACING_KEYS: &[&str] = &[
     "record_values",
 ];
 
+impl Named for SamplerKind {
+    const WHAT: &'static str = "sampler";
+    const NAMES: &'static [&'static str] = SamplerKind::NAMES;
+    fn parse_name(s: &str) -> Option<Self> {
+        SamplerKind::parse(s)
+    }
+}
+
+/// A service name: non-empty, no control characters.
+fn service_name(v: String) -> Result<String, String> {
+    if v.is_empty() || v.chars().any(char::is_control) {
+        Err("must be non-empty, no control characters".into())
+    } else {
+        Ok(v)
+    }
+}
+
 impl Decoder<'_> {
     pub(super) fn tracing(&mut self, node: &MarkedYaml<'_>, path: &str) -> TracingSettings {
         let mut t = TracingSettings::default();
@@ -29,63 +47,20 @@ impl Decoder<'_> {
         let Some(f) = self.mapping(node, path, TRACING_KEYS) else {
             return t;
         };
-        if let Some(field) = f.get("enabled")
-            && let Some(b) = self.boolean(field.value, &f.path("enabled"))
-        {
-            t.enabled = b;
-        }
+        set(&mut t.enabled, self.field(&f, "enabled"));
         t.record_values = self.flag(&f, "record_values");
-        if let Some(field) = f.get("endpoint") {
-            let p = f.path("endpoint");
-            if let Some(v) = self.string(field.value, &p) {
-                match check_endpoint(&v) {
-                    Ok(()) => t.endpoint = Some(v),
-                    Err(e) => self.error(field.value, &p, e),
-                }
+        t.endpoint = self.field_with(&f, "endpoint", |v: String| check_endpoint(&v).map(|()| v));
+        t.service_name = self.field_with(&f, "service_name", service_name);
+        set(&mut t.sampler, self.field(&f, "sampler"));
+        let ratio = |v: f64| {
+            if (0.0..=1.0).contains(&v) {
+                Ok(v)
+            } else {
+                Err(format!("must be from 0 to 1, found {v}"))
             }
-        }
-        if let Some(field) = f.get("service_name") {
-            let p = f.path("service_name");
-            match self.string(field.value, &p) {
-                Some(v) if v.is_empty() || v.chars().any(char::is_control) => {
-                    self.error(field.value, &p, "must be non-empty, no control characters")
-                }
-                Some(v) => t.service_name = Some(v),
-                None => {}
-            }
-        }
-        if let Some(field) = f.get("sampler") {
-            let p = f.path("sampler");
-            if let Some(v) = self.string(field.value, &p) {
-                match SamplerKind::parse(&v) {
-                    Some(k) => t.sampler = k,
-                    None => {
-                        let hint = match super::suggest(&v, SamplerKind::NAMES) {
-                            Some(s) => format!("did you mean {s:?}? "),
-                            None => String::new(),
-                        };
-                        self.error(
-                            field.value,
-                            &p,
-                            format!(
-                                "unknown sampler {v:?} ({hint}expected one of {})",
-                                SamplerKind::NAMES.join(", ")
-                            ),
-                        );
-                    }
-                }
-            }
-        }
-        if let Some(field) = f.get("sample_ratio") {
-            let p = f.path("sample_ratio");
-            if let Some(v) = self.float(field.value, &p) {
-                if (0.0..=1.0).contains(&v) {
-                    t.sample_ratio = v;
-                } else {
-                    self.error(field.value, &p, format!("must be from 0 to 1, found {v}"));
-                }
-            }
-        }
+        };
+        let sample_ratio = self.field_with(&f, "sample_ratio", ratio);
+        set(&mut t.sample_ratio, sample_ratio);
         if let Some(field) = f.get("resource_attributes") {
             let p = f.path("resource_attributes");
             if let YamlData::Mapping(map) = data(field.value) {
@@ -103,26 +78,17 @@ impl Decoder<'_> {
                     }
                 }
             } else {
-                let found = self.describe(field.value);
-                self.error(
-                    field.value,
-                    &p,
-                    format!("expected a mapping of attribute names to values, found {found}"),
-                );
+                self.expected(field.value, &p, "a mapping of attribute names to values");
             }
         }
-        if let Some(n) = self.field_uint(&f, "queue_size", 1, 1 << 20) {
-            t.queue_size = n as usize;
-        }
-        if let Some(n) = self.field_uint(&f, "batch_size", 1, 1 << 16) {
-            t.batch_size = n as usize;
-        }
-        if let Some(v) = self.field_ms(&f, "flush_interval", false) {
-            t.flush_interval_ms = v;
-        }
-        if let Some(v) = self.field_ms(&f, "export_timeout", false) {
-            t.export_timeout_ms = v;
-        }
+        let queue_size = self.field_uint(&f, "queue_size", 1, 1 << 20);
+        set(&mut t.queue_size, queue_size);
+        let batch_size = self.field_uint(&f, "batch_size", 1, 1 << 16);
+        set(&mut t.batch_size, batch_size);
+        let flush_interval = self.field_ms(&f, "flush_interval", false);
+        set(&mut t.flush_interval_ms, flush_interval);
+        let export_timeout = self.field_ms(&f, "export_timeout", false);
+        set(&mut t.export_timeout_ms, export_timeout);
         t
     }
 }
