@@ -246,10 +246,12 @@ impl BoundServer {
                     a.trust.clone(),
                     trust_sink,
                     exchange,
-                    drain,
-                    lists.clone(),
-                    anomaly_metrics.clone(),
-                    clock.clone(),
+                    crate::runtime::anomaly::Wiring {
+                        drain,
+                        lists: lists.clone(),
+                        metrics: anomaly_metrics.clone(),
+                        clock: clock.clone(),
+                    },
                 );
                 module.set_alerts(alerts.clone());
                 (Some(sink), Some(module))
@@ -637,7 +639,7 @@ mod background_tests {
         assert_eq!(m.len(), 1, "swept on the system clock");
         clock.advance(std::time::Duration::from_secs(5));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while m.len() != 0 {
+        while !m.is_empty() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "not swept after the clock moved"

@@ -153,18 +153,30 @@ fn now_ms(clock: &dyn Clock) -> u64 {
     clock.now() / 1_000_000
 }
 
+/// What the module is wired to: the queue it drains, the lists it writes decisions to, its
+/// metrics, and the server's clock.
+pub struct Wiring {
+    pub drain: Drain,
+    pub lists: Arc<Lists>,
+    pub metrics: Arc<AnomalyMetrics>,
+    pub clock: Arc<dyn Clock>,
+}
+
 impl Anomaly {
-    /// The module over `cfg`, reading events from `drain` and writing to `lists`.
+    /// The module over `cfg`, reading events from `wiring.drain` and writing to its lists.
     pub fn new(
         cfg: crate::anomaly::Config,
         trust: crate::anomaly::TrustConfig,
         trust_sink: TrustSink,
         exchange: Option<TopKeysExchange>,
-        drain: Drain,
-        lists: Arc<Lists>,
-        metrics: Arc<AnomalyMetrics>,
-        clock: Arc<dyn Clock>,
+        wiring: Wiring,
     ) -> Arc<Anomaly> {
+        let Wiring {
+            drain,
+            lists,
+            metrics,
+            clock,
+        } = wiring;
         let allow = {
             let lists = lists.clone();
             let clock = clock.clone();
