@@ -147,6 +147,25 @@ pub struct JwtConfig {
     pub on_invalid: JwtInvalid,
 }
 
+impl Default for JwtConfig {
+    /// A source named `jwt` reading `Authorization: Bearer`, identity from `sub`, 30 s of
+    /// leeway, `exp` required, signatures checked, bad tokens denied; no keys yet.
+    fn default() -> Self {
+        JwtConfig {
+            name: "jwt".into(),
+            header: "authorization".into(),
+            claim: "sub".into(),
+            keys: Vec::new(),
+            issuer: None,
+            audiences: Vec::new(),
+            leeway: 30,
+            allow_unverified: false,
+            require_exp: true,
+            on_invalid: JwtInvalid::Deny,
+        }
+    }
+}
+
 /// What a request with a bad token gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -396,18 +396,7 @@ impl Decoder<'_> {
 
     fn jwt(&mut self, node: &MarkedYaml<'_>, path: &str) -> Option<JwtConfig> {
         let f = self.mapping(node, path, JWT_KEYS)?;
-        let mut j = JwtConfig {
-            name: "jwt".into(),
-            header: "authorization".into(),
-            claim: "sub".into(),
-            keys: Vec::new(),
-            issuer: None,
-            audiences: Vec::new(),
-            leeway: 30,
-            allow_unverified: false,
-            require_exp: true,
-            on_invalid: JwtInvalid::Deny,
-        };
+        let mut j = JwtConfig::default();
         set(&mut j.header, self.field_with(&f, "header", header_name));
         set(&mut j.claim, self.field_with(&f, "claim", non_empty));
         let secret = |s: String| {
