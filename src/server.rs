@@ -116,6 +116,10 @@ pub enum ServerError {
     /// An `alerts:` sink whose secret or URL cannot be used (`alerts.sinks[0].url: ...`).
     #[error("{0}")]
     Alerts(String),
+    /// A secret the settings name that cannot be resolved
+    /// (`authz.identity.sources[0].hs256_secret_env: ...`).
+    #[error("{0}")]
+    Secrets(String),
 }
 
 /// A server whose ports are bound; `run` serves until `shutdown` resolves or a task fails.
@@ -177,7 +181,13 @@ impl BoundServer {
             Some(password) => crate::storage::with_password(&url, password)
                 .map_err(|e| StorageError::Config(format!("--redis-password: {e}")))?,
         };
-        // Alerts first: a sink secret that cannot be resolved fails before anything connects.
+        // Secrets first: one that cannot be resolved fails before anything connects.
+        if let Some(a) = opts.config.as_ref().and_then(|c| c.authz.as_ref()) {
+            let unset = crate::authz::jwt::unset_env_secrets(a);
+            if !unset.is_empty() {
+                return Err(ServerError::Secrets(unset.join("\n")));
+            }
+        }
         let (alerts, alert_task) = match opts.config.as_ref().and_then(|c| c.alerts.as_ref()) {
             Some(a) => {
                 let env = |name: &str| std::env::var(name).ok();

@@ -541,3 +541,57 @@ fn share_threshold_needs_a_wildcard() {
     assert!(err.contains("edge.yaml:5"), "{err}");
     assert!(err.contains("share_threshold"), "{err}");
 }
+
+/// `hs256_secret_env`: the secret comes from the environment of `serve` (config never reads
+/// it). Set, tokens signed with it verify; unset, `serve` refuses to start naming the key
+/// path and the variable, and `config validate` still accepts the file (the variable belongs
+/// to the process that serves, not to the one that validates).
+#[tokio::test]
+async fn an_hs256_secret_from_the_environment_verifies_and_an_unset_one_stops_serve() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("ratethrottle.yaml");
+    std::fs::write(
+        &file,
+        "authz:\n  identity:\n    sources:\n      - jwt: {hs256_secret_env: RATETHROTTLE_TEST_JWT_SECRET}\n        name: user\n",
+    )
+    .expect("write");
+    let sc = Sidecar::start_with_env(
+        Some(&file),
+        &[],
+        &[("RATETHROTTLE_TEST_JWT_SECRET", "s3cret")],
+    );
+    let t = token(serde_json::json!({"sub": "env-user", "exp": exp()}));
+    let a = sc
+        .check(&Check::new("192.0.2.1").header("authorization", &format!("Bearer {t}")))
+        .await;
+    assert!(a.ok(), "{a:?}");
+    assert_eq!(a.header("x-ratethrottle-identity"), Some("user:env-user"));
+    drop(sc);
+
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&file)
+        .env_remove("RATETHROTTLE_TEST_JWT_SECRET")
+        .output()
+        .expect("run serve");
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("authz.identity.sources[0].hs256_secret_env: environment variable RATETHROTTLE_TEST_JWT_SECRET is not set"),
+        "{err}"
+    );
+    let out = Command::new(BIN)
+        .args(["config", "validate"])
+        .arg(&file)
+        .env_remove("RATETHROTTLE_TEST_JWT_SECRET")
+        .output()
+        .expect("run validate");
+    assert!(out.status.success(), "{out:?}");
+}

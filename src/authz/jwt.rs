@@ -112,6 +112,8 @@ impl JwtVerifier {
                 JwtKey::Hs256 { secret } => {
                     Ok(vec![(None, DecodingKey::from_secret(secret), HMAC)])
                 }
+                JwtKey::Hs256Env { var } => env_secret(var)
+                    .map(|s| vec![(None, DecodingKey::from_secret(s.as_bytes()), HMAC)]),
                 JwtKey::RsaPem { pem, .. } => DecodingKey::from_rsa_pem(pem)
                     .map(|key| vec![(None, key, RSA)])
                     .map_err(|e| e.to_string()),
@@ -236,6 +238,34 @@ fn classify(kind: &ErrorKind) -> JwtError {
         }
         _ => JwtError::Malformed,
     }
+}
+
+/// The value of `var`, the secret of an `hs256_secret_env` key; unset or empty is an error
+/// naming the variable (never a value).
+pub fn env_secret(var: &str) -> Result<String, String> {
+    match std::env::var(var) {
+        Ok(s) if !s.is_empty() => Ok(s),
+        _ => Err(format!("environment variable {var} is not set")),
+    }
+}
+
+/// Every `hs256_secret_env` variable `config` names that is unset, as
+/// `authz.identity.sources[i].hs256_secret_env: environment variable X is not set`: `serve`
+/// refuses to start on them rather than run a JWT source that verifies no token.
+pub fn unset_env_secrets(config: &crate::config::authz::AuthzConfig) -> Vec<String> {
+    use crate::config::authz::IdentitySource;
+    let mut out = Vec::new();
+    for (i, s) in config.identity.sources.iter().enumerate() {
+        let IdentitySource::Jwt(j) = s else { continue };
+        for k in &j.keys {
+            if let JwtKey::Hs256Env { var } = k
+                && let Err(e) = env_secret(var)
+            {
+                out.push(format!("authz.identity.sources[{i}].hs256_secret_env: {e}"));
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

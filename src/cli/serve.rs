@@ -227,6 +227,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
                 ServerError::Storage(StorageError::Config(_))
                     | ServerError::Kubernetes(_)
                     | ServerError::Alerts(_)
+                    | ServerError::Secrets(_)
             ) {
                 ExitCode::from(super::EXIT_CONFIG)
             } else {

@@ -185,6 +185,9 @@ pub enum JwtKey {
         #[serde(serialize_with = "redacted")]
         secret: Vec<u8>,
     },
+    /// `hs256_secret_env`: the secret is the variable's value, read where the verifier is
+    /// built (`serve` refuses to start when it is unset); config never reads the environment.
+    Hs256Env { var: String },
     RsaPem {
         file: PathBuf,
         #[serde(skip)]

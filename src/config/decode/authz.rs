@@ -406,10 +406,10 @@ impl Decoder<'_> {
         j.keys.extend(self.field_with(&f, "hs256_secret", secret));
         let from_env = |var: String| {
             let var = non_empty(var)?;
-            match std::env::var(&var) {
-                Ok(s) if !s.is_empty() => secret(s),
-                _ => Err(format!("environment variable {var} is not set")),
+            if var.contains('=') || var.contains('\0') {
+                return Err(format!("{var:?} is not an environment variable name"));
             }
+            Ok(JwtKey::Hs256Env { var })
         };
         j.keys
             .extend(self.field_with(&f, "hs256_secret_env", from_env));
