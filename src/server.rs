@@ -488,9 +488,10 @@ impl BoundServer {
         }
         if self.engine.storage().redis().is_some() {
             let storage = self.engine.storage().clone();
+            let clock = self.engine.clock().clone();
             background.spawn("redis health", async move {
                 if let Some(r) = storage.redis() {
-                    tokio::join!(r.watch_health(), r.run_flusher());
+                    tokio::join!(r.watch_health(), r.run_flusher(&*clock));
                 }
             });
         }

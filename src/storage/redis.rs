@@ -543,8 +543,9 @@ impl RedisStore {
         }
     }
 
-    /// Writes cached mode's pending hits every `cached_flush_interval`, until dropped.
-    pub async fn run_flusher(&self) {
+    /// Writes cached mode's pending hits every `cached_flush_interval`, until dropped; the
+    /// hits are stamped with `clock` (the server's, the one they were admitted on).
+    pub async fn run_flusher(&self, clock: &dyn Clock) {
         let (Some(cached), Some(every)) = (&self.cached, self.settings.cached_flush_interval)
         else {
             return;
@@ -557,7 +558,7 @@ impl RedisStore {
             if flushes.is_empty() {
                 continue;
             }
-            let now = crate::limiter::SystemClock.now();
+            let now = clock.now();
             let calls = flushes.iter().map(|f| async move {
                 // Shadow + Counted: these hits were already admitted here; they must be
                 // recorded even when the fleet went over meanwhile.

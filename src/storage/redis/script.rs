@@ -65,12 +65,9 @@ pub struct Library {
 impl Library {
     pub fn new() -> Library {
         // FNV-1a: stable across builds and platforms.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in BODY.bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        let name = format!("ratethrottle_{h:016x}");
+        let mut fnv = crate::digest::Fnv64::new();
+        fnv.write(BODY.as_bytes());
+        let name = format!("ratethrottle_{:016x}", fnv.finish());
         Library {
             code: format!(
                 "#!lua name={name}\n{BODY}\nredis.register_function('{name}', main)\n\
