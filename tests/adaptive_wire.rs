@@ -8,7 +8,7 @@ mod support;
 
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use std::time::Duration;
-use support::redis::{standalone_url, unique_prefix};
+use support::redis::{cluster_url, standalone_url, unique_prefix};
 use support::{Sidecar, eventually, http_with, request};
 
 const TOKEN: &str = "t0ken-for-tests";
@@ -126,4 +126,75 @@ async fn two_replicas_on_redis_apply_the_same_factor_to_the_same_caller() {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<u64>().ok());
     assert!(entries.is_some_and(|n| n >= 1), "{metrics}");
+}
+
+const ALGORITHMS: [&str; 6] = [
+    "fixed_window",
+    "sliding_window_log",
+    "sliding_window_counter",
+    "token_bucket",
+    "leaky_bucket",
+    "gcra",
+];
+
+/// The effective limit is what every algorithm enforces on every store: 4 an hour (a bucket
+/// of 4) at
+/// `initial_factor` 0.5 (no `anomaly:` block, so every caller keeps it) admits exactly 2, and
+/// `current_limit` says 2 — on memory, Redis and a Redis Cluster (where the script gets the
+/// scaled limit as its argument).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_algorithm_enforces_the_scaled_limit_on_memory_redis_and_cluster() {
+    let mut rules = String::new();
+    for a in ALGORITHMS {
+        // Buckets hold `burst` (leaky_bucket's default is 1: smooth); 4, scaled to 2 here.
+        let burst = if a.ends_with("bucket") || a == "gcra" {
+            ", burst: 4"
+        } else {
+            ""
+        };
+        rules += &format!(
+            "      - key: algorithm\n        value: {a}\n        descriptors:\n          - key: identity\n            \
+             rate_limit: {{unit: hour, requests_per_unit: 4, algorithm: {a}{burst}, \
+             adaptive: {{min_factor: 0.25, max_factor: 2, initial_factor: 0.5}}}}\n"
+        );
+    }
+    for (store, storage) in [
+        ("memory", "memory".to_string()),
+        ("redis", standalone_url()),
+        ("cluster", cluster_url()),
+    ] {
+        let prefix = unique_prefix("adaptive-algorithms");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("settings.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "settings:\n  storage: \"{storage}\"\n  redis:\n    prefix: \"{prefix}\"\n\
+                 domains:\n  - domain: api\n    descriptors:\n{rules}"
+            ),
+        )
+        .unwrap();
+        let sc = Sidecar::start(Some(&path), &[]);
+        let mut c = sc.client().await;
+        for a in ALGORITHMS {
+            let mut codes = Vec::new();
+            for _ in 0..3 {
+                let r = c
+                    .should_rate_limit(request(
+                        "api",
+                        &[&[("algorithm", a), ("identity", "user:scaled")]],
+                    ))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let limit = r.statuses[0]
+                    .current_limit
+                    .as_ref()
+                    .map(|l| l.requests_per_unit);
+                assert_eq!(limit, Some(2), "{store} {a}: current_limit");
+                codes.push(r.overall_code);
+            }
+            assert_eq!(codes, [1, 1, 2], "{store} {a}: OK, OK, OVER_LIMIT");
+        }
+    }
 }
