@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use support::envoy::{Envoy, port, validate};
+use support::envoy::{Envoy, validate};
 use support::{BIN, Sidecar, http_request};
 
 const PRODUCTS: [&str; 4] = ["istio", "envoy-gateway", "contour", "emissary"];
@@ -880,14 +880,9 @@ async fn limited_and_blocked_through_envoy(product: &str) {
     let file = tmp.path().join("ratethrottle.yaml");
     std::fs::write(&file, settings_for_test(product)).expect("write settings");
     let sc = Sidecar::start(Some(&file), &[]);
-    let ports = (port(), port(), port());
-    let boot = bootstrap(product, sc.grpc, ports);
-    let envoy = Envoy::start_rendered(
-        &format!("{product}.json"),
-        &boot.to_string(),
-        ports.0,
-        ports.2,
-    );
+    let envoy = Envoy::start_rendered_on_free_ports(&format!("{product}.json"), |ports| {
+        bootstrap(product, sc.grpc, ports).to_string()
+    });
 
     // The API: 3 per identity, the identity ext_authz resolved from x-api-key.
     assert_eq!(

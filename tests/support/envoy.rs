@@ -84,7 +84,7 @@ impl Envoy {
             .stderr(Stdio::null())
             .spawn()
             .expect("start envoy");
-        let envoy = Envoy {
+        let mut envoy = Envoy {
             child,
             listener: SocketAddr::from(([127, 0, 0, 1], listen)),
             admin: SocketAddr::from(([127, 0, 0, 1], admin)),
@@ -95,9 +95,19 @@ impl Envoy {
         envoy
     }
 
-    fn wait_ready(&self) {
+    fn wait_ready(&mut self) {
+        if !self.became_ready() {
+            panic!("envoy did not become ready; log:\n{}", self.log());
+        }
+    }
+
+    /// Whether Envoy answers `/ready` with LIVE within 20 s (false at once if it exited).
+    fn became_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return false;
+            }
             if let Ok(mut s) = std::net::TcpStream::connect(self.admin) {
                 use std::io::{Read, Write};
                 let _ =
@@ -105,12 +115,12 @@ impl Envoy {
                 let mut buf = String::new();
                 let _ = s.read_to_string(&mut buf);
                 if buf.contains("LIVE") {
-                    return;
+                    return true;
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("envoy did not become ready; log:\n{}", self.log());
+        false
     }
 
     pub fn log(&self) -> String {
@@ -162,6 +172,35 @@ impl Envoy {
     /// Runs a config a test rendered itself (e.g. a JSON bootstrap; `name` picks the format by
     /// its extension) whose listener and admin ports are `listener` and `admin`.
     pub fn start_rendered(name: &str, text: &str, listener: u16, admin: u16) -> Envoy {
+        let mut envoy = Envoy::spawn_rendered(name, text, listener, admin);
+        envoy.wait_ready();
+        envoy
+    }
+
+    /// Runs a config rendered around three free ports (`render` gets them; the first is the
+    /// listener, the last the admin port). A port picked free can be taken by a concurrent
+    /// test before Envoy binds it: on "Address already in use" this picks new ones and
+    /// starts again (up to 5 times).
+    pub fn start_rendered_on_free_ports(
+        name: &str,
+        render: impl Fn((u16, u16, u16)) -> String,
+    ) -> Envoy {
+        for _ in 0..5 {
+            let ports = (free_port(), free_port(), free_port());
+            let mut envoy = Envoy::spawn_rendered(name, &render(ports), ports.0, ports.2);
+            if envoy.became_ready() {
+                return envoy;
+            }
+            let log = envoy.log();
+            assert!(
+                log.contains("Address already in use"),
+                "envoy did not become ready; log:\n{log}"
+            );
+        }
+        panic!("envoy found no free ports in 5 tries");
+    }
+
+    fn spawn_rendered(name: &str, text: &str, listener: u16, admin: u16) -> Envoy {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join(name);
         std::fs::write(&path, text).expect("write config");
@@ -182,14 +221,12 @@ impl Envoy {
             .stderr(Stdio::null())
             .spawn()
             .expect("start envoy");
-        let envoy = Envoy {
+        Envoy {
             child,
             listener: SocketAddr::from(([127, 0, 0, 1], listener)),
             admin: SocketAddr::from(([127, 0, 0, 1], admin)),
             _dir: dir,
             log,
-        };
-        envoy.wait_ready();
-        envoy
+        }
     }
 }
