@@ -17,6 +17,14 @@ use std::time::Duration;
 const START: u64 = ManualClock::DEFAULT_START;
 
 fn engine(yaml: &str) -> (AuthzEngine, Arc<ManualClock>) {
+    engine_with_trust(yaml, Arc::new(crate::anomaly::TrustTable::default()))
+}
+
+/// `engine`, with adaptive limits reading callers' trust from `trust`.
+fn engine_with_trust(
+    yaml: &str,
+    trust: Arc<crate::anomaly::TrustTable>,
+) -> (AuthzEngine, Arc<ManualClock>) {
     let config = parse_str("rt.yaml", yaml).unwrap_or_else(|e| panic!("{e}"));
     let stats = Arc::new(StatsRegistry::default());
     let clock = Arc::new(ManualClock::new(START));
@@ -26,7 +34,8 @@ fn engine(yaml: &str) -> (AuthzEngine, Arc<ManualClock>) {
         clock.clone(),
         stats,
         Arc::new(ServiceMetrics::default()),
-    );
+    )
+    .with_trust(trust);
     let lists = Arc::new(Lists::memory(clock.clone()));
     let e = AuthzEngine::new(
         limits,
@@ -113,26 +122,9 @@ fn without_an_authz_block_everything_is_allowed_and_named_by_ip() {
 #[test]
 fn full_trust_never_exempts_a_caller_from_a_block_or_an_anomaly_deny() {
     let yaml = "authz:\n  domain: api\n  identity:\n    sources:\n      - header: x-api-key\n        name: api_key\n  lists:\n    block: [\"api_key:blocked\"]\n  policies:\n    - name: all\n      match: {path: {prefix: /}}\n      descriptors:\n        - [{identity: {}}]\ndomains:\n  - domain: api\n    descriptors:\n      - key: identity\n        rate_limit: {unit: minute, requests_per_unit: 1, adaptive: {min_factor: 0.5, max_factor: 4.0}}\n";
-    let config = parse_str("rt.yaml", yaml).unwrap_or_else(|e| panic!("{e}"));
-    let stats = Arc::new(StatsRegistry::default());
-    let clock = Arc::new(ManualClock::new(START));
     let trust = Arc::new(crate::anomaly::TrustTable::new(1024));
-    let limits = RateLimitEngine::new(
-        Arc::new(ArcSwap::from_pointee(RuleSet::compile(&config, &stats))),
-        Arc::new(Storage::Memory(MemoryStore::new(10_000))),
-        clock.clone(),
-        stats,
-        Arc::new(ServiceMetrics::default()),
-    )
-    .with_trust(trust.clone());
-    let lists = Arc::new(Lists::memory(clock.clone()));
-    let e = AuthzEngine::new(
-        limits,
-        lists.clone(),
-        Arc::new(AuthzMetrics::default()),
-        clock.clone(),
-    );
-    e.install(&config);
+    let (e, _) = engine_with_trust(yaml, trust.clone());
+    let lists = e.lists().clone();
     for who in ["api_key:blocked", "api_key:abuser", "api_key:fine"] {
         trust.set(
             crate::anomaly::subject(who, None).expect("subject"),
