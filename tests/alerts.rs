@@ -570,7 +570,7 @@ async fn hung_failing_and_unreachable_sinks_do_not_stop_decisions_and_are_report
     let mut s = Sidecar::start(Some(&path), &[]);
     let mut client = s.client().await;
     // Over-limit answers for ~4 s: a violation_rate alert every second to every sink.
-    let mut answered = 0;
+    let (mut answered, mut admitted) = (0, 0);
     let until = std::time::Instant::now() + Duration::from_secs(4);
     while std::time::Instant::now() < until {
         let r = client
@@ -579,12 +579,15 @@ async fn hung_failing_and_unreachable_sinks_do_not_stop_decisions_and_are_report
             .expect("decisions keep answering")
             .into_inner();
         answered += 1;
-        if answered > 1 {
-            assert_eq!(r.overall_code, 2, "OVER_LIMIT");
+        if r.overall_code != 2 {
+            admitted += 1;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(answered > 100, "{answered}");
+    // 1 a minute: the first answer is OK, the rest OVER_LIMIT — plus one more OK when the 4 s
+    // cross a minute boundary (the fixed window starts again; CI once ran across 14:04:00).
+    assert!(admitted <= 2, "{admitted} of {answered} admitted");
     eventually(Duration::from_secs(10), "three sinks dead", || async {
         let (code, body) = s.get("/readyz").await;
         assert_eq!(
