@@ -1,8 +1,8 @@
 //! ratethrottle: an Envoy rate limit and external authorization sidecar.
 //!
 //! Layers, lowest first; a module uses only layers below its own (`tests/architecture.rs`
-//! checks every `crate::` path against this map): `digest`, `text`, `limiter` (pure algorithms), `anomaly` (sans-IO detection),
-//! `proto` (generated API types) →
+//! checks every `crate::` path against this map): `digest` (stable hashes), `text`, `proto`
+//! (generated API types) → `limiter` (pure algorithms) and `anomaly` (sans-IO detection) →
 //! `lists` (allow/block entry model, CIDR trie) → `config` (text → validated model) → `rules`
 //! (compiled match tree) → `storage` (counters in memory or Redis) and `telemetry` (metric
 //! counters, trace export) → `alerts` (events to webhook, Slack and Alertmanager sinks; fed by the runtime

@@ -3,8 +3,11 @@
 //!
 //! Owns: the entry model (`ListEntry`: an address, a CIDR or an identity, with a reason, an
 //! optional public code and an optional expiry), and `CompiledList`: addresses and CIDRs in a
-//! prefix trie (IPv4 and IPv6 in one), identities in a hash map. Lookups skip expired
-//! entries, so an entry stops applying at its expiry even before the next rebuild.
+//! prefix trie (IPv4 and IPv6 in one), identities in a hash map keyed by their
+//! [`identity_hash`] — a name entry matches only its own text; a digest entry
+//! (`#xxh3:<hex>`, what the anomaly module writes for an identity longer than its events
+//! carry) matches every identity with that hash. Lookups skip expired entries, so an entry
+//! stops applying at its expiry even before the next rebuild.
 //!
 //! Also canonical entry text (`canonical_entry`: an address, a CIDR, or `<source>:<value>`
 //! whose value may hold `/`), shared by the settings file, resources and the admin API.
@@ -14,6 +17,7 @@
 
 pub mod cidr;
 
+use crate::digest::{IdentityDigest, identity_hash};
 use cidr::{Addr, IpNet, PrefixTrie};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -31,6 +35,18 @@ pub fn canonical_entry(raw: &str) -> Result<String, String> {
     }
     if let Ok(net) = IpNet::parse(raw) {
         return Ok(net.to_string());
+    }
+    if IdentityDigest::is_claimed_by(raw) {
+        return IdentityDigest::parse(raw)
+            .map(|d| d.to_string())
+            .ok_or_else(|| {
+                format!(
+                    "{} is not an identity digest ({}<16 hex digits>, as the anomaly module \
+                 writes for an identity longer than its events carry)",
+                    shorten(raw),
+                    IdentityDigest::PREFIX
+                )
+            });
     }
     // An identity is `<source name>:<value>`; only its value may hold `/` (SPIFFE IDs,
     // base64 keys, URL subjects). What looks like an address is one, so a CIDR with host bits
@@ -171,7 +187,8 @@ impl ListEntry {
 #[derive(Debug, Default)]
 pub struct CompiledList {
     trie: PrefixTrie<u32>,
-    identities: HashMap<Box<str>, u32, foldhash::fast::RandomState>,
+    /// [`identity_hash`] of a name entry, or a digest entry's hash → index into `entries`.
+    identities: HashMap<u64, u32, foldhash::fast::RandomState>,
     entries: Vec<ListEntry>,
 }
 
@@ -196,7 +213,15 @@ impl CompiledList {
                     list.trie.insert(net, i as u32);
                 }
                 None => {
-                    list.identities.insert(e.value.as_str().into(), i as u32);
+                    let hash = IdentityDigest::parse(&e.value)
+                        .map_or_else(|| identity_hash(&e.value), |d| d.0);
+                    // A name and a digest of the same identity: the longer-lasting one answers.
+                    match list.identities.get(&hash) {
+                        Some(&j) if !e.outlasts(&entries[j as usize]) => {}
+                        _ => {
+                            list.identities.insert(hash, i as u32);
+                        }
+                    }
                 }
             }
         }
@@ -218,13 +243,26 @@ impl CompiledList {
         best
     }
 
+    /// The active entry naming `identity`: its name, or its digest. A name entry must equal
+    /// the text (a crafted hash collision never matches an allow entry).
     #[inline]
     pub fn match_identity(&self, identity: &str, now_ms: u64) -> Option<&ListEntry> {
         if self.identities.is_empty() {
             return None;
         }
-        let &i = self.identities.get(identity)?;
-        self.entries.get(i as usize).filter(|e| e.is_active(now_ms))
+        let &i = self.identities.get(&identity_hash(identity))?;
+        let e = self.entries.get(i as usize)?;
+        let names_it = e.value == identity || IdentityDigest::is_claimed_by(&e.value);
+        (names_it && e.is_active(now_ms)).then_some(e)
+    }
+
+    /// The active entry for an identity known only by its hash and first bytes (the anomaly
+    /// module's view): a digest entry, or a name entry that hashes the same and starts so.
+    pub fn match_identity_hash(&self, hash: u64, prefix: &str, now_ms: u64) -> Option<&ListEntry> {
+        let &i = self.identities.get(&hash)?;
+        let e = self.entries.get(i as usize)?;
+        let names_it = e.value.starts_with(prefix) || IdentityDigest::is_claimed_by(&e.value);
+        (names_it && e.is_active(now_ms)).then_some(e)
     }
 
     pub fn entries(&self) -> &[ListEntry] {
@@ -347,6 +385,55 @@ mod tests {
         assert!(canonical_entry("10.0.0.1/8").is_err());
         assert!(canonical_entry("300.1.1.1").is_err());
         assert!(canonical_entry("a\nb").is_err());
+    }
+
+    #[test]
+    fn a_digest_entry_matches_exactly_the_identity_it_hashes() {
+        let long = "mtls:spiffe://cluster.local/ns/default/sa/frontend-with-a-long-name";
+        let twin = "mtls:spiffe://cluster.local/ns/default/sa/frontend-with-a-long-nam3";
+        let digest = IdentityDigest(identity_hash(long)).to_string();
+        assert_eq!(canonical_entry(&digest).as_deref(), Ok(digest.as_str()));
+        let l = CompiledList::build([entry(&digest, Some(1_000)), entry("user:bob", None)]);
+        assert_eq!(
+            l.match_identity(long, 0).map(|e| e.value.as_str()),
+            Some(digest.as_str())
+        );
+        assert!(
+            l.match_identity(twin, 0).is_none(),
+            "same first bytes, other identity"
+        );
+        assert!(l.match_identity(long, 1_000).is_none(), "expired");
+        assert_eq!(
+            l.match_identity_hash(identity_hash(long), &long[..46], 0)
+                .map(|e| e.value.as_str()),
+            Some(digest.as_str())
+        );
+        // A name entry answers by hash only for its own text or the prefix it starts with.
+        assert!(l.match_identity("user:bob", 0).is_some());
+        assert!(
+            l.match_identity_hash(identity_hash("user:bob"), "user:b", 0)
+                .is_some()
+        );
+        assert!(
+            l.match_identity_hash(identity_hash("user:bob"), "user:x", 0)
+                .is_none()
+        );
+        // A name and a digest of one identity: the longer-lasting entry answers.
+        let both = CompiledList::build([entry(&digest, Some(1_000)), entry(long, None)]);
+        assert_eq!(
+            both.match_identity(long, 5_000).map(|e| e.value.as_str()),
+            Some(long)
+        );
+        // Malformed digests are refused with the form they should have, never stored as names.
+        for bad in ["#xxh3:", "#xxh3:xyz", "#xxh3:0123456789abcdef00"] {
+            let e = canonical_entry(bad).unwrap_err();
+            assert!(e.contains("#xxh3:<16 hex digits>"), "{e}");
+        }
+        assert_eq!(
+            canonical_entry("#XXH3:0123456789ABCDEF").ok(),
+            Some("#XXH3:0123456789ABCDEF".to_string()),
+            "only the lower-case prefix claims the form; anything else is a plain identity"
+        );
     }
 
     #[test]

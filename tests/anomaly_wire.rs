@@ -424,3 +424,166 @@ async fn a_reloaded_anomaly_block_takes_effect_without_a_restart() {
     );
     assert!(s.child_alive());
 }
+
+/// An mTLS identity is a SPIFFE ID of ~50–80 bytes, longer than the 46 bytes an anomaly event
+/// carries. A flooding workload is first throttled, then (second offense) blocked by its digest
+/// (`#xxh3:<hex>`), which matches it and no other identity — not even its siblings that share
+/// the first 46 bytes — and an unban by the full name lifts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_mtls_identity_longer_than_an_event_is_blocked_by_its_digest() {
+    const FLOODER: &str = "spiffe://cluster.local/ns/payments/sa/checkout-worker-0099";
+    let sibling =
+        |i: usize| format!("spiffe://cluster.local/ns/payments/sa/checkout-worker-{i:04}");
+    let identity = format!("mtls:{FLOODER}");
+    assert!(identity.len() > 46 && identity[..46] == format!("mtls:{}", sibling(1))[..46]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("settings.yaml");
+    let authz = "authz:\n  domain: edge\n  identity:\n    sources: [mtls, client_ip]\n";
+    // A 5 s first offense (throttle) so the second (deny, 10 s) comes within the test.
+    let settings = config(false).replace("ttl: {base: 1m,", "ttl: {base: 5s,");
+    std::fs::write(&path, format!("{settings}{authz}")).unwrap();
+    let mut s = Sidecar::start(Some(&path), &[]);
+    let grpc = s.grpc;
+    let client = || async move {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::new(
+            channel,
+        )
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    // 20 siblings, 2 requests a second each, each from its own address.
+    let bg_denied = Arc::new(AtomicU64::new(0));
+    let bg = {
+        let (stop, denied, mut c) = (stop.clone(), bg_denied.clone(), client().await);
+        tokio::spawn(async move {
+            while !stop.load(Relaxed) {
+                for i in 0..20 {
+                    let req = Check::new(&format!("10.1.0.{}", i + 1)).principal(&sibling(i));
+                    let r = c.check(req.build()).await.unwrap().into_inner();
+                    if !support::check::Answer::of(&r).ok() {
+                        denied.fetch_add(1, Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    // The flooder, ~200 Checks a second, every one from a new address in a new /24: only its
+    // identity is heavy.
+    let first_403 = Arc::new(AtomicU64::new(0));
+    let mut flood = Vec::new();
+    for t in 0..4u32 {
+        let (stop, first, mut c) = (stop.clone(), first_403.clone(), client().await);
+        flood.push(tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(Relaxed) {
+                n += 1;
+                let ip = format!("10.{}.{}.{}", 10 + t, n % 250, 1 + (n / 250) % 250);
+                let req = Check::new(&ip).principal(FLOODER).path("/api/pay");
+                let r = c.check(req.build()).await.unwrap().into_inner();
+                if support::check::Answer::of(&r).http == 403 {
+                    first.fetch_add(1, Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    eventually(
+        Duration::from_secs(8),
+        "the flooding identity gets 403",
+        || {
+            let f = first_403.clone();
+            async move { f.load(Relaxed) > 0 }
+        },
+    )
+    .await;
+    // From an address it never used, the flooder is refused with the anomaly code.
+    let a = s.check(&Check::new("192.0.2.200").principal(FLOODER)).await;
+    assert_eq!(a.http, 403);
+    assert!(a.body.contains("anomaly"), "{}", a.body);
+    // The entry is the digest; its reason names the identity's first bytes.
+    let digest = {
+        let h = xxhash_rust::xxh3::xxh3_64(identity.as_bytes()).max(1);
+        format!("#xxh3:{h:016x}")
+    };
+    let (_, list) = admin(&s, "GET", "/v1/lists/block").await;
+    let entry = list["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["value"] == digest.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("no {digest} in {list}"));
+    let reason = entry["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with(
+            "anomaly:volumetric/v1 identity=\"mtls:spiffe://cluster.local/ns/payments/sa/che…\""
+        ),
+        "{reason}"
+    );
+    let (_, d) = admin(&s, "GET", "/v1/anomaly/decisions").await;
+    let dec = d["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["value"] == digest.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("{d}"));
+    assert_eq!(
+        (dec["scope"].as_str(), dec["enforced"].as_bool()),
+        (Some("identity"), Some(true)),
+        "{dec}"
+    );
+    assert!(dec["label"].as_str().unwrap().ends_with('…'), "{dec}");
+    stop.store(true, Relaxed);
+    for t in flood {
+        t.await.unwrap();
+    }
+    bg.await.unwrap();
+    assert_eq!(
+        bg_denied.load(Relaxed),
+        0,
+        "a sibling sharing the first 46 bytes was denied"
+    );
+    // Explain and unban by the full name (what an operator has), through `ratethrottle manage`.
+    let manage = |args: &[&str]| {
+        std::process::Command::new(support::BIN)
+            .args([
+                "manage",
+                "--admin-addr",
+                &s.admin.to_string(),
+                "--token",
+                TOKEN,
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = manage(&["--anomaly-explain", &identity]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let x: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(x["offenses"].as_u64().unwrap() >= 1, "{x}");
+    let out = manage(&["--anomaly-unban", &identity]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        s.check(&Check::new("192.0.2.200").principal(FLOODER))
+            .await
+            .ok()
+    );
+    let (_, list) = admin(&s, "GET", "/v1/lists/block").await;
+    assert!(!list.to_string().contains(&digest), "{list}");
+    assert!(s.child_alive());
+}

@@ -42,6 +42,11 @@ fn record_json(r: &Recorded) -> serde_json::Value {
     json!({
         "scope": d.scope.name(),
         "value": d.value,
+        // For people: an identity written by digest shows its first bytes and `…`.
+        "label": match d.target {
+            crate::anomaly::Target::Identity(l) => l.display(),
+            _ => d.value.clone(),
+        },
         "action": d.action.name(),
         "reason": d.reason,
         "dry_run": d.dry_run,

@@ -96,10 +96,11 @@ impl Target {
         Key { scope, hash }
     }
 
-    /// The value as text: the identity, `1.2.3.4`, `1.2.3.0/24`, `2001:db8::/64`.
+    /// The value as lists name it: the identity (its `#xxh3:<hex>` digest when longer than
+    /// an event carries), `1.2.3.4`, `1.2.3.0/24`, `2001:db8::/64`.
     pub fn value(&self) -> String {
         match self {
-            Target::Identity(l) => l.display(),
+            Target::Identity(l) => l.list_value(),
             Target::Ip(ip) => ip.to_string(),
             Target::Prefix(ip, len) => format!("{ip}/{len}"),
             Target::Population => "new-and-unauthenticated".to_string(),
@@ -110,7 +111,10 @@ impl Target {
     /// called with what an operator typed). `None` if the value does not fit the scope.
     pub fn parse(scope: Scope, value: &str) -> Option<Target> {
         match scope {
-            Scope::Identity => (!value.is_empty()).then(|| Target::Identity(Label::new(value))),
+            Scope::Identity => match crate::digest::IdentityDigest::parse(value) {
+                Some(d) => Some(Target::Identity(Label::from_hash(d.0))),
+                None => (!value.is_empty()).then(|| Target::Identity(Label::new(value))),
+            },
             Scope::Ip => value.parse().ok().map(Target::Ip),
             Scope::Ipv4Slash24 | Scope::Ipv6Slash64 | Scope::Ipv6Slash48 => {
                 let (addr, len) = value.split_once('/')?;

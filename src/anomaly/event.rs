@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 
-use xxhash_rust::xxh3::xxh3_64;
+use crate::digest::{IdentityDigest, identity_hash};
 
 /// Bytes of text kept inline in a [`Label`]; longer text is cut at a char boundary.
 pub const LABEL_BYTES: usize = 46;
@@ -51,7 +51,31 @@ impl Label {
     /// trust by it). Never 0: 0 means "no label".
     #[inline]
     pub fn hash_of(text: &str) -> u64 {
-        xxh3_64(text.as_bytes()).max(1)
+        identity_hash(text)
+    }
+
+    /// A label known only by its hash (an operator typed a `#xxh3:<hex>` digest): no text.
+    pub fn from_hash(hash: u64) -> Label {
+        Label {
+            hash: hash.max(1),
+            truncated: true,
+            ..Label::EMPTY
+        }
+    }
+
+    /// Whether the text was longer than the label keeps (then only the hash names it whole).
+    pub fn is_truncated(&self) -> bool {
+        self.truncated
+    }
+
+    /// How lists name this text: the text itself, or its digest (`#xxh3:<hex>`) when it was
+    /// cut — a block entry by digest matches exactly the identity the event came from.
+    pub fn list_value(&self) -> String {
+        if self.truncated {
+            IdentityDigest(self.hash).to_string()
+        } else {
+            self.prefix().to_string()
+        }
     }
 
     /// The hash of the whole text (0 for the empty label).

@@ -105,7 +105,10 @@ pub fn allowlisted(lists: &Lists, target: &Target, now_ms: u64) -> bool {
     let snap = lists.snapshot();
     let allow = &snap.allow;
     match target {
-        Target::Identity(l) => allow.match_identity(&l.display(), now_ms).is_some(),
+        Target::Identity(l) if l.is_truncated() => allow
+            .match_identity_hash(l.hash(), l.prefix(), now_ms)
+            .is_some(),
+        Target::Identity(l) => allow.match_identity(l.prefix(), now_ms).is_some(),
         Target::Ip(ip) => allow.match_addr(addr(canonical(*ip)), now_ms).is_some(),
         Target::Prefix(ip, len) => {
             let net = mask(canonical(*ip), *len);
@@ -411,9 +414,6 @@ impl Anomaly {
 
     /// Writes a deny as a block entry, unless a longer-lasting one for the value is there.
     async fn enforce(&self, d: &Decision, expires_at_ms: u64) -> Result<(), String> {
-        if d.value.ends_with('…') {
-            return Err("identity longer than the 46 bytes an event carries: not written".into());
-        }
         let existing = self
             .lists
             .entries(ListKind::Block)
@@ -424,8 +424,13 @@ impl Anomaly {
         {
             return Err("already blocked for at least as long".into());
         }
+        // An identity written by digest is named by its first bytes for whoever reads the list.
+        let named = match d.target {
+            Target::Identity(l) if l.is_truncated() => format!(" identity={:?}", l.display()),
+            _ => String::new(),
+        };
         let reason = format!(
-            "anomaly:{} count={} (±{}) threshold={:.1} window={}ms offense={} replica={}",
+            "anomaly:{}{named} count={} (±{}) threshold={:.1} window={}ms offense={} replica={}",
             d.reason,
             d.evidence.count,
             d.evidence.error_bound,

@@ -99,6 +99,18 @@ fn valid_code(s: &str) -> bool {
 }
 
 /// Header names as Envoy reports them: lower case.
+/// An identity source's name: what identities start with (`<name>:<value>`). Not empty, and
+/// not starting with `#`, which list entries keep for identity digests (`#xxh3:<hex>`).
+fn source_name(v: String) -> Result<String, String> {
+    let v = non_empty(v)?;
+    if v.starts_with('#') {
+        return Err(format!(
+            "{v:?} starts with `#`, which list entries keep for identity digests"
+        ));
+    }
+    Ok(v)
+}
+
 fn valid_header_name(s: &str) -> bool {
     !s.is_empty()
         && s.bytes().enumerate().all(|(i, b)| {
@@ -312,7 +324,7 @@ impl Decoder<'_> {
         }
         let f = self.mapping(node, path, SOURCE_KEYS)?;
         let kind = self.one_kind(&f, SOURCE_KINDS, "an identity source")?;
-        let name = self.field_with(&f, "name", non_empty);
+        let name = self.field_with(&f, "name", source_name);
         let field = f.raw(kind)?;
         let kpath = f.path(kind);
         Some(match kind {
@@ -954,9 +966,9 @@ domains:
             "authz:
   domian: x
   identity:
-    sources: [{header: X-Api-Key}, {jwt: {claim: sub}}, {mtls: {}, client_ip: {}}, bogus]
+    sources: [{header: X-Api-Key}, {jwt: {claim: sub}}, {mtls: {}, client_ip: {}}, bogus, {mtls: {}, name: '#x'}]
   lists:
-    block: [10.0.0.1/8, {value: 1.2.3.4, code: Bad Code}, {value: 1.2.3.5, expires: tomorrow}]
+    block: [10.0.0.1/8, {value: 1.2.3.4, code: Bad Code}, {value: 1.2.3.5, expires: tomorrow}, '#xxh3:nothex']
   policies:
     - name: p
       match: {path: {regex: '('}}
@@ -971,9 +983,11 @@ domains:
             "rt.yaml:4:42: authz.identity.sources[1].jwt: needs a key",
             "authz.identity.sources[2].client_ip: an identity source takes exactly one of",
             "authz.identity.sources[3]: unknown identity source \"bogus\"",
+            "authz.identity.sources[4].name: \"#x\" starts with `#`, which list entries keep for identity digests",
             "rt.yaml:6:13: authz.lists.block[0]: \"10.0.0.1/8\" has host bits set (did you mean 10.0.0.0/8?)",
             "authz.lists.block[1].code: \"Bad Code\" is not a reason code",
             "authz.lists.block[2].expires: expected a UTC time",
+            "authz.lists.block[3]: \"#xxh3:nothex\" is not an identity digest (#xxh3:<16 hex digits>",
             "rt.yaml:9:29: authz.policies[0].match.path.regex: invalid regex: unclosed group",
             "authz.policies[0].descriptors[0][0].generic_key: missing required key \"descriptor_value\"",
             "authz.policies[0].descriptors[1][0].path: a descriptor action takes exactly one of",
