@@ -52,8 +52,7 @@ fn is_unknown_command(e: &fred::error::Error) -> bool {
 
 /// A cluster answer that means our slot table is out of date.
 fn is_redirect(e: &fred::error::Error) -> bool {
-    let d = e.details();
-    d.starts_with("MOVED") || d.starts_with("ASK") || d.starts_with("CLUSTERDOWN")
+    script::is_redirect_text(e.details())
 }
 
 /// A fred error as a storage error, and whether it says the connection is gone (refused,

@@ -238,9 +238,38 @@ pub fn batch_args<'a>(
     args
 }
 
-/// One request's answer in a batch reply: its outcomes, or the error the script met on it
-/// alone (e.g. a key of another type).
-pub type BatchAnswer = Result<Vec<Outcome>, String>;
+/// Redis error text that means the cluster's slot table we route by is out of date.
+pub fn is_redirect_text(d: &str) -> bool {
+    d.starts_with("MOVED") || d.starts_with("ASK") || d.starts_with("CLUSTERDOWN")
+}
+
+/// Why the script failed on one request of a batch, alone (the others in it were decided).
+/// Classified here, where the reply is read, so callers match on a type, not on text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestFailure {
+    /// A key's slot is served by another node now (resharding, failover): the slot table
+    /// must be re-read; retrying on the right node may succeed.
+    #[error("key slot moved: {0}")]
+    SlotMoved(String),
+    /// Anything else the script met on this request (e.g. WRONGTYPE: a key of another type).
+    #[error("script error: {0}")]
+    Script(String),
+}
+
+impl RequestFailure {
+    /// The script's error text, classified.
+    pub fn from_text(text: String) -> RequestFailure {
+        if text.contains("non local key") || is_redirect_text(&text) {
+            RequestFailure::SlotMoved(text)
+        } else {
+            RequestFailure::Script(text)
+        }
+    }
+}
+
+/// One request's answer in a batch reply: its outcomes, or the failure the script met on it
+/// alone.
+pub type BatchAnswer = Result<Vec<Outcome>, RequestFailure>;
 
 /// Decodes a `main_batch` reply; `requests` gives each request's op count and `now`, in the
 /// order sent. Err when the reply as a whole is malformed.
@@ -259,7 +288,7 @@ pub fn parse_batch_reply(
                     .get(at + 1)
                     .and_then(|v| v.as_str().map(|s| s.to_string()))
                     .ok_or(shape(at + 1))?;
-                answers.push(Err(text));
+                answers.push(Err(RequestFailure::from_text(text)));
                 at += 2;
             }
             Some(Value::Integer(n)) if usize::try_from(*n).ok() == Some(ops * REPLY_PER_OP) => {
@@ -542,7 +571,10 @@ mod tests {
         let answers = parse_batch_reply(&reply, [(1, 10), (3, 10), (2, 20)]).unwrap();
         assert_eq!(answers.len(), 3);
         assert_eq!(answers[0].as_ref().unwrap()[0].expires_at, 10 + 250_000);
-        assert!(answers[1].as_ref().unwrap_err().starts_with("WRONGTYPE"));
+        assert!(matches!(
+            answers[1].as_ref().unwrap_err(),
+            RequestFailure::Script(t) if t.starts_with("WRONGTYPE")
+        ));
         let third = answers[2].as_ref().unwrap();
         assert_eq!(third[1].reset_after, 7_000);
         assert_eq!(third[1].expires_at, 20 + 9_000);
@@ -550,6 +582,21 @@ mod tests {
         assert!(parse_batch_reply(&reply, [(2, 0)]).is_err());
         assert!(parse_batch_reply(&reply[..3], [(1, 0)]).is_err());
         assert!(parse_batch_reply(&reply, [(1, 0), (3, 0)]).is_err());
+    }
+
+    #[test]
+    fn a_failure_on_one_request_is_classified_where_it_is_read() {
+        for moved in [
+            "MOVED 3999 127.0.0.1:6381",
+            "ASK 3999 127.0.0.1:6381",
+            "CLUSTERDOWN The cluster is down",
+            "ERR Script attempted to access a non local key in a cluster node script: main_batch",
+        ] {
+            let f = RequestFailure::from_text(moved.into());
+            assert_eq!(f, RequestFailure::SlotMoved(moved.into()), "{moved}");
+        }
+        let f = RequestFailure::from_text("WRONGTYPE Operation against a key".into());
+        assert_eq!(f.to_string(), "script error: WRONGTYPE Operation against a key");
     }
 
     #[test]

@@ -225,12 +225,12 @@ impl Wire {
         Ok(answers
             .into_iter()
             .map(|a| {
-                a.map_err(|text| {
-                    if text.contains("non local key") || is_redirect_text(&text) {
-                        // A key whose slot moved: like a MOVED reply, re-read the slot table.
+                a.map_err(|failure| {
+                    if let script::RequestFailure::SlotMoved(_) = failure {
+                        // Like a MOVED reply: re-read the slot table.
                         self.stale();
                     }
-                    StorageError::Unavailable(Cow::Owned(text))
+                    StorageError::Unavailable(Cow::Owned(failure.to_string()))
                 })
             })
             .collect())
@@ -253,8 +253,4 @@ impl Wire {
         }
         e
     }
-}
-
-fn is_redirect_text(d: &str) -> bool {
-    d.starts_with("MOVED") || d.starts_with("ASK") || d.starts_with("CLUSTERDOWN")
 }
