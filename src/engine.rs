@@ -318,52 +318,7 @@ impl RateLimitEngine {
                 OnStorageFailure::FailureMode,
             )
             .await?;
-        let statuses: Vec<DescriptorStatus> = verdicts
-            .into_iter()
-            .map(|v| match v.limit {
-                None => ok_status(v.remaining),
-                Some(l) => DescriptorStatus {
-                    code: if v.over_limit {
-                        Code::OverLimit as i32
-                    } else {
-                        Code::Ok as i32
-                    },
-                    current_limit: Some(RateLimit {
-                        name: l.name.as_deref().unwrap_or_default().to_string(),
-                        requests_per_unit: l.limit.requests_per_unit,
-                        unit: unit_to_pb(l.limit.unit) as i32,
-                    }),
-                    limit_remaining: v.remaining,
-                    duration_until_reset: Some(duration(v.reset_after)),
-                    quota: None,
-                },
-            })
-            .collect();
-        let overall = if over { Code::OverLimit } else { Code::Ok };
-        // Envoy adds these to its 429: clients learn when to come back (the longest wait
-        // among the limits that rejected, in whole seconds, rounded up).
-        let response_headers_to_add = if overall == Code::OverLimit {
-            let wait = statuses
-                .iter()
-                .filter(|s| s.code == Code::OverLimit as i32)
-                .filter_map(|s| s.duration_until_reset.as_ref())
-                .map(|d| d.seconds.max(0) as u64 + u64::from(d.nanos > 0))
-                .max()
-                .unwrap_or(0);
-            vec![HeaderValue {
-                key: "retry-after".into(),
-                value: wait.to_string(),
-                raw_value: Vec::new(),
-            }]
-        } else {
-            Vec::new()
-        };
-        Ok(RateLimitResponse {
-            overall_code: overall as i32,
-            statuses,
-            response_headers_to_add,
-            ..Default::default()
-        })
+        Ok(response(verdicts, over))
     }
 
     /// Decides the descriptors of one request in `domain` against the rules in force: the
@@ -547,7 +502,7 @@ fn plan<'r, D: Descriptor>(
     domain: &str,
     descriptors: &[D],
     request_hits: u32,
-    mut trust: TrustLookup<'_>,
+    trust: TrustLookup<'_>,
     ops: &mut Ops,
     names: &mut LimitNames<'r>,
 ) -> Result<SmallVec<[Plan<'r>; 8]>, RequestError> {
@@ -557,61 +512,92 @@ fn plan<'r, D: Descriptor>(
         .map(|d| matcher.and_then(|m| m.find(d.entries())))
         .collect();
     let replaced = replaced_names(&found);
+    let mut p = Planner { ops, names, trust };
     let mut plans = SmallVec::new();
     for (i, d) in descriptors.iter().enumerate() {
         let hits = d.hits().unwrap_or(request_hits);
-        let start = ops.len();
         // Envoy's override (from dynamic metadata) wins over config, as in the reference,
         // but only inside a configured domain.
         if let (Some(o), Some(_)) = (d.limit_override(), matcher) {
             let limit =
                 override_limit(&rules.settings, o).ok_or(RequestError::BadOverrideUnit(i))?;
-            let fp = rules::override_fingerprint(domain, &limit);
-            let mut op = CounterOp::new(entry_key(fp, d.entries()), limit, hits, false);
-            op.negative = d.is_negative();
-            ops.push(op);
-            names.push(None);
-            plans.push(Plan::Limits {
-                rule: None,
-                ops: start..ops.len(),
-                hits,
-            });
+            plans.push(p.plan_override(domain, limit, d, hits));
             continue;
         }
-        let rule = match found[i] {
-            None => {
-                plans.push(Plan::NoLimit);
-                continue;
-            }
-            Some(rule) if rule.unlimited => {
-                plans.push(Plan::Unlimited);
-                continue;
-            }
-            Some(rule) => rule,
-        };
-        for l in rule
-            .limits
-            .iter()
-            .filter(|l| !is_replaced(&replaced, l.name.as_deref()))
-        {
-            let key = rule_key(rule, l.fingerprint, d.entries());
-            let limit = trust.effective(l, descriptors);
-            let mut op = CounterOp::new(key, limit, hits, rule.shadow_mode);
-            op.negative = d.is_negative();
-            ops.push(op);
-            names.push(l.name.as_ref());
-        }
-        plans.push(if ops.len() == start {
-            Plan::NoLimit
-        } else {
-            Plan::Limits {
-                rule: Some(rule),
-                ops: start..ops.len(),
-                hits,
-            }
+        plans.push(match found[i] {
+            None => Plan::NoLimit,
+            Some(rule) if rule.unlimited => Plan::Unlimited,
+            Some(rule) => p.plan_rule(rule, &replaced, d, descriptors, hits),
         });
     }
     Ok(plans)
+}
+
+/// Where phase 1 puts what it plans: the request's counter ops and their limits' names.
+struct Planner<'r, 'o, 't> {
+    ops: &'o mut Ops,
+    names: &'o mut LimitNames<'r>,
+    trust: TrustLookup<'t>,
+}
+
+impl<'r> Planner<'r, '_, '_> {
+    /// Envoy's override: one counter, keyed by the domain and the override itself.
+    fn plan_override<D: Descriptor>(
+        &mut self,
+        domain: &str,
+        limit: Limit,
+        d: &D,
+        hits: u32,
+    ) -> Plan<'r> {
+        let start = self.ops.len();
+        let mut op = CounterOp::new(
+            rules::override_key(domain, &limit, d.entries()),
+            limit,
+            hits,
+            false,
+        );
+        op.negative = d.is_negative();
+        self.ops.push(op);
+        self.names.push(None);
+        Plan::Limits {
+            rule: None,
+            ops: start..self.ops.len(),
+            hits,
+        }
+    }
+
+    /// A configured rule: one counter per limit another descriptor's rule doesn't replace,
+    /// scaled by the caller's trust when the limit is adaptive.
+    fn plan_rule<D: Descriptor>(
+        &mut self,
+        rule: &'r Arc<Rule>,
+        replaced: &[&str],
+        d: &D,
+        descriptors: &[D],
+        hits: u32,
+    ) -> Plan<'r> {
+        let start = self.ops.len();
+        for l in rule
+            .limits
+            .iter()
+            .filter(|l| !is_replaced(replaced, l.name.as_deref()))
+        {
+            let key = rule.counter_key(l, d.entries());
+            let limit = self.trust.effective(l, descriptors);
+            let mut op = CounterOp::new(key, limit, hits, rule.shadow_mode);
+            op.negative = d.is_negative();
+            self.ops.push(op);
+            self.names.push(l.name.as_ref());
+        }
+        if self.ops.len() == start {
+            return Plan::NoLimit;
+        }
+        Plan::Limits {
+            rule: Some(rule),
+            ops: start..self.ops.len(),
+            hits,
+        }
+    }
 }
 
 /// The caller's trust, looked up at most once per request and only when an adaptive limit
@@ -729,19 +715,6 @@ fn is_replaced(replaced: &[&str], name: Option<&str>) -> bool {
     name.is_some_and(|n| replaced.contains(&n))
 }
 
-fn entry_key<E: rules::Entry>(fingerprint: u64, entries: &[E]) -> rules::CounterKey {
-    rules::counter_key(fingerprint, entries.iter().map(|e| (e.key(), e.value())))
-}
-
-/// `entry_key`, with the rule's shared wildcard patterns in place of the values they cover.
-fn rule_key<E: rules::Entry>(rule: &Rule, fingerprint: u64, entries: &[E]) -> rules::CounterKey {
-    let pairs = entries.iter().enumerate();
-    rules::counter_key(
-        fingerprint,
-        pairs.map(|(i, e)| (e.key(), rule.key_value(i, e.value()))),
-    )
-}
-
 /// Among several limits of one descriptor, the one to report: a rejecting limit with the
 /// longest wait if any rejects, otherwise the one with the least remaining.
 fn reported(ops: &[CounterOp]) -> (usize, Outcome) {
@@ -775,6 +748,62 @@ fn reported(ops: &[CounterOp]) -> (usize, Outcome) {
             expires_at: 0,
         },
     ))
+}
+
+/// Phase 4 of ShouldRateLimit: the verdicts as Envoy's answer.
+fn response(verdicts: Verdicts, over: bool) -> RateLimitResponse {
+    let statuses: Vec<DescriptorStatus> = verdicts.into_iter().map(status).collect();
+    let overall = if over { Code::OverLimit } else { Code::Ok };
+    let response_headers_to_add = if over {
+        vec![retry_after(&statuses)]
+    } else {
+        Vec::new()
+    };
+    RateLimitResponse {
+        overall_code: overall as i32,
+        statuses,
+        response_headers_to_add,
+        ..Default::default()
+    }
+}
+
+/// One descriptor's status: its limit, what remains and when it resets.
+fn status(v: Verdict) -> DescriptorStatus {
+    let Some(l) = v.limit else {
+        return ok_status(v.remaining);
+    };
+    DescriptorStatus {
+        code: if v.over_limit {
+            Code::OverLimit as i32
+        } else {
+            Code::Ok as i32
+        },
+        current_limit: Some(RateLimit {
+            name: l.name.as_deref().unwrap_or_default().to_string(),
+            requests_per_unit: l.limit.requests_per_unit,
+            unit: unit_to_pb(l.limit.unit) as i32,
+        }),
+        limit_remaining: v.remaining,
+        duration_until_reset: Some(duration(v.reset_after)),
+        quota: None,
+    }
+}
+
+/// Envoy adds this to its 429: clients learn when to come back (the longest wait among the
+/// limits that rejected, in whole seconds, rounded up).
+fn retry_after(statuses: &[DescriptorStatus]) -> HeaderValue {
+    let wait = statuses
+        .iter()
+        .filter(|s| s.code == Code::OverLimit as i32)
+        .filter_map(|s| s.duration_until_reset.as_ref())
+        .map(|d| d.seconds.max(0) as u64 + u64::from(d.nanos > 0))
+        .max()
+        .unwrap_or(0);
+    HeaderValue {
+        key: "retry-after".into(),
+        value: wait.to_string(),
+        raw_value: Vec::new(),
+    }
 }
 
 fn ok_status(remaining: u32) -> DescriptorStatus {

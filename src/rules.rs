@@ -68,6 +68,17 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// The counter of `limit` (one of this rule's) for a request's `entries`, with the rule's
+    /// shared wildcard patterns in place of the values they cover.
+    #[inline]
+    pub fn counter_key<E: Entry>(&self, limit: &RuleLimit, entries: &[E]) -> CounterKey {
+        let pairs = entries.iter().enumerate();
+        counter_key(
+            limit.fingerprint,
+            pairs.map(|(i, e)| (e.key(), self.key_value(i, e.value()))),
+        )
+    }
+
     /// The value a request entry at `depth` contributes to a counter key.
     #[inline]
     pub fn key_value<'a>(&'a self, depth: usize, value: &'a str) -> &'a str {
@@ -144,9 +155,14 @@ impl RuleSet {
     }
 }
 
-/// The fingerprint of a limit carried in a request (`descriptor.limit`, from Envoy's
-/// dynamic metadata). Built from the domain and the override itself, like the reference.
-pub fn override_fingerprint(domain: &str, limit: &Limit) -> u64 {
+/// The counter of a limit carried in a request (`descriptor.limit`, from Envoy's dynamic
+/// metadata) for `entries`: keyed by the domain and the override itself, like the reference.
+pub fn override_key<E: Entry>(domain: &str, limit: &Limit, entries: &[E]) -> CounterKey {
+    let fingerprint = override_fingerprint(domain, limit);
+    counter_key(fingerprint, entries.iter().map(|e| (e.key(), e.value())))
+}
+
+fn override_fingerprint(domain: &str, limit: &Limit) -> u64 {
     let mut h = Fnv64::new();
     h.write(b"override\0");
     h.write(domain.as_bytes());
@@ -155,9 +171,11 @@ pub fn override_fingerprint(domain: &str, limit: &Limit) -> u64 {
     h.finish()
 }
 
-/// Digest of a limit and the request's entries: the storage key of one counter.
+/// Digest of a limit and the request's entries: the storage key of one counter. Every
+/// counter's identity is made here ([`Rule::counter_key`], [`override_key`]); storage only
+/// names it (`rl:{<hex>}` in Redis).
 #[inline]
-pub fn counter_key<'a>(
+fn counter_key<'a>(
     fingerprint: u64,
     entries: impl Iterator<Item = (&'a str, &'a str)>,
 ) -> CounterKey {

@@ -596,7 +596,10 @@ mod tests {
             assert_eq!(f, RequestFailure::SlotMoved(moved.into()), "{moved}");
         }
         let f = RequestFailure::from_text("WRONGTYPE Operation against a key".into());
-        assert_eq!(f.to_string(), "script error: WRONGTYPE Operation against a key");
+        assert_eq!(
+            f.to_string(),
+            "script error: WRONGTYPE Operation against a key"
+        );
     }
 
     #[test]
