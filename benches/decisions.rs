@@ -19,14 +19,7 @@ use ratethrottle::telemetry::ServiceMetrics;
 use std::hint::black_box;
 use std::sync::Arc;
 
-const ALGORITHMS: [Algorithm; 6] = [
-    Algorithm::FixedWindow,
-    Algorithm::SlidingWindowLog,
-    Algorithm::SlidingWindowCounter,
-    Algorithm::TokenBucket,
-    Algorithm::LeakyBucket,
-    Algorithm::Gcra,
-];
+const ALGORITHMS: [Algorithm; 6] = Algorithm::ALL;
 const DISTINCT: u64 = 1_000_000;
 const NOW: u64 = 1_800_000_000 * NANOS_PER_SECOND;
 

@@ -62,20 +62,33 @@ impl Unit {
         SCALE / self.nanos() as u128
     }
 
+    /// Every unit, shortest first.
+    pub const ALL: [Unit; 7] = [
+        Unit::Second,
+        Unit::Minute,
+        Unit::Hour,
+        Unit::Day,
+        Unit::Week,
+        Unit::Month,
+        Unit::Year,
+    ];
+
+    /// The reference's unit names, in the order of [`Unit::ALL`].
+    pub const NAMES: [&'static str; 7] = {
+        let mut names = [""; 7];
+        let mut i = 0;
+        while i < 7 {
+            names[i] = Unit::ALL[i].as_str();
+            i += 1;
+        }
+        names
+    };
+
     /// Parses the reference's unit names, case-insensitively.
     pub fn parse(s: &str) -> Option<Unit> {
-        const ALL: [(&str, Unit); 7] = [
-            ("second", Unit::Second),
-            ("minute", Unit::Minute),
-            ("hour", Unit::Hour),
-            ("day", Unit::Day),
-            ("week", Unit::Week),
-            ("month", Unit::Month),
-            ("year", Unit::Year),
-        ];
-        ALL.iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(s))
-            .map(|(_, u)| *u)
+        Unit::ALL
+            .into_iter()
+            .find(|u| u.as_str().eq_ignore_ascii_case(s))
     }
 
     pub const fn as_str(self) -> &'static str {
@@ -110,17 +123,46 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
-    /// Parses the configuration names, including the seed library's aliases.
+    /// Every algorithm: the one list tests, benchmarks and names are made from.
+    pub const ALL: [Algorithm; 6] = [
+        Algorithm::FixedWindow,
+        Algorithm::SlidingWindowLog,
+        Algorithm::SlidingWindowCounter,
+        Algorithm::TokenBucket,
+        Algorithm::LeakyBucket,
+        Algorithm::Gcra,
+    ];
+
+    /// The seed library's names, accepted in configuration.
+    const ALIASES: [(&'static str, Algorithm); 2] = [
+        ("sliding_window", Algorithm::SlidingWindowLog),
+        ("sliding_counter", Algorithm::SlidingWindowCounter),
+    ];
+
+    /// Every accepted name: [`Algorithm::ALL`]'s, then the aliases.
+    pub const NAMES: [&'static str; 8] = {
+        let mut names = [""; 8];
+        let mut i = 0;
+        while i < 6 {
+            names[i] = Algorithm::ALL[i].as_str();
+            i += 1;
+        }
+        while i < 8 {
+            names[i] = Algorithm::ALIASES[i - 6].0;
+            i += 1;
+        }
+        names
+    };
+
+    /// Parses the configuration names, case-insensitively, including the seed library's
+    /// aliases.
     pub fn parse(s: &str) -> Option<Algorithm> {
-        Some(match s.to_ascii_lowercase().as_str() {
-            "fixed_window" => Algorithm::FixedWindow,
-            "sliding_window_log" | "sliding_window" => Algorithm::SlidingWindowLog,
-            "sliding_window_counter" | "sliding_counter" => Algorithm::SlidingWindowCounter,
-            "token_bucket" => Algorithm::TokenBucket,
-            "leaky_bucket" => Algorithm::LeakyBucket,
-            "gcra" => Algorithm::Gcra,
-            _ => return None,
-        })
+        let named = |(name, a): (&str, Algorithm)| name.eq_ignore_ascii_case(s).then_some(a);
+        Algorithm::ALL
+            .into_iter()
+            .map(|a| (a.as_str(), a))
+            .chain(Algorithm::ALIASES)
+            .find_map(named)
     }
 
     pub const fn as_str(self) -> &'static str {
@@ -133,17 +175,6 @@ impl Algorithm {
             Algorithm::Gcra => "gcra",
         }
     }
-
-    pub const NAMES: &'static [&'static str] = &[
-        "fixed_window",
-        "sliding_window_log",
-        "sliding_window_counter",
-        "token_bucket",
-        "leaky_bucket",
-        "gcra",
-        "sliding_window",
-        "sliding_counter",
-    ];
 
     /// The capacity used when a rule names no `burst`.
     pub const fn default_burst(self, requests_per_unit: u32) -> u32 {

@@ -128,14 +128,9 @@ async fn two_replicas_on_redis_apply_the_same_factor_to_the_same_caller() {
     assert!(entries.is_some_and(|n| n >= 1), "{metrics}");
 }
 
-const ALGORITHMS: [&str; 6] = [
-    "fixed_window",
-    "sliding_window_log",
-    "sliding_window_counter",
-    "token_bucket",
-    "leaky_bucket",
-    "gcra",
-];
+fn algorithms() -> [&'static str; 6] {
+    ratethrottle::limiter::Algorithm::ALL.map(|a| a.as_str())
+}
 
 /// The effective limit is what every algorithm enforces on every store: 4 an hour (a bucket
 /// of 4) at
@@ -145,7 +140,7 @@ const ALGORITHMS: [&str; 6] = [
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_algorithm_enforces_the_scaled_limit_on_memory_redis_and_cluster() {
     let mut rules = String::new();
-    for a in ALGORITHMS {
+    for a in algorithms() {
         // Buckets hold `burst` (leaky_bucket's default is 1: smooth); 4, scaled to 2 here.
         let burst = if a.ends_with("bucket") || a == "gcra" {
             ", burst: 4"
@@ -176,7 +171,7 @@ async fn every_algorithm_enforces_the_scaled_limit_on_memory_redis_and_cluster()
         .unwrap();
         let sc = Sidecar::start(Some(&path), &[]);
         let mut c = sc.client().await;
-        for a in ALGORITHMS {
+        for a in algorithms() {
             let mut codes = Vec::new();
             for _ in 0..3 {
                 let r = c

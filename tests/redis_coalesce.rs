@@ -28,14 +28,7 @@ fn limit(algorithm: Algorithm, n: u32) -> Limit {
     }
 }
 
-const ALGORITHMS: [Algorithm; 6] = [
-    Algorithm::FixedWindow,
-    Algorithm::SlidingWindowLog,
-    Algorithm::SlidingWindowCounter,
-    Algorithm::TokenBucket,
-    Algorithm::LeakyBucket,
-    Algorithm::Gcra,
-];
+const ALGORITHMS: [Algorithm; 6] = Algorithm::ALL;
 
 async fn store(url: &str, test: &str, timeout: Duration, mode: FailureMode) -> Arc<Storage> {
     let mut settings = Settings::default();

@@ -18,14 +18,7 @@ use ratethrottle::limiter::{
 };
 use ratethrottle::storage::redis::script::{SOURCE, ScriptOp, call_args, parse_reply, redis_key};
 
-const ALL: [Algorithm; 6] = [
-    Algorithm::FixedWindow,
-    Algorithm::SlidingWindowLog,
-    Algorithm::SlidingWindowCounter,
-    Algorithm::TokenBucket,
-    Algorithm::LeakyBucket,
-    Algorithm::Gcra,
-];
+const ALL: [Algorithm; 6] = Algorithm::ALL;
 
 /// How much longer than its state a key lives (`GRACE_MS` in the script).
 const GRACE_MS: i64 = 1_000;

@@ -285,15 +285,7 @@ fn is_null(node: &MarkedYaml<'_>) -> bool {
 
 impl Named for Unit {
     const WHAT: &'static str = "unit";
-    const NAMES: &'static [&'static str] = &[
-        Unit::Second.as_str(),
-        Unit::Minute.as_str(),
-        Unit::Hour.as_str(),
-        Unit::Day.as_str(),
-        Unit::Week.as_str(),
-        Unit::Month.as_str(),
-        Unit::Year.as_str(),
-    ];
+    const NAMES: &'static [&'static str] = &Unit::NAMES;
     const HINT: bool = false;
     fn parse_name(s: &str) -> Option<Self> {
         Unit::parse(s)
@@ -302,7 +294,7 @@ impl Named for Unit {
 
 impl Named for Algorithm {
     const WHAT: &'static str = "algorithm";
-    const NAMES: &'static [&'static str] = Algorithm::NAMES;
+    const NAMES: &'static [&'static str] = &Algorithm::NAMES;
     fn parse_name(s: &str) -> Option<Self> {
         Algorithm::parse(s)
     }
@@ -1049,7 +1041,7 @@ mod tests {
         assert_eq!(suggest("descriptor", DESCRIPTOR_KEYS), Some("descriptors"));
         assert_eq!(suggest("zzzzzz", DESCRIPTOR_KEYS), None);
         assert_eq!(
-            suggest("tokenbucket", Algorithm::NAMES),
+            suggest("tokenbucket", &Algorithm::NAMES),
             Some("token_bucket")
         );
     }

@@ -490,7 +490,7 @@ fn every_algorithm_is_selectable_and_enforces_its_limit() {
             "domain: a\ndescriptors:\n  - key: k\n    rate_limit: {{unit: minute, requests_per_unit: 5, algorithm: {algo}}}\n"
         ));
         let admitted = (0..20).filter(|_| ok(&h.one("a", &[("k", "v")]))).count();
-        let expected = if *algo == "leaky_bucket" { 1 } else { 5 };
+        let expected = if algo == "leaky_bucket" { 1 } else { 5 };
         assert_eq!(admitted, expected, "{algo}");
     }
 }

@@ -10,24 +10,9 @@ use super::{AlgoState, Algorithm, CounterState, Limit, Outcome, RejectedHits, Un
 
 const SEC: u64 = 1_000_000_000;
 
-const ALL: [Algorithm; 6] = [
-    Algorithm::FixedWindow,
-    Algorithm::SlidingWindowLog,
-    Algorithm::SlidingWindowCounter,
-    Algorithm::TokenBucket,
-    Algorithm::LeakyBucket,
-    Algorithm::Gcra,
-];
+const ALL: [Algorithm; 6] = Algorithm::ALL;
 
-const UNITS: [Unit; 7] = [
-    Unit::Second,
-    Unit::Minute,
-    Unit::Hour,
-    Unit::Day,
-    Unit::Week,
-    Unit::Month,
-    Unit::Year,
-];
+const UNITS: [Unit; 7] = Unit::ALL;
 
 pub(super) fn limit(algorithm: Algorithm, l: u32, unit: Unit, burst: u32) -> Limit {
     Limit {

@@ -428,17 +428,8 @@ mod tests {
 
     #[test]
     fn every_algorithm_has_a_distinct_code() {
-        let codes: std::collections::BTreeSet<u8> = [
-            Algorithm::FixedWindow,
-            Algorithm::SlidingWindowLog,
-            Algorithm::SlidingWindowCounter,
-            Algorithm::TokenBucket,
-            Algorithm::LeakyBucket,
-            Algorithm::Gcra,
-        ]
-        .into_iter()
-        .map(algorithm_code)
-        .collect();
+        let codes: std::collections::BTreeSet<u8> =
+            Algorithm::ALL.into_iter().map(algorithm_code).collect();
         assert_eq!(codes, (1..=6).collect());
     }
 
