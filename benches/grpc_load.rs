@@ -5,6 +5,10 @@
 //!
 //! `cargo bench --bench grpc_load` (env: BENCH_SECONDS=5, BENCH_CONNECTIONS=4,
 //! BENCH_STREAMS=32, BENCH_KEYS=100000).
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test harness: where the tools are (env) and wall-clock stamps"
+)]
 // The engine's request future nests deeply (storage coalescing): rustc's default layout
 // query depth is not enough for crates that await it.
 #![recursion_limit = "256"]

@@ -21,7 +21,7 @@ pub mod watch;
 use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
 use hyper::body::Bytes;
@@ -343,6 +343,8 @@ pub struct AlertTask {
     ctx: Context,
     timeout: Duration,
     deadline: Duration,
+    /// The server's clock: alert windows and timestamps.
+    clock: Arc<dyn crate::limiter::Clock>,
 }
 
 impl std::fmt::Debug for AlertTask {
@@ -371,18 +373,13 @@ pub fn resolve(r: &SecretRef, env: &dyn Fn(&str) -> Option<String>) -> Result<St
     Ok(v)
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Builds the handle and its task from the settings: resolves every sink's secrets and
 /// checks its URL. An error names the key (`alerts.sinks[0].url: ...`).
 pub fn build(
     settings: &AlertSettings,
     env: &dyn Fn(&str) -> Option<String>,
     replica: String,
+    clock: Arc<dyn crate::limiter::Clock>,
 ) -> Result<(Alerts, AlertTask), String> {
     let mut sinks = Vec::new();
     for (i, s) in settings.sinks.iter().enumerate() {
@@ -426,6 +423,7 @@ pub fn build(
         },
         timeout: Duration::from_millis(settings.timeout_ms),
         deadline: Duration::from_millis(settings.deadline_ms),
+        clock,
     };
     Ok((Alerts(Some(inner)), task))
 }
@@ -445,7 +443,7 @@ impl AlertTask {
     }
 
     fn flush(&mut self, in_flight: &mut tokio::task::JoinSet<()>) {
-        let now = unix_ms();
+        let now = self.clock.now() / 1_000_000;
         let c = &self.inner.counters;
         while let Some(ev) = self.inner.queue.pop() {
             self.grouper.observe(ev.observation(), now);
@@ -496,7 +494,13 @@ mod tests {
             queue_size: 2,
             ..Default::default()
         };
-        let (alerts, _task) = build(&settings, &|_| None, "r".into()).unwrap();
+        let (alerts, _task) = build(
+            &settings,
+            &|_| None,
+            "r".into(),
+            Arc::new(crate::limiter::SystemClock),
+        )
+        .unwrap();
         for _ in 0..5 {
             alerts.emit(AlertEvent::StorageRecovered);
         }
@@ -532,20 +536,38 @@ mod tests {
             signature_header: "x".into(),
             min_severity: Severity::Info,
         });
-        let e = build(&settings, &env, "r".into()).unwrap_err();
+        let e = build(
+            &settings,
+            &env,
+            "r".into(),
+            Arc::new(crate::limiter::SystemClock),
+        )
+        .unwrap_err();
         assert_eq!(
             e,
             "alerts.sinks[0].url: environment variable MISSING is not set"
         );
         settings.sinks[0].url = SecretRef::Env("HOOK".into());
-        let (alerts, task) = build(&settings, &env, "r".into()).unwrap();
+        let (alerts, task) = build(
+            &settings,
+            &env,
+            "r".into(),
+            Arc::new(crate::limiter::SystemClock),
+        )
+        .unwrap();
         assert_eq!(alerts.sinks()[0].name, "am");
         assert_eq!(
             task.inner.sinks[0].url.to_string(),
             "http://127.0.0.1:9/h/api/v2/alerts"
         );
         settings.sinks[0].url = SecretRef::Literal("ftp://x".into());
-        let e = build(&settings, &env, "r".into()).unwrap_err();
+        let e = build(
+            &settings,
+            &env,
+            "r".into(),
+            Arc::new(crate::limiter::SystemClock),
+        )
+        .unwrap_err();
         assert!(
             e.starts_with("alerts.sinks[0].url: unsupported scheme"),
             "{e}"

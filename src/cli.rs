@@ -3,6 +3,10 @@
 //!
 //! Owns: argument parsing (every flag also from a `RATETHROTTLE_*` env var), exit codes, and
 //! reporting errors with context. Must not touch: decisions or config semantics.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "the command line is where the environment and the wall clock are read"
+)]
 
 mod check;
 mod fire;

@@ -145,6 +145,10 @@ pub struct BoundServer {
 }
 
 /// This host's name (the pod name in Kubernetes), for the anomaly module's replica id.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "assembly reads the environment once"
+)]
 fn hostname() -> String {
     std::env::var("HOSTNAME")
         .ok()
@@ -188,18 +192,22 @@ impl BoundServer {
                 return Err(ServerError::Secrets(unset.join("\n")));
             }
         }
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let (alerts, alert_task) = match opts.config.as_ref().and_then(|c| c.alerts.as_ref()) {
             Some(a) => {
+                #[expect(
+                    clippy::disallowed_methods,
+                    reason = "assembly reads the environment once"
+                )]
                 let env = |name: &str| std::env::var(name).ok();
-                let (alerts, task) =
-                    crate::alerts::build(a, &env, hostname()).map_err(ServerError::Alerts)?;
+                let (alerts, task) = crate::alerts::build(a, &env, hostname(), clock.clone())
+                    .map_err(ServerError::Alerts)?;
                 tracing::info!(sinks = a.sinks.len(), "alerts on");
                 (alerts, Some(task))
             }
             None => (Alerts::off(), None),
         };
         let storage = Arc::new(Storage::connect(&url, &settings).await?);
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
 
         let anomaly_settings = opts
             .config
@@ -291,6 +299,7 @@ impl BoundServer {
             stats.clone(),
             metrics.clone(),
             status.clone(),
+            clock.clone(),
         )
         .on_install(move |c| hook.install(c));
         if let Some(module) = anomaly.clone() {

@@ -6,6 +6,10 @@
 //! (storage degraded, then recovered), over-limit answers (violation rate). Grouping and
 //! cooldown are asserted exactly through the library with the same receiver.
 #![allow(clippy::unwrap_used)]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test harness: where the tools are (env) and wall-clock stamps"
+)]
 
 mod support;
 
@@ -294,7 +298,13 @@ async fn n_decisions_in_a_window_are_one_signed_alert_with_count_n_and_the_coold
     let k = &mut settings.kinds[AlertKind::AnomalyDecision.index()];
     k.window_ms = 400;
     k.cooldown_ms = 60_000;
-    let (alerts, task) = ratethrottle::alerts::build(&settings, &|_| None, "pod-a".into()).unwrap();
+    let (alerts, task) = ratethrottle::alerts::build(
+        &settings,
+        &|_| None,
+        "pod-a".into(),
+        std::sync::Arc::new(ratethrottle::limiter::SystemClock),
+    )
+    .unwrap();
     tokio::spawn(task.run());
     for i in 0..500 {
         alerts.emit(decision(&format!("10.0.{}.{}", i / 250, i % 250), false));

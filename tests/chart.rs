@@ -5,6 +5,10 @@
 //!
 //! Needs helm and a Python with kubernetes-validate: `bash scripts/test.sh` installs them
 //! (scripts/k8s-tools.sh) and exports RATETHROTTLE_TEST_HELM and RATETHROTTLE_TEST_K8S_PYTHON.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test harness: where the tools are (env) and wall-clock stamps"
+)]
 
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};

@@ -6,6 +6,10 @@
 //!
 //! `RATETHROTTLE_REGEN_DESCRIPTORS=1` rewrites both files instead of comparing
 //! (`scripts/regen-descriptors.sh`).
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test harness: where the tools are (env) and wall-clock stamps"
+)]
 
 use prost::Message;
 use prost_types::{FileDescriptorProto, FileDescriptorSet};

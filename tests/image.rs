@@ -10,6 +10,10 @@
 //! Needs buildah, podman, skopeo, runc, musl-tools, the musl Rust target and cargo-deny:
 //! `bash scripts/test.sh` installs them (scripts/image-tools.sh), e.g.
 //! `bash scripts/test.sh cargo test --test image`.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test harness: where the tools are (env) and wall-clock stamps"
+)]
 
 mod support;
 

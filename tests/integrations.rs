@@ -14,6 +14,10 @@
 //!
 //! Needs node with the schema packages (scripts/integration-tools.sh) and Envoy: run with
 //! `bash scripts/test.sh cargo test --test integrations`.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test harness: where the tools are (env) and wall-clock stamps"
+)]
 
 mod support;
 

@@ -4,6 +4,10 @@
 //!
 //! Needs promtool: `bash scripts/test.sh` installs it (scripts/observability-tools.sh) and
 //! exports RATETHROTTLE_TEST_PROMTOOL.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test harness: where the tools are (env) and wall-clock stamps"
+)]
 
 mod support;
 

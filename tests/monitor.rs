@@ -3,6 +3,10 @@
 //!
 //! Needs tmux: `bash scripts/test.sh` installs it (scripts/observability-tools.sh) and exports
 //! RATETHROTTLE_TEST_TMUX.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test harness: where the tools are (env) and wall-clock stamps"
+)]
 
 mod support;
 

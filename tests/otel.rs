@@ -4,6 +4,10 @@
 //! values or identities, have Redis children; a malformed `traceparent` starts a new root; a
 //! dead or hanging collector leaves decisions answering and the drops counted; and a real
 //! Envoy with tracing configured ends up as the parent of the sidecar's spans.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test harness: where the tools are (env) and wall-clock stamps"
+)]
 
 mod support;
 

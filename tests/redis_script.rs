@@ -8,6 +8,10 @@
 //!
 //! Needs a Redis: `RATETHROTTLE_TEST_REDIS_URL`, set by `bash scripts/test.sh`. Every test uses
 //! its own key prefix, so tests share the server and never flush it.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test harness: where the tools are (env) and wall-clock stamps"
+)]
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -1,4 +1,8 @@
 //! The real binary over real gRPC and HTTP: services, admin endpoints, hot reload.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test harness: where the tools are (env) and wall-clock stamps"
+)]
 
 mod support;
 

@@ -520,9 +520,7 @@ async fn snapshot(
     let counts = log.counts();
     let rules = s.engine.rules().load();
     pb::StatsSnapshot {
-        unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
+        unix_ms: s.engine.clock().now() / 1_000_000,
         interval_ms: (secs * 1000.0) as u64,
         config_version: rules.version.clone(),
         requests_total: now.requests,

@@ -137,6 +137,7 @@ impl Watcher {
         ));
         let (plans, plan_rx) = tokio::sync::mpsc::unbounded_channel();
         let writer = StatusWriter {
+            clock: self.live.clock().clone(),
             client: self.client.clone(),
             status: self.status.clone(),
             plan: BTreeMap::new(),
@@ -370,6 +371,8 @@ enum WriterInput {
 /// status from the same objects, so after one writes, the others see it match and write
 /// nothing.
 struct StatusWriter {
+    /// The server's clock: `lastTransitionTime`-style stamps.
+    clock: Arc<dyn crate::limiter::Clock>,
     client: Client,
     status: Arc<RwLock<ReloadStatus>>,
     /// Every object: (status seen, status wanted).
@@ -428,7 +431,7 @@ impl StatusWriter {
     }
 
     async fn round(&mut self) {
-        let now = jiff_now();
+        let now = rfc3339_seconds(self.clock.now());
         let due: Vec<(Key, Value)> = self
             .plan
             .iter()
@@ -530,10 +533,11 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// RFC 3339 UTC, seconds precision, as Kubernetes writes times.
-fn jiff_now() -> String {
-    k8s_openapi::jiff::Timestamp::now()
-        .round(k8s_openapi::jiff::Unit::Second)
+/// `nanos` since the Unix epoch as RFC 3339 UTC, seconds precision, as Kubernetes writes
+/// times.
+fn rfc3339_seconds(nanos: u64) -> String {
+    k8s_openapi::jiff::Timestamp::from_nanosecond(i128::from(nanos))
+        .and_then(|t| t.round(k8s_openapi::jiff::Unit::Second))
         .map(|t| t.to_string())
         .unwrap_or_default()
 }

@@ -29,6 +29,10 @@ impl<C: Clock + ?Sized> Clock for Arc<C> {
 pub struct SystemClock;
 
 impl Clock for SystemClock {
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the one wall clock; every other reader is given it"
+    )]
     fn now(&self) -> Nanos {
         nanos_since_epoch(SystemTime::now())
     }

@@ -13,6 +13,7 @@
 
 use crate::config::{Config, DescriptorConfig, DomainConfig, uses_burst};
 use crate::digest::Fnv64;
+use crate::limiter::{Clock, NANOS_PER_SECOND};
 use crate::rules::{RuleSet, StatsRegistry};
 use crate::runtime::reload::ReloadStatus;
 use crate::telemetry::ServiceMetrics;
@@ -61,6 +62,8 @@ pub struct LiveConfig {
     state: Mutex<State>,
     /// Bumped after every publish, so status writers learn that admissions may have changed.
     published: tokio::sync::watch::Sender<u64>,
+    /// The server's clock: when a configuration was put in force; resource status times.
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for LiveConfig {
@@ -77,8 +80,10 @@ impl LiveConfig {
         stats: Arc<StatsRegistry>,
         metrics: Arc<ServiceMetrics>,
         status: Arc<RwLock<ReloadStatus>>,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         LiveConfig {
+            clock,
             rules,
             stats,
             metrics,
@@ -138,6 +143,11 @@ impl LiveConfig {
         self.state.lock().admissions.clone()
     }
 
+    /// The server's clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
     /// Changes after every publish.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.published.subscribe()
@@ -155,7 +165,7 @@ impl LiveConfig {
         {
             let mut st = self.status.write();
             st.version = config.version.clone();
-            st.loaded_at_unix = super::reload::unix_now();
+            st.loaded_at_unix = self.clock.now() / NANOS_PER_SECOND;
             st.config = serde_json::to_value(&config).unwrap_or_default();
         }
         tracing::info!(

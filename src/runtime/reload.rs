@@ -20,7 +20,7 @@ use parking_lot::RwLock;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// What `/readyz` and `/v1/config` report about the configuration.
 #[derive(Debug, Default, Clone)]
@@ -232,11 +232,4 @@ fn watch_root(path: &Path) -> &Path {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."))
     }
-}
-
-pub(crate) fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

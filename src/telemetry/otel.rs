@@ -377,6 +377,10 @@ thread_local! {
     static RNG: Cell<u64> = Cell::new(seed());
 }
 
+#[expect(
+    clippy::disallowed_methods,
+    reason = "a sampling coin's seed, not a time"
+)]
 fn seed() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -1,6 +1,10 @@
 //! A real Envoy for end-to-end tests: the shipped configs under k8s/examples/envoy, with
 //! ports rendered in (Envoy does not expand variables), run with `--concurrency 1` and a
 //! dynamic base id so several run at once; killed on drop.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test harness: where the tools are (env) and wall-clock stamps"
+)]
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

@@ -1,5 +1,9 @@
 //! Redis for tests: the shared servers `scripts/test.sh` starts (by URL from the
 //! environment), and private servers a test may kill (started here, killed by pid on drop).
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test harness: where the tools are (env) and wall-clock stamps"
+)]
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
