@@ -142,6 +142,7 @@ pub struct BoundServer {
     anomaly_metrics: Arc<AnomalyMetrics>,
     identity_header: String,
     alert_task: Option<AlertTask>,
+    trace_export: Option<crate::telemetry::otel::Exporter>,
 }
 
 /// This host's name (the pod name in Kubernetes), for the anomaly module's replica id.
@@ -386,7 +387,14 @@ impl BoundServer {
             reloader,
             reload_interval: opts.reload_interval,
             watcher,
+            trace_export: None,
         })
+    }
+
+    /// Runs `exporter`'s export loop with the other background tasks.
+    pub fn with_trace_export(mut self, exporter: crate::telemetry::otel::Exporter) -> Self {
+        self.trace_export = Some(exporter);
+        self
     }
 
     pub fn engine(&self) -> &RateLimitEngine {
@@ -494,6 +502,9 @@ impl BoundServer {
                 "alert violations watch",
                 crate::alerts::watch::violations(self.metrics.clone(), alerts),
             );
+        }
+        if let Some(e) = self.trace_export {
+            background.spawn("trace export", e.run());
         }
         if self.engine.storage().redis().is_some() {
             let storage = self.engine.storage().clone();

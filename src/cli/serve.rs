@@ -205,7 +205,10 @@ pub fn run(args: ServeArgs) -> ExitCode {
         },
     };
     let result = rt.block_on(async move {
-        let server = BoundServer::bind(opts).await?;
+        let mut server = BoundServer::bind(opts).await?;
+        if let Some(e) = exporter.clone() {
+            server = server.with_trace_export(e);
+        }
         let result = server.run(shutdown_signal()).await;
         if let Some(e) = exporter {
             e.flush(Duration::from_secs(1)).await;

@@ -143,14 +143,19 @@ impl Watcher {
             plan: BTreeMap::new(),
             written: BTreeMap::new(),
         };
-        // Aborted with this task: the writer lives exactly as long as the watch.
-        let writer = AbortOnDrop(tokio::spawn(writer.run(plan_rx)));
+        // Polled with the watch, in this task: it lives exactly as long as the watch, and a
+        // panic in it ends the watcher, which the server reports by name.
+        let mut writer = std::pin::pin!(writer.run(plan_rx));
         let mut published = self.live.subscribe();
         // The current failure of each kind's watch: one kind may fail (say, its CRD is
         // missing) while the other works.
         let mut failing: BTreeMap<Kind, String> = BTreeMap::new();
         loop {
             tokio::select! {
+                () = &mut writer => {
+                    tracing::error!("the Kubernetes status writer stopped");
+                    break;
+                }
                 next = events.next() => {
                     let Some((kind, event)) = next else { break };
                     let mut batch = Batch::default();
@@ -201,7 +206,6 @@ impl Watcher {
                 }
             }
         }
-        drop(writer);
     }
 
     /// Folds one event into the known objects and says what it changed.
@@ -523,14 +527,6 @@ fn key(kind: Kind, obj: &DynamicObject) -> Key {
         obj.metadata.namespace.clone().unwrap_or_default(),
         obj.metadata.name.clone().unwrap_or_default(),
     )
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// `nanos` since the Unix epoch as RFC 3339 UTC, seconds precision, as Kubernetes writes

@@ -187,7 +187,7 @@ pub struct Installed {
 }
 
 /// Builds the exporter (no connection yet: the channel connects lazily) and turns sampling
-/// on. Must run inside a Tokio runtime: the export task is spawned on it.
+/// on. Nothing is sent until [`Exporter::run`] runs.
 pub fn install(opts: &ExportOptions) -> Result<Installed, String> {
     let mut exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
@@ -212,18 +212,9 @@ pub fn install(opts: &ExportOptions) -> Result<Installed, String> {
         batch: opts.batch_size.max(1),
         timeout: opts.export_timeout,
         failing: Arc::new(AtomicBool::new(false)),
+        interval: opts.flush_interval,
+        wake: wake.clone(),
     };
-    let task = exporter.clone();
-    let (interval, w) = (opts.flush_interval, wake.clone());
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
-                _ = w.notified() => {}
-            }
-            task.drain().await;
-        }
-    });
     let provider = SdkTracerProvider::builder()
         // Sampling is decided in `server_span`, before a span exists; every span made is kept.
         .with_sampler(Sampler::AlwaysOn)
@@ -269,6 +260,10 @@ pub struct Exporter {
     batch: usize,
     timeout: Duration,
     failing: Arc<AtomicBool>,
+    /// How often [`Exporter::run`] drains without being woken.
+    interval: Duration,
+    /// Rung by the span processor when a batch is full.
+    wake: Arc<Notify>,
 }
 
 impl std::fmt::Debug for Exporter {
@@ -280,6 +275,19 @@ impl std::fmt::Debug for Exporter {
 }
 
 impl Exporter {
+    /// The export loop: drains every `flush_interval`, or sooner when a batch is full. The
+    /// server runs it with its other background tasks (a panic there ends the process with
+    /// the task's name instead of silently stopping export).
+    pub async fn run(self) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.interval) => {}
+                _ = self.wake.notified() => {}
+            }
+            self.drain().await;
+        }
+    }
+
     /// Sends everything queued now. Spans whose export fails or times out are dropped and
     /// counted; the queue keeps bounding memory meanwhile.
     pub async fn drain(&self) {
