@@ -438,6 +438,12 @@ def ab_rows(tmp, suite, rpc, storage, modes, body, rounds=ROUNDS):
         if label != off:
             note += (f"; vs {off}: req/s {m[0] / max(base[0], 1):.3f}x, p99 {m[2] / max(base[2], 1e-9):.3f}x, "
                      f"CPU/req {m[3] / max(base[3], 1e-9):.3f}x")
+            # Runs are interleaved in pairs (off, on) a few seconds apart: the median of the
+            # per-pair ratios cancels the machine's drift between rounds, which the ratio of
+            # medians does not.
+            pairs = lambda i: med([r[i] / max(o[i], 1e-9) for r, o in zip(runs[label], runs[off])])
+            note += (f"; paired (median of per-round ratios): req/s {pairs(0):.3f}x, "
+                     f"p99 {pairs(2):.3f}x, CPU/req {pairs(3):.3f}x")
             for name, short in (("ratethrottle_trace_spans_exported_total", "spans exported"),
                                 ("ratethrottle_anomaly_events_total", "anomaly events observed"),
                                 ("ratethrottle_anomaly_events_dropped_total", "dropped")):

@@ -743,7 +743,7 @@ async fn without_a_time_the_script_reads_redis_time() {
     let k = r.key(1);
     let lim = limit(Algorithm::TokenBucket, 2, Unit::Hour, 2);
     let (keys, args) = call_args(&[op(&k, lim, 2)], None, RejectedHits::Free);
-    assert_eq!(args[0], "0");
+    assert_eq!(args[0].as_string().as_deref(), Some("0"));
     let reply: Vec<i64> = r.client.evalsha(&r.sha, keys, args).await.expect("EVALSHA");
     let local = SystemTime::now()
         .duration_since(UNIX_EPOCH)

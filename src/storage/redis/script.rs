@@ -122,8 +122,18 @@ fn algorithm_code(a: Algorithm) -> u8 {
     }
 }
 
-fn flag(b: bool) -> String {
-    if b { "1" } else { "0" }.to_string()
+/// A script argument. Numbers go as integers, which the client writes straight into the
+/// command buffer as RESP bulk strings (what the script's `ARGV` reads): no string is made
+/// per argument. A batch of 90 requests had ~1,000 small `String`s before.
+pub type Arg = fred::types::Value;
+
+fn int(n: u64) -> Arg {
+    // Every value sent is at most MAX_US (2^53 - 1) or a u32: it fits an i64.
+    Arg::Integer(i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+fn flag(b: bool) -> Arg {
+    Arg::Integer(i64::from(b))
 }
 
 /// KEYS and ARGV for one EVALSHA over `ops` (all ops must share a hash slot in cluster mode; the caller groups them).
@@ -133,10 +143,10 @@ pub fn call_args(
     ops: &[ScriptOp],
     now_us: Option<u64>,
     rejected: RejectedHits,
-) -> (Vec<String>, Vec<String>) {
+) -> (Vec<String>, Vec<Arg>) {
     let mut keys = Vec::with_capacity(ops.len() * KEYS_PER_OP);
     let mut args = Vec::with_capacity(2 + ops.len() * 8);
-    args.push(now_us.map_or(0, |n| n.min(MAX_US)).to_string());
+    args.push(int(now_us.map_or(0, |n| n.min(MAX_US))));
     args.push(flag(rejected == RejectedHits::Counted));
     for op in ops {
         keys.push(op.key.clone());
@@ -147,18 +157,18 @@ pub fn call_args(
 }
 
 /// The 8 arguments of one op.
-fn push_op_args(args: &mut Vec<String>, op: &ScriptOp) {
+fn push_op_args(args: &mut Vec<Arg>, op: &ScriptOp) {
     let l = &op.limit;
     // Rounding the block up changes no decision at whole-microsecond instants:
     // `now_µs < start_µs + ceil(d / 1000)` iff `now_µs × 1000 < start_µs × 1000 + d`.
     let block_us = l.block_duration.div_ceil(1_000).min(MAX_US);
     args.extend([
-        algorithm_code(l.algorithm).to_string(),
-        l.requests_per_unit.to_string(),
-        (l.unit.seconds() * 1_000_000).to_string(),
-        l.burst.to_string(),
-        block_us.to_string(),
-        op.hits.to_string(),
+        int(u64::from(algorithm_code(l.algorithm))),
+        int(u64::from(l.requests_per_unit)),
+        int(l.unit.seconds() * 1_000_000),
+        int(u64::from(l.burst)),
+        int(block_us),
+        int(u64::from(op.hits)),
         flag(op.shadow),
         flag(op.negative),
     ]);
@@ -224,14 +234,14 @@ pub fn parse_reply(reply: &[i64], ops: usize, now: Nanos) -> Result<Vec<Outcome>
 /// [`call_args`] (ops of one request may be in any slots of the node; the call has no KEYS).
 pub fn batch_args<'a>(
     requests: impl IntoIterator<Item = (&'a [ScriptOp], Option<u64>, RejectedHits)>,
-) -> Vec<String> {
-    let mut args = vec!["B".to_string()];
+) -> Vec<Arg> {
+    let mut args = vec![Arg::from_static_str("B")];
     for (ops, now_us, rejected) in requests {
-        args.push(now_us.map_or(0, |n| n.min(MAX_US)).to_string());
+        args.push(int(now_us.map_or(0, |n| n.min(MAX_US))));
         args.push(flag(rejected == RejectedHits::Counted));
-        args.push(ops.len().to_string());
+        args.push(int(ops.len() as u64));
         for op in ops {
-            args.push(op.key.clone());
+            args.push(Arg::String(op.key.as_str().into()));
             push_op_args(&mut args, op);
         }
     }
@@ -337,6 +347,11 @@ mod tests {
         assert_eq!(redis_key("", u128::MAX), format!("{{{}}}", "f".repeat(32)));
     }
 
+    /// Arguments as the script's ARGV reads them.
+    fn texts(args: &[Arg]) -> Vec<String> {
+        args.iter().map(|a| a.as_string().unwrap()).collect()
+    }
+
     #[test]
     fn call_args_encode_every_op_with_its_log_key() {
         let ops = [
@@ -373,7 +388,7 @@ mod tests {
         // The log key keeps the hash tag: the text between the first `{` and `}` is the same.
         assert!(keys[1].ends_with("}:log"));
         assert_eq!(
-            args,
+            texts(&args),
             [
                 "1700000000123456",
                 "1",
@@ -413,6 +428,7 @@ mod tests {
             negative: false,
         };
         let (_, args) = call_args(std::slice::from_ref(&op), None, RejectedHits::Free);
+        let args = texts(&args);
         assert_eq!(args[0], "0");
         assert_eq!(args[1], "0");
         assert_eq!(args[3], "4294967295");
@@ -420,10 +436,10 @@ mod tests {
         assert_eq!(args[6], MAX_US.to_string());
         assert_eq!(args[7], "4294967295");
         let (_, args) = call_args(&[op], Some(u64::MAX), RejectedHits::Free);
-        assert_eq!(args[0], MAX_US.to_string());
+        assert_eq!(texts(&args)[0], MAX_US.to_string());
         let (keys, args) = call_args(&[], Some(5), RejectedHits::Free);
         assert!(keys.is_empty());
-        assert_eq!(args, ["5", "0"]);
+        assert_eq!(texts(&args), ["5", "0"]);
     }
 
     #[test]
@@ -534,7 +550,7 @@ mod tests {
         want.extend(op);
         want.push(&k2);
         want.extend(op);
-        assert_eq!(args, want);
+        assert_eq!(texts(&args), want);
     }
 
     #[test]
