@@ -159,7 +159,10 @@ impl AuthzEngine {
     pub fn install(&self, config: &Config) {
         let default = AuthzConfig::default();
         let c = config.authz.as_ref().unwrap_or(&default);
-        self.state.store(Arc::new(AuthzState::compile(c)));
+        let state = AuthzState::compile(c);
+        self.metrics
+            .set_jwt_keys_skipped(state.identity.skipped_jwt_keys());
+        self.state.store(Arc::new(state));
         self.lists.set_config(
             blocklist::config_entries(&c.lists.allow),
             blocklist::config_entries(&c.lists.block),

@@ -406,6 +406,12 @@ pub fn render_authz(
     );
     let _ = writeln!(out, "{name}{{list=\"allow\"}} {allow_entries}");
     let _ = writeln!(out, "{name}{{list=\"block\"}} {block_entries}");
+    let name = "ratethrottle_authz_jwt_keys_skipped";
+    let _ = writeln!(
+        out,
+        "# HELP {name} JWT keys of the configuration in force that could not be used (unset hs256_secret_env, unparsable key): tokens signed with them are refused.\n# TYPE {name} gauge\n{name} {}",
+        m.jwt_keys_skipped()
+    );
 }
 
 fn escape(s: &str) -> String {

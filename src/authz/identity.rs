@@ -80,6 +80,17 @@ impl std::fmt::Debug for IdentityResolver {
 }
 
 impl IdentityResolver {
+    /// JWT keys of the sources that could not be used ([`JwtVerifier::skipped_keys`]).
+    pub fn skipped_jwt_keys(&self) -> usize {
+        self.sources
+            .iter()
+            .map(|s| match s {
+                Source::Jwt(v) => v.skipped_keys(),
+                _ => 0,
+            })
+            .sum()
+    }
+
     pub fn new(c: &IdentityConfig) -> IdentityResolver {
         let sources = c
             .sources

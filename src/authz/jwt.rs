@@ -68,6 +68,8 @@ pub struct JwtVerifier {
     pub header: String,
     claim: String,
     keys: Vec<Key>,
+    /// Keys of the config that could not be built (logged; counted in a metric).
+    skipped_keys: usize,
     unverified: Option<Validation>,
     pub on_invalid: JwtInvalid,
 }
@@ -82,6 +84,12 @@ impl std::fmt::Debug for JwtVerifier {
 }
 
 impl JwtVerifier {
+    /// Keys of its config that could not be used (an `hs256_secret_env` unset at a reload,
+    /// key material that stopped parsing): tokens signed with them are refused.
+    pub fn skipped_keys(&self) -> usize {
+        self.skipped_keys
+    }
+
     /// Builds the verifier; key material was checked when the config loaded, so a key that
     /// fails here is skipped (and logged) rather than failing the reload.
     pub fn new(c: &JwtConfig) -> JwtVerifier {
@@ -107,6 +115,7 @@ impl JwtVerifier {
             v
         };
         let mut keys = Vec::new();
+        let mut skipped_keys = 0;
         for k in &c.keys {
             let built: Result<Vec<KeyWithAlgorithms>, String> = match k {
                 JwtKey::Hs256 { secret } => {
@@ -132,7 +141,10 @@ impl JwtVerifier {
                         });
                     }
                 }
-                Err(e) => tracing::error!(source = %c.name, "skipping JWT key: {e}"),
+                Err(e) => {
+                    skipped_keys += 1;
+                    tracing::error!(source = %c.name, "skipping JWT key: {e}");
+                }
             }
         }
         let unverified = c.allow_unverified.then(|| {
@@ -142,6 +154,7 @@ impl JwtVerifier {
         });
         JwtVerifier {
             name: c.name.clone(),
+            skipped_keys,
             header: c.header.clone(),
             claim: c.claim.clone(),
             keys,

@@ -165,3 +165,42 @@ fn the_check_future_stays_small() {
     let size = std::mem::size_of_val(&e.check(&req));
     assert!(size <= 8192, "the Check future is {size} bytes");
 }
+
+#[test]
+fn a_jwt_key_that_cannot_be_used_is_counted_and_refuses_its_tokens() {
+    // A reload may name a variable this process never had (serve checks them only at start).
+    let with = |var: &str| {
+        format!(
+            "authz:\n  domain: edge\n  identity:\n    sources:\n      - jwt: {{hs256_secret_env: {var}}}\n        name: user\n      - client_ip\n"
+        )
+    };
+    let (e, _) = engine(&with("RATETHROTTLE_TEST_VARIABLE_NOBODY_SETS"));
+    assert_eq!(e.metrics().jwt_keys_skipped(), 1);
+    let mut text = String::new();
+    crate::telemetry::render_authz(&mut text, e.metrics(), 0, 0);
+    assert!(
+        text.contains("\nratethrottle_authz_jwt_keys_skipped 1\n"),
+        "{text}"
+    );
+    // The source verifies nothing: a token signed with any secret is not an identity.
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"sub": "alice"}),
+        &jsonwebtoken::EncodingKey::from_secret(b"guess"),
+    )
+    .unwrap();
+    let a = ask(
+        &e,
+        &Check::new("10.0.0.1").header("authorization", &format!("Bearer {token}")),
+    );
+    assert_eq!(
+        (a.http, a.header("x-ratethrottle-identity")),
+        (401, None),
+        "{a:?}"
+    );
+    assert!(a.body.contains("invalid_token"), "{}", a.body);
+    // A config whose keys all work clears the gauge.
+    let fine = "authz:\n  domain: edge\n  identity:\n    sources:\n      - jwt: {hs256_secret: s3cret}\n        name: user\n";
+    e.install(&parse_str("rt.yaml", fine).unwrap());
+    assert_eq!(e.metrics().jwt_keys_skipped(), 0);
+}

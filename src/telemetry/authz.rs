@@ -102,6 +102,8 @@ pub const STAGES: [(&str, &str); 21] = [
 pub struct AuthzMetrics {
     outcomes: [AtomicU64; Outcome::ALL.len()],
     stages: [AtomicU64; STAGES.len()],
+    /// JWT keys of the configuration in force that could not be used.
+    jwt_keys_skipped: AtomicU64,
 }
 
 impl AuthzMetrics {
@@ -111,6 +113,14 @@ impl AuthzMetrics {
 
     pub fn stage(&self, s: Stage) {
         self.stages[s as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn set_jwt_keys_skipped(&self, n: usize) {
+        self.jwt_keys_skipped.store(n as u64, Relaxed);
+    }
+
+    pub fn jwt_keys_skipped(&self) -> u64 {
+        self.jwt_keys_skipped.load(Relaxed)
     }
 
     pub fn get_stage(&self, s: Stage) -> u64 {
