@@ -193,3 +193,73 @@ async fn every_algorithm_enforces_the_scaled_limit_on_memory_redis_and_cluster()
         }
     }
 }
+
+/// A replica that joins reads the shared trust table in pages (HSCAN, ~20k entries a poll),
+/// never one reply of the whole table, and misses nothing written while it was reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_replica_loads_a_large_trust_table_in_pages_and_misses_no_change() {
+    use ratethrottle::anomaly::TrustTable;
+    use ratethrottle::runtime::adaptive::{RedisTrust, TrustSink};
+    use std::sync::Arc;
+    // Its own server: 30,000 writes in Lua would hold up the shared one past other tests'
+    // 15 ms deadlines.
+    let server = support::redis::RedisServer::start(&[]);
+    let config = fred::types::config::Config::from_url(&server.url()).unwrap();
+    let pool = fred::types::Builder::from_config(config)
+        .build_pool(2)
+        .unwrap();
+    fred::interfaces::ClientLike::init(&pool).await.unwrap();
+    let prefix = unique_prefix("trust-pages");
+    let sink =
+        |table: Arc<TrustTable>| TrustSink::Redis(RedisTrust::new(pool.clone(), &prefix, table));
+    const CALLERS: u64 = 30_000;
+    // Keys are identity hashes in production: spread them like hashes (the table's buckets
+    // and tags assume it), in a table big enough that none is evicted.
+    let key = |i: u64| xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes()) | 1;
+    let now = 1_800_000_000_000u64;
+    let writer = sink(Arc::new(TrustTable::new(1 << 20)));
+    let all: Vec<_> = (1..=CALLERS)
+        .map(|i| (key(i), Some((i % 1000) as u16), 100.0))
+        .collect();
+    writer.publish(&all, now).await.unwrap();
+
+    let table = Arc::new(TrustTable::new(1 << 20));
+    let reader = sink(table.clone());
+    let first = reader.poll().await.unwrap();
+    assert!(
+        first > 0 && first < CALLERS as usize,
+        "one poll read {first} of {CALLERS}: not paged"
+    );
+    // Written while the reader is part-way through its load.
+    writer
+        .publish(&[(key(7), Some(999), 1e9)], now + 2_000)
+        .await
+        .unwrap();
+    let mut polls = 1;
+    let mut read = first;
+    loop {
+        let n = reader.poll().await.unwrap();
+        polls += 1;
+        read += n;
+        if n == 0 || polls > 20 {
+            break;
+        }
+    }
+    assert!(
+        (3..20).contains(&polls),
+        "{polls} polls: paged, and caught up (a poll that reads nothing new)"
+    );
+    assert!(read >= CALLERS as usize, "{read} entries read");
+    for i in (1..=CALLERS).filter(|i| *i != 7) {
+        assert_eq!(
+            table.get(key(i), now),
+            Some((i % 1000) as u16),
+            "caller {i}"
+        );
+    }
+    assert_eq!(
+        table.get(key(7), now),
+        Some(999),
+        "the change made during the load"
+    );
+}

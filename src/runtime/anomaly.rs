@@ -273,7 +273,7 @@ impl Anomaly {
             }
             if now >= next_poll {
                 next_poll = now + crate::runtime::adaptive::POLL.as_millis() as u64;
-                if let Err(e) = self.trust_sink.poll(now).await {
+                if let Err(e) = self.trust_sink.poll().await {
                     self.metrics
                         .trust_errors
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
