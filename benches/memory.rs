@@ -75,7 +75,9 @@ fn child(algorithm: Algorithm, max_keys: usize, offered: u64) -> (u64, u64) {
         .expect("run case");
     assert!(out.status.success(), "case failed: {out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut it = text.split_whitespace().map(|v| v.parse::<u64>().expect("number"));
+    let mut it = text
+        .split_whitespace()
+        .map(|v| v.parse::<u64>().expect("number"));
     (it.next().expect("held"), it.next().expect("rss"))
 }
 
@@ -107,7 +109,10 @@ fn main() {
     );
     println!("|{:-<26}|{:->12}|{:->12}|{:->15}|", "", "", "", "");
     for algorithm in ALGORITHMS {
-        if filter.as_deref().is_some_and(|f| !algorithm.as_str().contains(f)) {
+        if filter
+            .as_deref()
+            .is_some_and(|f| !algorithm.as_str().contains(f))
+        {
             continue;
         }
         for &n in &sizes {

@@ -218,15 +218,27 @@ impl MemoryStore {
     ) -> Outcome {
         let mut maps = self.shard(key).lock();
         // The limit's algorithm says which map most likely holds the key: look there first.
-        let found = if limit.algorithm == Algorithm::FixedWindow {
-            maps.apply_fixed(key, limit, now, hits, rejected)
-        } else {
-            maps.apply_other(key, limit, now, hits, rejected)
-        };
-        match found {
-            Some(outcome) => outcome,
-            None => self.apply_elsewhere(&mut maps, key, limit, now, hits, rejected),
+        // (Written out rather than through `Maps::apply_fixed`/`apply_other`: returning the
+        // outcome through an `Option` cost a store-forwarding stall on every decision.)
+        if limit.algorithm == Algorithm::FixedWindow {
+            if let Some(slot) = maps.fixed.get_mut(&key) {
+                let mut state = slot.state();
+                let outcome = limit.check_and_update(&mut state, now, hits, rejected);
+                match FixedSlot::of(&state, outcome.expires_at) {
+                    Some(packed) => *slot = packed,
+                    None => maps.move_to_other(key, state, outcome.expires_at),
+                }
+                return outcome;
+            }
+        } else if let Some(slot) = maps.other.get_mut(&key) {
+            let outcome = limit.check_and_update(&mut slot.state, now, hits, rejected);
+            slot.expires_at = outcome.expires_at;
+            if matches!(slot.state.algo, AlgoState::FixedWindow(_)) {
+                maps.move_to_fixed(key);
+            }
+            return outcome;
         }
+        self.apply_elsewhere(&mut maps, key, limit, now, hits, rejected)
     }
 
     /// `apply` for a key not in the map its limit's algorithm suggests: in the other map (the
@@ -525,7 +537,11 @@ mod tests {
             for step in 0..200 {
                 let l = Limit {
                     unit: Unit::Second,
-                    block_duration: if next(3) == 0 { 2 * NANOS_PER_SECOND } else { 0 },
+                    block_duration: if next(3) == 0 {
+                        2 * NANOS_PER_SECOND
+                    } else {
+                        0
+                    },
                     ..limit(algorithms[next(6) as usize], 1 + next(5) as u32)
                 };
                 now += next(400_000_000);
