@@ -19,7 +19,9 @@ environment, like the test command). Rows:
      off/on/off/on..., the ratio of the medians is the cost of tracing.
   6. The anomaly module off vs on (ShouldRateLimit and Check, memory), `adaptive` on a rule
      vs off (ShouldRateLimit, memory and Redis): interleaved like 5, BENCH_ROUNDS runs each.
-`BENCH_ONLY=redis|anomaly|adaptive|tracing` runs only those rows.
+  7. Memory per tracked key of the in-memory store, per algorithm at 1M and 5M keys
+     (benches/memory.rs: RSS growth / keys, each case in a fresh process); its own table.
+`BENCH_ONLY=redis|anomaly|adaptive|tracing|memory` runs only those rows.
 CPU seconds per request = CPU time the server processes (sidecar, Redis, Envoy) used during
 the run / requests.
 """
@@ -518,13 +520,25 @@ def criterion_rows():
             ROWS.append(("in-process decisions (1 thread)", m.group(1), 1e9 / ns, None, None, None, f"{ns:.1f} ns"))
 
 
+def memory_rows():
+    """benches/memory.rs prints its own table (bytes per key, not requests per second)."""
+    out = subprocess.run(["cargo", "bench", "--locked", "--bench", "memory"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    return out.strip()
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="ratethrottle-bench.")
     try:
         print(f"benchmarks: {SECONDS}s per row, {os.cpu_count()} cores", flush=True)
         # BENCH_ONLY=redis: only the ShouldRateLimit rows (memory, Redis, Cluster);
-        # BENCH_ONLY=anomaly | adaptive | tracing: only that off-vs-on comparison.
+        # BENCH_ONLY=anomaly | adaptive | tracing: only that off-vs-on comparison;
+        # BENCH_ONLY=memory: only the memory store's bytes per key.
         only = os.environ.get("BENCH_ONLY")
+        memory = memory_rows() if only in (None, "memory") else None
+        if only == "memory":
+            print(memory)
+            return 0
         if not only:
             criterion_rows()
         if only in (None, "redis"):
@@ -543,6 +557,9 @@ def main():
     for suite, row, rps, p50, p99, cpu, note in ROWS:
         f = lambda v, spec: format(v, spec) if v is not None else "-"
         print(f"| {suite:<36} | {row:<44} | {rps:>10,.0f} | {f(p50, '>7.2f')} | {f(p99, '>7.2f')} | {f(cpu, '>10.1f')} | {note}")
+    if memory:
+        print()
+        print(memory)
 
 
 if __name__ == "__main__":

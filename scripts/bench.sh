@@ -5,8 +5,12 @@
 #   bash scripts/bench.sh            # full run (a few minutes)
 #   BENCH_SECONDS=3 bash scripts/bench.sh
 #   BENCH_ONLY=anomaly bash scripts/bench.sh   # only one comparison: anomaly, adaptive, tracing, redis
+#   BENCH_ONLY=memory bash scripts/bench.sh    # memory store bytes per key (no servers, no tools)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${BENCH_ONLY:-}" = memory ]; then
+    exec python3 scripts/bench.py "$@"
+fi
 missing=()
 command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)

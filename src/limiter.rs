@@ -20,6 +20,8 @@ mod token_bucket;
 mod tests;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+/// The fixed window's state: storage may keep its two numbers in a compact layout.
+pub use fixed_window::State as FixedWindowState;
 
 /// Nanoseconds since the Unix epoch. Windows are aligned to the epoch, as envoyproxy/ratelimit does.
 pub type Nanos = u64;

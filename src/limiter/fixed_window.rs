@@ -14,6 +14,24 @@ pub struct State {
     pub(super) count: u64,
 }
 
+impl State {
+    /// The state from its two numbers, for a store that keeps them in its own layout.
+    pub fn from_parts(window_start: Nanos, count: u64) -> Self {
+        State {
+            window_start,
+            count,
+        }
+    }
+
+    pub fn window_start(&self) -> Nanos {
+        self.window_start
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+}
+
 /// The window holding `now`, and its count. A clock that stepped back into an earlier window
 /// stays in the stored one, so a step back never hands out a second window's worth of hits.
 #[inline]
