@@ -10,6 +10,10 @@
 //!
 //! `cargo bench --locked --bench memory` (or `BENCH_ONLY=memory bash scripts/bench.sh`);
 //! `MEMORY_BENCH_KEYS=1000000,5000000` picks the sizes. Linux only (reads /proc/self/status).
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test harness: where the tools are (env) and wall-clock stamps"
+)]
 
 use ratethrottle::limiter::{Algorithm, Limit, NANOS_PER_SECOND, RejectedHits, Unit};
 use ratethrottle::storage::MemoryStore;
