@@ -20,14 +20,7 @@ use ratethrottle::storage::MemoryStore;
 use std::hint::black_box;
 use std::process::Command;
 
-const ALGORITHMS: [Algorithm; 6] = [
-    Algorithm::FixedWindow,
-    Algorithm::SlidingWindowLog,
-    Algorithm::SlidingWindowCounter,
-    Algorithm::TokenBucket,
-    Algorithm::LeakyBucket,
-    Algorithm::Gcra,
-];
+const ALGORITHMS: [Algorithm; 6] = Algorithm::ALL;
 const NOW: u64 = 1_800_000_000 * NANOS_PER_SECOND;
 const CASE_VAR: &str = "RATETHROTTLE_MEMORY_BENCH_CASE";
 

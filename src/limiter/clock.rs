@@ -123,15 +123,7 @@ mod tests {
     #[test]
     fn default_start_is_a_window_start_for_every_unit() {
         let start = ManualClock::default().now();
-        for unit in [
-            Unit::Second,
-            Unit::Minute,
-            Unit::Hour,
-            Unit::Day,
-            Unit::Week,
-            Unit::Month,
-            Unit::Year,
-        ] {
+        for unit in Unit::ALL {
             assert_eq!(start % unit.nanos(), 0, "{unit:?}");
         }
     }

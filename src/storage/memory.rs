@@ -514,14 +514,7 @@ mod tests {
         // One key through random algorithm changes (the rule edited), blocks, looks, refunds
         // and counted rejections: the store answers exactly like a single `CounterState`
         // driven by the limiter, whether the state is held unpacked (fixed window) or whole.
-        let algorithms = [
-            Algorithm::FixedWindow,
-            Algorithm::SlidingWindowLog,
-            Algorithm::SlidingWindowCounter,
-            Algorithm::TokenBucket,
-            Algorithm::LeakyBucket,
-            Algorithm::Gcra,
-        ];
+        let algorithms = Algorithm::ALL;
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = move |n: u64| {
             seed ^= seed << 13;
