@@ -203,9 +203,11 @@ async fn a_joining_replica_loads_a_large_trust_table_in_pages_and_misses_no_chan
     use std::sync::Arc;
     // Its own server: 30,000 writes in Lua would hold up the shared one past other tests'
     // 15 ms deadlines.
-    let server = support::redis::RedisServer::start(&[]);
+    let mut server = support::redis::RedisServer::start(&[]);
     let config = fred::types::config::Config::from_url(&server.url()).unwrap();
+    // Reconnecting, like the sidecar's own pool: the server is restarted below.
     let pool = fred::types::Builder::from_config(config)
+        .set_policy(fred::types::config::ReconnectPolicy::new_constant(0, 100))
         .build_pool(2)
         .unwrap();
     fred::interfaces::ClientLike::init(&pool).await.unwrap();
@@ -261,5 +263,30 @@ async fn a_joining_replica_loads_a_large_trust_table_in_pages_and_misses_no_chan
         table.get(key(7), now),
         Some(999),
         "the change made during the load"
+    );
+    // Redis starts over empty (no persistence): its change sequence restarts below the
+    // reader's. The reader notices, reloads, and reads what is written from then on.
+    server.restart();
+    let mut fresh = Vec::new();
+    for _ in 0..50 {
+        if writer
+            .publish(&[(key(8), Some(555), 1e9)], now + 10_000)
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..10 {
+        fresh.push(reader.poll().await);
+        if table.get(key(8), now) == Some(555) {
+            break;
+        }
+    }
+    assert_eq!(
+        table.get(key(8), now),
+        Some(555),
+        "after Redis lost its data: {fresh:?}"
     );
 }

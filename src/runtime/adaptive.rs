@@ -69,11 +69,13 @@ return 1
 const HOLD_MS: u64 = 60_000;
 
 /// Changes after sequence ARGV[1], oldest first, at most ARGV[2]; first the oldest sequence
-/// still in the log (a reader behind it missed trimmed changes and must reload).
+/// still in the log (a reader behind it missed trimmed changes and must reload) and the
+/// sequence now (below the reader's: Redis lost its data — a restart without persistence, a
+/// failover to a lagging replica — and the reader must reload too).
 const POLL_CHANGES: &str = r"
 local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')[2] or '0'
 local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
-local out = {oldest}
+local out = {oldest, redis.call('GET', KEYS[3]) or '0'}
 for i = 1, #ids, 2 do
   out[#out + 1] = ids[i]
   out[#out + 1] = ids[i + 1]
@@ -227,14 +229,16 @@ impl RedisTrust {
             Progress::Polling { seq } => {
                 let args = vec![seq.to_string(), POLL_LIMIT.to_string()];
                 let flat: Vec<String> = self.call(POLL_CHANGES, args).await?;
-                let Some((oldest, flat)) = flat.split_first() else {
-                    return Err("a change page without its oldest sequence".into());
+                let [oldest, now_seq, flat @ ..] = flat.as_slice() else {
+                    return Err("a change page without its sequences".into());
                 };
-                if oldest
+                let trimmed = oldest
                     .parse::<u64>()
-                    .is_ok_and(|o| o > seq.saturating_add(1))
-                {
-                    // Changes this replica never read were trimmed: read everything again.
+                    .is_ok_and(|o| o > seq.saturating_add(1));
+                let lost = now_seq.parse::<u64>().is_ok_and(|n| n < seq);
+                if trimmed || lost {
+                    // Changes this replica never read were trimmed, or Redis started over:
+                    // read everything again.
                     *self.progress.lock() = Progress::Loading {
                         cursor: "0".into(),
                         from_seq: None,
