@@ -21,7 +21,9 @@ environment, like the test command). Rows:
      vs off (ShouldRateLimit, memory and Redis): interleaved like 5, BENCH_ROUNDS runs each.
   7. Memory per tracked key of the in-memory store, per algorithm at 1M and 5M keys
      (benches/memory.rs: RSS growth / keys, each case in a fresh process); its own table.
-`BENCH_ONLY=redis|anomaly|adaptive|tracing|memory` runs only those rows.
+  8. The gRPC port's runtime layout: tokio's shared pool vs one single-threaded runtime per
+     core (`--grpc-threads`), interleaved like 5 (memory at 16x32 and 4x8, Check, Redis).
+`BENCH_ONLY=redis|anomaly|adaptive|tracing|memory|runtime` runs only those rows.
 CPU seconds per request = CPU time the server processes (sidecar, Redis, Envoy) used during
 the run / requests.
 """
@@ -174,10 +176,10 @@ def settings(tmp, storage, extra="", rule=""):
     return path
 
 
-def sidecar(tmp, storage, extra="", rule=""):
+def sidecar(tmp, storage, extra="", rule="", args=()):
     grpc, admin = free_port(), free_port()
     p = start([BIN, "serve", "--config", settings(tmp, storage, extra, rule), "--grpc-addr", f"127.0.0.1:{grpc}",
-               "--admin-addr", f"127.0.0.1:{admin}"], grpc)
+               "--admin-addr", f"127.0.0.1:{admin}", *args], grpc)
     return p, grpc, admin
 
 
@@ -402,19 +404,20 @@ ANOMALY = "anomaly:\n  enabled: true\n  warmup: 1h\n"
 ADAPTIVE = ", adaptive: {min_factor: 0.5, max_factor: 2.0}"
 
 
-def ab_rows(tmp, suite, rpc, storage, modes, body, rounds=ROUNDS):
+def ab_rows(tmp, suite, rpc, storage, modes, body, rounds=ROUNDS, conns=16, streams=32):
     """One setting off vs on, interleaved off/on/off/on... with a fresh sidecar per run; each
     mode's row is the median of its runs, and the `on` row carries the ratios to `off`.
-    `modes`: [(label, extra settings, extra inside the identity rule)] with `off` first."""
+    `modes`: [(label, extra settings, extra inside the identity rule[, serve flags])] with
+    `off` first."""
     log = os.path.join(tmp, "h2load-ab.log")
     path = RLS_PATH if rpc == "ShouldRateLimit" else CHECK_PATH
     counter = ("ratelimit_service_should_rate_limit_total" if rpc == "ShouldRateLimit"
                else 'ratethrottle_authz_checks_total{outcome="allowed"}')
-    runs = {label: [] for label, _, _ in modes}
+    runs = {mode[0]: [] for mode in modes}
     redis_side = redis_pids() if storage != "memory" else []
     for _ in range(rounds):
-        for label, extra, rule in modes:
-            p, grpc, admin = sidecar(tmp, storage, extra, rule)
+        for label, extra, rule, *args in modes:
+            p, grpc, admin = sidecar(tmp, storage, extra, rule, args[0] if args else ())
             probe(grpc)
             before = metric(admin, counter)
             h2load(grpc, body, log, streams=1, conns=1, path=path, requests=10)
@@ -422,7 +425,7 @@ def ab_rows(tmp, suite, rpc, storage, modes, body, rounds=ROUNDS):
                 raise SystemExit(f"probe failed for {rpc} {label}")
             pids = [p.pid] + redis_side
             c0, n0 = cpu_seconds(pids), metric(admin, counter)
-            rps, ok, lat = h2load(grpc, body, log, path=path)
+            rps, ok, lat = h2load(grpc, body, log, path=path, conns=conns, streams=streams)
             cpu = cpu_seconds(pids) - c0
             decided = metric(admin, counter) - n0
             extra_counts = {m: metric(admin, m) for m in (
@@ -436,7 +439,7 @@ def ab_rows(tmp, suite, rpc, storage, modes, body, rounds=ROUNDS):
     med = lambda xs: sorted(xs)[len(xs) // 2]
     off = modes[0][0]
     base = [med([r[i] for r in runs[off]]) for i in range(4)]
-    for label, _, _ in modes:
+    for label, *_ in modes:
         m = [med([r[i] for r in runs[label]]) for i in range(4)]
         note = f"median of {rounds} interleaved runs; req/s per run: " + ", ".join(f"{r[0]:,.0f}" for r in runs[label])
         if label != off:
@@ -455,6 +458,23 @@ def ab_rows(tmp, suite, rpc, storage, modes, body, rounds=ROUNDS):
                 if total or name.endswith("dropped_total") and "anomaly" in label:
                     note += f"; {int(total)} {short}"
         ROWS.append((suite, label, m[0], m[1], m[2], m[3], note))
+
+
+def runtime_rows(tmp):
+    """The gRPC port on tokio's shared pool vs one single-threaded runtime per core
+    (`--grpc-threads`), on memory (ShouldRateLimit at 16x32 and 4x8, Check) and one Redis."""
+    subprocess.run([OK_RLS, "--write-bodies", tmp], check=True)
+    cores = str(os.cpu_count())
+    modes = [("shared pool", "", "", ["--grpc-threads", "0"]),
+             (f"per core ({cores} threads)", "", "", ["--grpc-threads", cores])]
+    rls, check = os.path.join(tmp, "rls.bin"), os.path.join(tmp, "check.bin")
+    ab_rows(tmp, "gRPC ShouldRateLimit, memory (h2load 16x32)", "ShouldRateLimit", "memory", modes, rls)
+    ab_rows(tmp, "gRPC ShouldRateLimit, memory (h2load 4x8)", "ShouldRateLimit", "memory", modes, rls,
+            conns=4, streams=8)
+    ab_rows(tmp, "gRPC Check, memory (h2load 16x32)", "Check", "memory", modes, check)
+    if os.environ.get("RATETHROTTLE_TEST_REDIS_URL"):
+        ab_rows(tmp, "gRPC ShouldRateLimit, Redis (h2load 16x32)", "ShouldRateLimit",
+                os.environ["RATETHROTTLE_TEST_REDIS_URL"], modes, rls)
 
 
 def tracing_rows(tmp):
@@ -546,7 +566,8 @@ def main():
         if not only:
             envoy_rows(tmp)
             alert_rows(tmp)
-        for name, rows in (("anomaly", anomaly_rows), ("adaptive", adaptive_rows), ("tracing", tracing_rows)):
+        for name, rows in (("anomaly", anomaly_rows), ("adaptive", adaptive_rows), ("tracing", tracing_rows),
+                           ("runtime", runtime_rows)):
             if only in (None, name):
                 rows(tmp)
     finally:

@@ -6,6 +6,7 @@
 
 mod admin_http;
 pub mod listen;
+mod per_core;
 
 use crate::admin::{self, AdminState};
 use crate::alerts::{AlertTask, Alerts};
@@ -77,6 +78,9 @@ pub struct ConnectionOptions {
     /// After SIGTERM: requests in flight get this long to finish, then the process exits
     /// whatever is still connected.
     pub shutdown_drain: Duration,
+    /// gRPC connections are served on this many single-threaded runtimes, each connection on
+    /// one for its life (`server::per_core`); 0 serves them on the shared tokio pool.
+    pub grpc_threads: usize,
 }
 
 impl Default for ConnectionOptions {
@@ -85,6 +89,7 @@ impl Default for ConnectionOptions {
             handshake_timeout: Duration::from_secs(10),
             http2_keepalive: Duration::from_secs(30),
             shutdown_drain: Duration::from_secs(10),
+            grpc_threads: 0,
         }
     }
 }
@@ -454,8 +459,20 @@ impl BoundServer {
                 self.authz.clone(),
             )))
             .add_service(health_service)
-            .add_service(reflection)
-            .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
+            .add_service(reflection);
+        let grpc: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = match conns.grpc_threads {
+            0 => Box::pin(grpc.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()))),
+            threads => Box::pin(per_core::serve(
+                incoming,
+                threads,
+                conns.handshake_timeout,
+                stop_rx.clone(),
+                move |connections, stop| {
+                    grpc.clone()
+                        .serve_with_incoming_shutdown(connections, stopped(stop))
+                },
+            )),
+        };
         let admin = admin_http::serve(
             Incoming::new(
                 self.admin,

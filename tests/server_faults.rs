@@ -6,11 +6,14 @@
 
 mod support;
 
+use futures_util::StreamExt;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use support::Sidecar;
+
+type RlsClient = envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient<tonic::transport::Channel>;
 
 /// A raw TCP connection that sends `bytes` (maybe nothing) and then only listens.
 fn raw(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
@@ -401,4 +404,141 @@ fn serve_raises_the_soft_open_file_limit_to_the_hard_one() {
         "{}",
         sidecar.stderr()
     );
+}
+
+/// Both layouts of the gRPC port (tokio's shared pool, `RATETHROTTLE_GRPC_THREADS=0`, and one
+/// single-threaded runtime per core, `=2`), under load from many connections at once:
+/// - one counter hit from 8 connections admits exactly its limit (the threads share it);
+/// - SIGTERM with requests in flight on 8 connections answers every request that was sent
+///   before the stop with a decision, fails the later ones with a closed connection (never an
+///   answer that is neither), ends every client within the drain bound and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_connections_count_exactly_and_sigterm_under_load_answers_every_request_in_flight() {
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        "domain: d\ndescriptors:\n  - key: shared\n    rate_limit: {unit: hour, requests_per_unit: 250}\n  - key: free\n    rate_limit: {unit: hour, requests_per_unit: 1000000000}\n",
+    )
+    .expect("write config");
+    for threads in ["0", "2"] {
+        let mut sidecar = Sidecar::start_with_env(
+            Some(&config),
+            &[],
+            &[
+                ("RATETHROTTLE_GRPC_THREADS", threads),
+                ("RATETHROTTLE_SHUTDOWN_DRAIN_MS", "3000"),
+            ],
+        );
+        // The layout asked for is the one running: its serving threads are named.
+        let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", sidecar.child.id()))
+            .expect("tasks")
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_string())
+            .collect();
+        let serving = names.iter().filter(|n| n.starts_with("grpc-")).count();
+        assert_eq!(
+            serving,
+            if threads == "0" { 0 } else { 2 },
+            "threads: {names:?}"
+        );
+        // 8 connections × 100 requests, 10 in flight per connection, on one counter.
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let client = sidecar.client().await;
+            tasks.spawn(async move {
+                let calls = (0..100).map(|_| {
+                    let mut c = client.clone();
+                    async move {
+                        c.should_rate_limit(support::request("d", &[&[("shared", "x")]]))
+                            .await
+                            .expect("answered")
+                            .into_inner()
+                            .overall_code
+                    }
+                });
+                futures_util::stream::iter(calls)
+                    .buffer_unordered(10)
+                    .collect::<Vec<i32>>()
+                    .await
+            });
+        }
+        let codes: Vec<i32> = tasks.join_all().await.into_iter().flatten().collect();
+        let ok = codes.iter().filter(|&&c| c == Code::Ok as i32).count();
+        let over = codes
+            .iter()
+            .filter(|&&c| c == Code::OverLimit as i32)
+            .count();
+        assert_eq!((ok, over), (250, 550), "grpc threads {threads}");
+
+        // SIGTERM under load: each connection keeps 8 requests in flight until one fails. A
+        // request sent well before the signal (100 ms: the signal is a `kill` away) must be
+        // answered; one sent later may find the connection closing.
+        let sigterm_at = std::sync::Arc::new(std::sync::OnceLock::<Instant>::new());
+        let mut load = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let client = sidecar.client().await;
+            let sigterm_at = sigterm_at.clone();
+            load.spawn(async move {
+                let (mut answered, mut failed_in_flight) = (0u64, Vec::new());
+                let mut inflight = futures_util::stream::FuturesUnordered::new();
+                let send = |mut c: RlsClient| async move {
+                    let sent = Instant::now();
+                    let r = c
+                        .should_rate_limit(support::request("d", &[&[("free", "y")]]))
+                        .await;
+                    (r, sent)
+                };
+                for _ in 0..8 {
+                    inflight.push(send(client.clone()));
+                }
+                while let Some((r, sent)) = inflight.next().await {
+                    match r {
+                        Ok(a) => {
+                            assert_eq!(a.into_inner().overall_code, Code::Ok as i32);
+                            answered += 1;
+                            inflight.push(send(client.clone()));
+                        }
+                        Err(status) => {
+                            let in_flight = sigterm_at
+                                .get()
+                                .is_none_or(|&t| sent + Duration::from_millis(100) < t);
+                            if in_flight {
+                                failed_in_flight.push(status);
+                            }
+                        }
+                    }
+                }
+                (answered, failed_in_flight)
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let start = Instant::now();
+        let _ = sigterm_at.set(start);
+        sigterm(sidecar.child.id());
+        let ended = tokio::time::timeout(Duration::from_secs(3 + 10), load.join_all())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("grpc threads {threads}: a client still waits after SIGTERM")
+            });
+        for (answered, failed_in_flight) in &ended {
+            assert!(
+                *answered > 0,
+                "grpc threads {threads}: a connection got no answer"
+            );
+            assert!(
+                failed_in_flight.is_empty(),
+                "grpc threads {threads}: requests in flight at SIGTERM failed: {failed_in_flight:?}"
+            );
+        }
+        let status = exit_within(&mut sidecar, Duration::from_secs(3 + 10))
+            .unwrap_or_else(|| panic!("grpc threads {threads}: still running after SIGTERM"));
+        assert!(status.success(), "grpc threads {threads}: exit {status:?}");
+        eprintln!(
+            "grpc threads {threads}: {} answers under load, exited {:?} after SIGTERM",
+            ended.iter().map(|e| e.0).sum::<u64>(),
+            start.elapsed()
+        );
+    }
 }

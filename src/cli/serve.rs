@@ -78,6 +78,10 @@ pub struct ServeArgs {
     /// (Kubernetes default 30 s).
     #[arg(long, env = "RATETHROTTLE_SHUTDOWN_DRAIN_MS", default_value_t = 10_000)]
     shutdown_drain_ms: u64,
+    /// Serve gRPC connections on this many single-threaded runtimes, each connection pinned
+    /// to one (0: on the shared multi-threaded pool).
+    #[arg(long, env = "RATETHROTTLE_GRPC_THREADS", default_value_t = 0)]
+    grpc_threads: usize,
     /// Log as JSON lines.
     #[arg(long, env = "RATETHROTTLE_LOG_JSON")]
     log_json: bool,
@@ -202,6 +206,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
             handshake_timeout: Duration::from_millis(args.handshake_timeout_ms.max(1)),
             http2_keepalive: Duration::from_millis(args.http2_keepalive_ms.max(1)),
             shutdown_drain: Duration::from_millis(args.shutdown_drain_ms),
+            grpc_threads: args.grpc_threads,
         },
     };
     let result = rt.block_on(async move {

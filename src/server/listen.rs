@@ -183,6 +183,24 @@ impl Guarded {
     }
 }
 
+impl Guarded {
+    /// The socket, taken off this runtime's reactor so another runtime can serve it (the
+    /// per-core layout accepts on one runtime and serves on others). The handshake deadline
+    /// restarts where it is adopted.
+    pub fn into_std(self) -> io::Result<std::net::TcpStream> {
+        self.inner.into_std()
+    }
+
+    /// A socket handed over by another runtime's accept loop, registered with the current
+    /// runtime's reactor. Must be called inside the runtime that will serve it.
+    pub fn adopt(socket: std::net::TcpStream, handshake_timeout: Duration) -> io::Result<Guarded> {
+        Ok(Guarded::new(
+            TcpStream::from_std(socket)?,
+            handshake_timeout,
+        ))
+    }
+}
+
 impl tonic::transport::server::Connected for Guarded {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 

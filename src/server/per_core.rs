@@ -1,0 +1,116 @@
+//! The gRPC port's per-core layout: one accept loop hands each new connection, round robin, to
+//! one of N threads that each run a single-threaded tokio runtime and serve it there for its
+//! whole life.
+//!
+//! Why: on tokio's shared work-stealing pool a connection's HTTP/2 task and the task of each
+//! of its streams wake each other across threads, and every wake-up crosses the pool's shared
+//! queues. An Envoy keeps a few long-lived connections per worker, so pinning a connection to
+//! one thread keeps all of its work (decode, decide, encode, write) on one core with no cross-
+//! thread hand-off; the kernel spreads load over connections instead (see the README's
+//! "Performance" section for the measured figures).
+//!
+//! Owns: the serving threads and the round-robin hand-off. Must not touch: HTTP (tonic serves
+//! each connection), decisions, and the background tasks, which stay on the main runtime.
+
+use super::listen::{Guarded, Incoming};
+use futures_util::StreamExt;
+use std::future::Future;
+use std::io;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Connections accepted but not yet taken by their thread; accept waits when a thread is this
+/// far behind instead of queueing without bound.
+const HANDOFF_QUEUE: usize = 64;
+
+/// The accepted connections one serving thread gets, registered with its runtime as it polls.
+pub type Handed = futures_util::stream::Map<
+    ReceiverStream<std::net::TcpStream>,
+    Box<dyn FnMut(std::net::TcpStream) -> io::Result<Guarded> + Send>,
+>;
+
+/// Serves `incoming` on `threads` single-threaded runtimes: `serve(connections, stop)` runs on
+/// each (a tonic `Router::serve_with_incoming_shutdown`). The threads start here; the returned
+/// accept loop ends when every thread's server has returned, after `stop` turned true; the
+/// first error wins.
+pub fn serve<F, Fut>(
+    mut incoming: Incoming,
+    threads: usize,
+    handshake_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+    serve: F,
+) -> impl Future<Output = Result<(), tonic::transport::Error>> + Send
+where
+    F: Fn(Handed, watch::Receiver<bool>) -> Fut + Send + Clone + 'static,
+    Fut: Future<Output = Result<(), tonic::transport::Error>>,
+{
+    let mut queues = Vec::with_capacity(threads);
+    let mut done = Vec::with_capacity(threads);
+    for i in 0..threads.max(1) {
+        let (tx, rx) = mpsc::channel::<std::net::TcpStream>(HANDOFF_QUEUE);
+        let (done_tx, done_rx) = oneshot::channel();
+        let serve = serve.clone();
+        let stop = stop.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("grpc-{i}"))
+            .spawn(move || {
+                let adopt: Box<dyn FnMut(std::net::TcpStream) -> io::Result<Guarded> + Send> =
+                    Box::new(move |s| Guarded::adopt(s, handshake_timeout));
+                let connections = ReceiverStream::new(rx).map(adopt);
+                let result = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => Ok(rt.block_on(serve(connections, stop))),
+                    Err(e) => Err(e),
+                };
+                let _ = done_tx.send(result);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "starting a gRPC serving thread failed");
+            continue;
+        }
+        queues.push(tx);
+        done.push(done_rx);
+    }
+    async move {
+        let mut next = 0usize;
+        while !queues.is_empty() {
+            let conn = tokio::select! {
+                conn = incoming.next() => conn,
+                _ = stop.wait_for(|s| *s) => None,
+            };
+            let Some(Ok(conn)) = conn else { break };
+            let socket = match conn.into_std() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "handing a connection to its serving thread failed");
+                    continue;
+                }
+            };
+            if queues[next].send(socket).await.is_err() {
+                // That thread's server ended (it reports below); serve on the others.
+                queues.swap_remove(next);
+            }
+            next = if queues.is_empty() {
+                0
+            } else {
+                (next + 1) % queues.len()
+            };
+        }
+        drop(queues);
+        drop(incoming);
+        let mut result = Ok(());
+        for d in done {
+            match d.await {
+                Ok(Ok(Err(e))) if result.is_ok() => result = Err(e),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "a gRPC serving thread's runtime failed to start")
+                }
+                _ => {}
+            }
+        }
+        result
+    }
+}
