@@ -79,7 +79,8 @@ pub struct ConnectionOptions {
     /// whatever is still connected.
     pub shutdown_drain: Duration,
     /// gRPC connections are served on this many single-threaded runtimes, each connection on
-    /// one for its life (`server::per_core`); 0 serves them on the shared tokio pool.
+    /// one for its life (`server::per_core`); 0 serves them on the shared tokio pool. Default:
+    /// one per core the process may use (`default_grpc_threads`).
     pub grpc_threads: usize,
 }
 
@@ -89,9 +90,15 @@ impl Default for ConnectionOptions {
             handshake_timeout: Duration::from_secs(10),
             http2_keepalive: Duration::from_secs(30),
             shutdown_drain: Duration::from_secs(10),
-            grpc_threads: 0,
+            grpc_threads: default_grpc_threads(),
         }
     }
+}
+
+/// One serving thread per core this process may run on (its CPU affinity and cgroup quota,
+/// rounded up), at least one.
+pub fn default_grpc_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -79,9 +79,11 @@ pub struct ServeArgs {
     #[arg(long, env = "RATETHROTTLE_SHUTDOWN_DRAIN_MS", default_value_t = 10_000)]
     shutdown_drain_ms: u64,
     /// Serve gRPC connections on this many single-threaded runtimes, each connection pinned
-    /// to one (0: on the shared multi-threaded pool).
-    #[arg(long, env = "RATETHROTTLE_GRPC_THREADS", default_value_t = 0)]
-    grpc_threads: usize,
+    /// to one for its life (default: one per core available). 0 serves them on one shared
+    /// multi-threaded pool instead, which spreads the streams of a single connection over
+    /// every core: better only when one client connection carries all the load.
+    #[arg(long, env = "RATETHROTTLE_GRPC_THREADS")]
+    grpc_threads: Option<usize>,
     /// Log as JSON lines.
     #[arg(long, env = "RATETHROTTLE_LOG_JSON")]
     log_json: bool,
@@ -206,7 +208,9 @@ pub fn run(args: ServeArgs) -> ExitCode {
             handshake_timeout: Duration::from_millis(args.handshake_timeout_ms.max(1)),
             http2_keepalive: Duration::from_millis(args.http2_keepalive_ms.max(1)),
             shutdown_drain: Duration::from_millis(args.shutdown_drain_ms),
-            grpc_threads: args.grpc_threads,
+            grpc_threads: args
+                .grpc_threads
+                .unwrap_or_else(crate::server::default_grpc_threads),
         },
     };
     let result = rt.block_on(async move {
