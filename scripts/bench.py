@@ -565,7 +565,7 @@ def limitador_rows(tmp):
     """ShouldRateLimit, ratethrottle vs Limitador in the same h2load runs, interleaved over
     BENCH_ROUNDS rounds (one run of every row per round, a fresh server per run): memory at
     4x8 and 16x32; ratethrottle on Redis vs Limitador `redis_cached` and `redis` at 16x32."""
-    suite_mem = "ShouldRateLimit vs Limitador, memory"
+    suite_mem = "vs Limitador, memory"
     if not LIMITADOR:
         print("\n*** WARNING: the Limitador server (bench/limitador) did not build: no Limitador rows ***\n",
               file=sys.stderr, flush=True)
@@ -587,7 +587,7 @@ def limitador_rows(tmp):
                   (suite, "Limitador, memory", "limitador", ["memory"], conns, streams)]
     redis = os.environ.get("RATETHROTTLE_TEST_REDIS_URL")
     if redis:
-        suite = "ShouldRateLimit vs Limitador, Redis (h2load 16x32)"
+        suite = "vs Limitador, Redis (h2load 16x32)"
         cases += [(suite, "ratethrottle, Redis (exact)", "ratethrottle", redis, 16, 32),
                   (suite, "Limitador, redis_cached (approximate)", "limitador", ["redis_cached", redis], 16, 32),
                   (suite, "Limitador, redis (exact)", "limitador", ["redis", redis], 16, 32)]
