@@ -4,8 +4,10 @@
 # `redis_storage` alone: src/storage/keys.rs (built for the Redis storages) calls `bin::…`, a
 # module gated on `disk_storage` (RocksDB), which upstream's server always builds in, and `bin`
 # calls `Counter::variables_for_key`, gated the same way. Both are plain serde/postcard code, so
-# they are enabled for `redis_storage` too; nothing else changes, and RocksDB is never built. The crate comes from cargo (its registry cache, or a
-# `cargo fetch`) and is checked against its crates.io checksum.
+# they are enabled for `redis_storage` too; nothing else changes, and RocksDB is never built.
+# The crate comes from cargo (its registry cache, or a `cargo fetch`) and is checked against its
+# crates.io checksum. (Being a path dependency, its build shows three dead-code warnings from
+# the RocksDB key helpers.)
 set -euo pipefail
 cd "$(dirname "$0")"
 VERSION=0.14.0

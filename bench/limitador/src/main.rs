@@ -39,14 +39,15 @@
 //! Left out (off the ShouldRateLimit path or idle during the benchmark): the actix-web HTTP API
 //! (its own worker threads), the Kuadrant `CheckRateLimit`/`Report` service and gRPC
 //! reflection, the limits-file watcher, the OpenTelemetry exporter (off unless
-//! `--tracing-endpoint` is set; the per-request trace-context extraction is kept), custom
-//! metric labels, disk and distributed storages.
+//! `--tracing-endpoint` is set; the per-request trace-context extraction is kept), loading
+//! custom metric labels (the empty set is still read per request, as upstream does), disk and
+//! distributed storages.
 //!
 //! Usage: `limitador-bench-server LIMITS_FILE --rls-ip IP --rls-port PORT memory|redis URL|redis_cached URL`;
 //! on SIGTERM it prints its Prometheus metrics to stdout and exits (the benchmark's decision count).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
@@ -55,7 +56,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use limitador::counter::Counter;
-use limitador::limit::{Context, Limit, Namespace};
+use limitador::limit::{Context, Expression, Limit, Namespace};
 use limitador::storage::redis::{
     AsyncRedisStorage, CachedRedisStorageBuilder, DEFAULT_BATCH_SIZE, DEFAULT_FLUSHING_PERIOD_SEC,
     DEFAULT_MAX_CACHED_COUNTERS, DEFAULT_RESPONSE_TIMEOUT_MS,
@@ -174,9 +175,11 @@ async fn load_limits(limiter: &Limiter, path: &str) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// Upstream's `PrometheusMetrics` without custom/default labels (not configured by default).
+/// Upstream's `PrometheusMetrics`; custom labels stay empty (upstream's default: no
+/// `--custom-metric-labels` file), and there are no default labels.
 struct PrometheusMetrics {
     handle: metrics_exporter_prometheus::PrometheusHandle,
+    custom_labels: RwLock<HashMap<String, Expression>>,
 }
 
 impl PrometheusMetrics {
@@ -195,12 +198,24 @@ impl PrometheusMetrics {
             "Limitador is partitioned from backing datastore"
         );
         metrics::gauge!("datastore_partitioned").set(0);
-        Ok(Self { handle })
+        Ok(Self {
+            handle,
+            custom_labels: RwLock::default(),
+        })
     }
 
-    fn labels(namespace: &Namespace) -> Vec<(String, String)> {
-        // Upstream evaluates the (here empty) custom labels first, then adds the namespace.
-        let mut labels: Vec<(String, String)> = Vec::default();
+    fn labels(&self, namespace: &Namespace, ctx: &Context) -> Vec<(String, String)> {
+        // Upstream: the custom labels (none unless `--custom-metric-labels`), then the namespace.
+        let mut labels: Vec<(String, String)> = match self.custom_labels.read() {
+            Ok(custom) => custom
+                .iter()
+                .filter_map(|(label, exp)| match exp.eval(ctx) {
+                    Ok(Some(value)) => Some((label.to_string(), value)),
+                    _ => None,
+                })
+                .collect(),
+            Err(_) => Vec::default(),
+        };
         labels.push((
             "limitador_namespace".to_string(),
             namespace.as_ref().to_string(),
@@ -208,14 +223,14 @@ impl PrometheusMetrics {
         labels
     }
 
-    fn incr_authorized_calls(&self, namespace: &Namespace, hits_addend: u64) {
-        let labels = Self::labels(namespace);
+    fn incr_authorized_calls(&self, namespace: &Namespace, ctx: &Context, hits_addend: u64) {
+        let labels = self.labels(namespace, ctx);
         metrics::counter!("authorized_calls", &labels).increment(1);
         metrics::counter!("authorized_hits", &labels).increment(hits_addend);
     }
 
-    fn incr_limited_calls(&self, namespace: &Namespace) {
-        let labels = Self::labels(namespace);
+    fn incr_limited_calls(&self, namespace: &Namespace, ctx: &Context) {
+        let labels = self.labels(namespace, ctx);
         metrics::counter!("limited_calls", &labels).increment(1);
     }
 
@@ -292,10 +307,11 @@ impl RateLimitService for MyRateLimiter {
             }
         };
         let code = if result.limited {
-            self.metrics.incr_limited_calls(&namespace);
+            self.metrics.incr_limited_calls(&namespace, &ctx);
             Code::OverLimit
         } else {
-            self.metrics.incr_authorized_calls(&namespace, hits_addend);
+            self.metrics
+                .incr_authorized_calls(&namespace, &ctx, hits_addend);
             Code::Ok
         };
         Ok(Response::new(response(code)))
