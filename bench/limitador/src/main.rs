@@ -32,7 +32,11 @@
 //!   (a list of `Limit`s read with `serde_yaml`, applied with `configure_with`). The tracing
 //!   subscriber is upstream's default: a fmt layer filtered at ERROR, plus — for the Redis
 //!   storages only — the metrics layer that times `datastore` spans inside `should_rate_limit`
-//!   spans into the `datastore_latency` histogram (`limitador-server/src/metrics.rs`).
+//!   spans into the `datastore_latency` histogram (`limitador-server/src/metrics.rs`). That
+//!   layer has no level filter, so on the Redis storages every span of every crate (h2's,
+//!   hyper's, tower's TRACE spans too) is created and timed, as upstream's code reads; the
+//!   one knob that is not upstream's, `LIMITADOR_PORT_SPAN_LEVEL=info|debug|error|...`, caps
+//!   it, to measure that cost.
 //! - `limitador-server/src/prometheus_metrics.rs`: the global `metrics-exporter-prometheus`
 //!   recorder and the counters above.
 //!
@@ -521,10 +525,24 @@ fn configure_tracing_subscriber(storage: &StorageArg) {
                     PrometheusMetrics::record_datastore_latency,
                     vec!["datastore"],
                 );
-            tracing_subscriber::registry()
-                .with(metrics)
-                .with(fmt_layer(level))
-                .init()
+            // Upstream's metrics layer has no filter, so with it every span of every crate
+            // (h2's, hyper's and tower's TRACE spans included) is created and timed. Not
+            // upstream: LIMITADOR_PORT_SPAN_LEVEL=info (or debug, ...) caps that layer, to
+            // measure what those spans cost; unset, the layer is upstream's.
+            match std::env::var("LIMITADOR_PORT_SPAN_LEVEL")
+                .ok()
+                .filter(|l| !l.is_empty())
+                .and_then(|l| l.parse::<LevelFilter>().ok())
+            {
+                None => tracing_subscriber::registry()
+                    .with(metrics)
+                    .with(fmt_layer(level))
+                    .init(),
+                Some(cap) => tracing_subscriber::registry()
+                    .with(metrics.with_filter(cap))
+                    .with(fmt_layer(level))
+                    .init(),
+            }
         }
     }
 }
