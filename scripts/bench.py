@@ -632,6 +632,9 @@ def limitador_rows(tmp):
         note = f"median of {ROUNDS} interleaved runs; req/s per run: " + ", ".join(f"{r[0]:,.0f}" for r in runs[i])
         if redis and storage not in ("memory", ["memory"]):
             note += f"; incl. Redis {m[4]:.1f} µs/req"
+            if server == "limitador" and os.environ.get("LIMITADOR_PORT_SPAN_LEVEL"):
+                # Not upstream's setup: the port's tracing layer capped (bench/limitador).
+                note += f"; NOT upstream: spans capped at {os.environ['LIMITADOR_PORT_SPAN_LEVEL']}"
         if server == "ratethrottle":
             base[suite] = i
         else:
