@@ -23,7 +23,10 @@ environment, like the test command). Rows:
      (benches/memory.rs: RSS growth / keys, each case in a fresh process); its own table.
   8. The gRPC port's runtime layout: tokio's shared pool vs one single-threaded runtime per
      core (`--grpc-threads`), interleaved like 5 (memory at 16x32 and 4x8, Check, Redis).
-`BENCH_ONLY=redis|anomaly|adaptive|tracing|memory|runtime` runs only those rows.
+  9. ratethrottle vs Kuadrant Limitador (bench/limitador: its RLS server ported over the
+     `limitador` crate), ShouldRateLimit in the same h2load runs, interleaved: memory at 4x8 and
+     16x32, Redis vs Limitador's redis_cached and redis at 16x32, with ratios per round.
+`BENCH_ONLY=redis|anomaly|adaptive|tracing|memory|runtime|limitador` runs only those rows.
 CPU seconds per request = CPU time the server processes (sidecar, Redis, Envoy) used during
 the run / requests.
 """
@@ -529,6 +532,125 @@ def adaptive_rows(tmp):
                 [("adaptive off (anomaly on)", ANOMALY, ""), ("adaptive on the rule", ANOMALY, ADAPTIVE)], body)
 
 
+# bench/limitador: Kuadrant Limitador's RLS server ported over the `limitador` crate (see its
+# header comment); scripts/bench.sh builds it and sets this only when the build succeeded.
+LIMITADOR = os.environ.get("RATETHROTTLE_BENCH_LIMITADOR")
+# Upstream's limits-file format. The bench limit counts per api_key value, like the bench
+# rule of `settings()`; the probe limit (its own namespace, so it costs the bench requests
+# nothing) proves that the descriptor → CEL mapping really reaches a limit.
+LIMITADOR_LIMITS = (
+    "- namespace: bench\n  max_value: 1000000000\n  seconds: 3600\n  conditions: []\n"
+    "  variables:\n    - descriptors[0].api_key\n"
+    "- namespace: bench-probe\n  max_value: 1\n  seconds: 3600\n  conditions: []\n"
+    "  variables:\n    - descriptors[0].api_key\n"
+)
+
+
+def limitador_probe(port):
+    """Limitador answers OK on the bench domain, and a limit of 1 in the probe namespace
+    answers OK then OVER_LIMIT (h2load alone counts HTTP 200s even on gRPC errors)."""
+    probe(port)
+    codes = []
+    # A key of its own per run: on Redis the counters outlive the server.
+    key = f"probe-{time.time_ns()}"
+    for _ in range(2):
+        out = subprocess.run([BIN, "check", "--addr", f"127.0.0.1:{port}", "--domain", "bench-probe",
+                              "--descriptor", f"api_key={key}"], capture_output=True, text=True).stdout
+        codes.append(out.split("overall_code: ", 1)[-1].split()[0] if "overall_code: " in out else out)
+    if codes != ["OK", "OVER_LIMIT"]:
+        raise SystemExit(f"Limitador probe on {port}: the limit of 1 answered {codes}, not OK then OVER_LIMIT")
+
+
+def limitador_rows(tmp):
+    """ShouldRateLimit, ratethrottle vs Limitador in the same h2load runs, interleaved over
+    BENCH_ROUNDS rounds (one run of every row per round, a fresh server per run): memory at
+    4x8 and 16x32; ratethrottle on Redis vs Limitador `redis_cached` and `redis` at 16x32."""
+    suite_mem = "vs Limitador, memory"
+    if not LIMITADOR:
+        print("\n*** WARNING: the Limitador server (bench/limitador) did not build: no Limitador rows ***\n",
+              file=sys.stderr, flush=True)
+        ROWS.append((suite_mem, "Limitador: NOT BUILT (see the build error above)", 0, None, None, None, "skipped"))
+        return
+    subprocess.run([OK_RLS, "--write-bodies", tmp], check=True)
+    body = os.path.join(tmp, "rls.bin")
+    log = os.path.join(tmp, "h2load-limitador.log")
+    limits = os.path.join(tmp, "limitador-limits.yaml")
+    with open(limits, "w") as f:
+        f.write(LIMITADOR_LIMITS)
+    counter = "ratelimit_service_should_rate_limit_total"
+    # (suite, label, server, storage, conns, streams); each Limitador row is compared with the
+    # ratethrottle row of its suite (the first one).
+    cases = []
+    for conns, streams in ((4, 8), (16, 32)):
+        suite = f"{suite_mem} (h2load {conns}x{streams})"
+        cases += [(suite, "ratethrottle, memory", "ratethrottle", "memory", conns, streams),
+                  (suite, "Limitador, memory", "limitador", ["memory"], conns, streams)]
+    redis = os.environ.get("RATETHROTTLE_TEST_REDIS_URL")
+    if redis:
+        suite = "vs Limitador, Redis (h2load 16x32)"
+        cases += [(suite, "ratethrottle, Redis (exact)", "ratethrottle", redis, 16, 32),
+                  (suite, "Limitador, redis_cached (approximate)", "limitador", ["redis_cached", redis], 16, 32),
+                  (suite, "Limitador, redis (exact)", "limitador", ["redis", redis], 16, 32)]
+    runs = {i: [] for i in range(len(cases))}
+    for _ in range(ROUNDS):
+        for i, (suite, label, server, storage, conns, streams) in enumerate(cases):
+            redis_side = redis_pids() if storage not in ("memory", ["memory"]) else []
+            if server == "ratethrottle":
+                p, port, admin = sidecar(tmp, storage)
+                probe(port)
+                before = metric(admin, counter)
+                h2load(port, body, log, streams=1, conns=1, requests=10)
+                if metric(admin, counter) - before != 10:
+                    raise SystemExit(f"probe failed for {label}")
+                n0 = metric(admin, counter)
+            else:
+                port = free_port()
+                p = subprocess.Popen([LIMITADOR, limits, "--rls-ip", "127.0.0.1", "--rls-port", str(port), *storage],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                wait_port(port)
+                limitador_probe(port)
+            pids = [p.pid] + redis_side
+            c0, r0 = cpu_seconds(pids), cpu_seconds(redis_side)
+            rps, ok, lat = h2load(port, body, log, streams=streams, conns=conns)
+            cpu, redis_cpu = cpu_seconds(pids) - c0, cpu_seconds(redis_side) - r0
+            if server == "ratethrottle":
+                decided = metric(admin, counter) - n0
+                stop(p)
+            else:
+                stop(p)
+                # The exposition printed on SIGTERM; the bench probe was one authorized call.
+                m = re.search(r'^authorized_calls\{limitador_namespace="bench"\} (\d+)', p.stdout.read(), re.M)
+                decided = (int(m.group(1)) - 1) if m else 0
+            if decided < ok * 0.99:
+                raise SystemExit(f"{label}: only {int(decided)} of {ok} answers were OK decisions")
+            p50, p99 = percentiles(lat)
+            runs[i].append((rps, p50, p99, cpu / max(decided, 1) * 1e6, redis_cpu / max(decided, 1) * 1e6))
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    base = {}
+    for i, (suite, label, server, storage, conns, streams) in enumerate(cases):
+        m = [med([r[k] for r in runs[i]]) for k in range(5)]
+        note = f"median of {ROUNDS} interleaved runs; req/s per run: " + ", ".join(f"{r[0]:,.0f}" for r in runs[i])
+        if redis and storage not in ("memory", ["memory"]):
+            note += f"; incl. Redis {m[4]:.1f} µs/req"
+            if server == "limitador" and os.environ.get("LIMITADOR_PORT_SPAN_LEVEL"):
+                # Not upstream's setup: the port's tracing layer capped (bench/limitador).
+                note += f"; NOT upstream: spans capped at {os.environ['LIMITADOR_PORT_SPAN_LEVEL']}"
+        if server == "ratethrottle":
+            base[suite] = i
+        else:
+            b = runs[base[suite]]
+            bm = [med([r[k] for r in b]) for k in range(4)]
+            # Targets are stated as ratethrottle ÷ Limitador: req/s above 1 is ratethrottle
+            # faster; p99 and CPU/req below 1 are ratethrottle lower. The paired figure is the
+            # median of the per-round ratios (each round's two runs are seconds apart, so the
+            # machine's drift between rounds cancels).
+            pair = lambda k: med([o[k] / max(r[k], 1e-9) for o, r in zip(b, runs[i])])
+            note += (f"; ratethrottle ÷ Limitador: req/s {bm[0] / max(m[0], 1):.2f}x, p99 {bm[2] / max(m[2], 1e-9):.2f}x, "
+                     f"CPU/req {bm[3] / max(m[3], 1e-9):.2f}x; paired: req/s {pair(0):.2f}x, p99 {pair(2):.2f}x, "
+                     f"CPU/req {pair(3):.2f}x")
+        ROWS.append((suite, label, m[0], m[1], m[2], m[3], note))
+
+
 def criterion_rows():
     out = subprocess.run(["cargo", "bench", "--locked", "--bench", "decisions", "--", "--warm-up-time", "1",
                           "--measurement-time", str(max(2, SECONDS // 3)), "--output-format", "bencher"],
@@ -553,6 +675,7 @@ def main():
         print(f"benchmarks: {SECONDS}s per row, {os.cpu_count()} cores", flush=True)
         # BENCH_ONLY=redis: only the ShouldRateLimit rows (memory, Redis, Cluster);
         # BENCH_ONLY=anomaly | adaptive | tracing: only that off-vs-on comparison;
+        # BENCH_ONLY=limitador: only ratethrottle vs Limitador;
         # BENCH_ONLY=memory: only the memory store's bytes per key.
         only = os.environ.get("BENCH_ONLY")
         memory = memory_rows() if only in (None, "memory") else None
@@ -567,7 +690,7 @@ def main():
             envoy_rows(tmp)
             alert_rows(tmp)
         for name, rows in (("anomaly", anomaly_rows), ("adaptive", adaptive_rows), ("tracing", tracing_rows),
-                           ("runtime", runtime_rows)):
+                           ("runtime", runtime_rows), ("limitador", limitador_rows)):
             if only in (None, name):
                 rows(tmp)
     finally:
