@@ -89,15 +89,7 @@ where
                     continue;
                 }
             };
-            if queues[next].send(socket).await.is_err() {
-                // That thread's server ended (it reports below); serve on the others.
-                queues.swap_remove(next);
-            }
-            next = if queues.is_empty() {
-                0
-            } else {
-                (next + 1) % queues.len()
-            };
+            hand_off(&mut queues, &mut next, socket).await;
         }
         drop(queues);
         drop(incoming);
@@ -112,5 +104,78 @@ where
             }
         }
         result
+    }
+}
+
+/// Gives `socket` to the next thread in turn that has room (a thread that is behind is
+/// skipped, not waited for); waits for the next one only when every queue is full. A thread
+/// whose server ended is dropped from the turn and the socket goes to another.
+async fn hand_off(
+    queues: &mut Vec<mpsc::Sender<std::net::TcpStream>>,
+    next: &mut usize,
+    mut socket: std::net::TcpStream,
+) {
+    'turn: while !queues.is_empty() {
+        for k in 0..queues.len() {
+            let i = (*next + k) % queues.len();
+            match queues[i].try_send(socket) {
+                Ok(()) => {
+                    *next = (i + 1) % queues.len();
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Full(s)) => socket = s,
+                Err(mpsc::error::TrySendError::Closed(s)) => {
+                    socket = s;
+                    queues.swap_remove(i);
+                    *next = 0;
+                    continue 'turn;
+                }
+            }
+        }
+        let i = *next % queues.len();
+        match queues[i].send(socket).await {
+            Ok(()) => {
+                *next = (i + 1) % queues.len();
+                return;
+            }
+            Err(mpsc::error::SendError(s)) => {
+                socket = s;
+                queues.swap_remove(i);
+                *next = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn hand_off_takes_turns_skips_a_full_thread_and_drops_an_ended_one() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let socket = || std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (tx0, mut rx0) = mpsc::channel(1);
+        let (tx1, mut rx1) = mpsc::channel(1);
+        let (tx2, rx2) = mpsc::channel(1);
+        let mut queues = vec![tx0, tx1, tx2];
+        let mut next = 0;
+        hand_off(&mut queues, &mut next, socket()).await;
+        hand_off(&mut queues, &mut next, socket()).await;
+        assert!(
+            rx0.try_recv().is_ok() && rx1.try_recv().is_ok(),
+            "one each, in turn"
+        );
+        // Thread 2's server ended: its socket goes to another thread, and it leaves the turn.
+        drop(rx2);
+        hand_off(&mut queues, &mut next, socket()).await;
+        assert_eq!(queues.len(), 2);
+        assert!(rx0.try_recv().is_ok());
+        // Thread 1, next in turn, is behind (its queue full): the socket goes to thread 0.
+        assert_eq!(next, 1);
+        queues[1].try_send(socket()).unwrap();
+        hand_off(&mut queues, &mut next, socket()).await;
+        assert!(rx0.try_recv().is_ok(), "the full thread was skipped");
+        assert!(rx1.try_recv().is_ok() && rx1.try_recv().is_err());
     }
 }
