@@ -312,3 +312,112 @@ async fn a_failed_batch_answers_every_request_by_the_failure_mode() {
     let (batches, batched) = coalesced(&storage);
     assert!(batches > 0 && batched > batches, "{batched} in {batches}");
 }
+
+/// The batch function keeps a fixed-window key's state for the whole call and writes it once
+/// at the end: one batch of requests — most on one hot key, with a two-op request and a
+/// negative one on that key in the middle (the general path, which must read what the batch
+/// wrote so far), looks (0 hits), counted rejections, another algorithm — answers every
+/// request and leaves every hash exactly as the same requests sent one per call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_batch_decides_and_writes_as_the_same_requests_one_per_call() {
+    let storage = store(
+        &support::redis::standalone_url(),
+        "hot-batch",
+        Duration::from_secs(5),
+        FailureMode::Deny,
+    )
+    .await;
+    let redis = storage.redis().expect("redis");
+    let fixed = limit(Algorithm::FixedWindow, 6);
+    let gcra = limit(Algorithm::Gcra, 4);
+    let bucket = limit(Algorithm::TokenBucket, 3);
+    // (ops as (key, limit, hits, negative), rejected hits)
+    type Spec = (Vec<(u128, Limit, u32, bool)>, RejectedHits);
+    let one = |hits: u32| -> Spec { (vec![(1, fixed, hits, false)], RejectedHits::Free) };
+    let mut specs: Vec<Spec> = Vec::new();
+    specs.extend((0..3).map(|_| one(1)));
+    specs.push((
+        vec![(1, fixed, 1, false), (2, gcra, 1, false)],
+        RejectedHits::Free,
+    ));
+    specs.push(one(0));
+    specs.extend((0..4).map(|_| one(1)));
+    specs.push((vec![(1, fixed, 1, false)], RejectedHits::Counted));
+    specs.push((vec![(1, fixed, 2, true)], RejectedHits::Free));
+    specs.push((vec![(3, bucket, 1, false)], RejectedHits::Free));
+    specs.extend((0..3).map(|_| one(1)));
+    specs.push((vec![(1, fixed, 3, false)], RejectedHits::Counted));
+    specs.push(one(1));
+    let requests = |prefix: &str| -> Vec<BatchRequest> {
+        specs
+            .iter()
+            .map(|(ops, rejected)| BatchRequest {
+                ops: ops
+                    .iter()
+                    .map(|&(key, l, hits, negative)| ScriptOp {
+                        hits,
+                        negative,
+                        ..op(prefix, key, l)
+                    })
+                    .collect(),
+                rejected: *rejected,
+                now: NOW,
+            })
+            .collect()
+    };
+    let (batched, alone) = (unique_prefix("hot-b"), unique_prefix("hot-a"));
+    let in_one = redis
+        .decide_batch(&requests(&batched))
+        .await
+        .expect("the batch call");
+    let mut one_by_one = Vec::new();
+    for r in requests(&alone) {
+        let mut answer = redis.decide_batch(&[r]).await.expect("a call");
+        one_by_one.push(answer.pop().expect("one answer"));
+    }
+    assert_eq!(in_one.len(), specs.len());
+    for (i, (a, b)) in in_one.iter().zip(&one_by_one).enumerate() {
+        let (a, b) = (a.as_ref().expect("answered"), b.as_ref().expect("answered"));
+        assert_eq!(a, b, "request {i}: {:?}", specs[i]);
+    }
+    let admitted = in_one
+        .iter()
+        .filter(|a| a.as_ref().is_ok_and(|o| o.iter().all(|o| o.allowed)))
+        .count();
+    assert!(
+        admitted > 3 && admitted < specs.len(),
+        "some admitted, some not: {admitted}"
+    );
+    let url = support::redis::standalone_url();
+    let port: u16 = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').split('/').next()?.parse().ok())
+        .expect("standalone port");
+    for key in [1u128, 2, 3] {
+        let state = |prefix: &str| {
+            let mut fields: Vec<String> = cli(port, &["hgetall", &redis_key(prefix, key)])
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+                .chunks(2)
+                .map(|kv| kv.join("="))
+                .collect();
+            fields.sort();
+            fields
+        };
+        let ttl = |prefix: &str| -> i64 {
+            cli(port, &["pttl", &redis_key(prefix, key)])
+                .trim()
+                .parse()
+                .expect("pttl")
+        };
+        assert_eq!(state(&batched), state(&alone), "key {key}");
+        assert!(!state(&batched).is_empty(), "key {key} written");
+        let (tb, ta) = (ttl(&batched), ttl(&alone));
+        assert!(
+            tb > 0 && (tb - ta).abs() < 5_000,
+            "key {key}: pttl {tb} vs {ta}"
+        );
+    }
+}

@@ -1728,6 +1728,63 @@ local function fast_in_place(ARGV, i, now, counted)
   return { allowed and 1 or 0, remaining, reset, expires }
 end
 
+-- Batch: fixed-window states read and changed by the fast path in this call, by hash key, so
+-- a key that many requests of one batch hit (a hot API key, a flood) is read once and written
+-- once — HSET of the fields that changed and the last PEXPIRE — instead of HMGET, HSET and
+-- PEXPIRE per request. The end state is the one the requests would leave one by one: the
+-- script runs atomically (nobody reads in between), later writes of a field replace earlier
+-- ones, and the last PEXPIRE wins. Kept: r (the HMGET reply, updated as Redis would return
+-- it: `a` as its string, numbers as numbers — FAST[FIXED] compares `a` with '1' and reads
+-- the others by arithmetic), f (field → value to write), ms (the PEXPIRE to send).
+-- Flushed (written and forgotten) before a request takes another path that may read the
+-- same hashes, before an error reply, and at the end.
+local FIXED_AT = { a = 1, b = 2, s = 3, c = 4 }
+-- A fixed-window op's algorithm argument, as ARGV carries it.
+local FIXED_CODE = '1'
+
+local function batch_flush(cache)
+  for hk, e in pairs(cache) do
+    local n = 0
+    for f, v in pairs(e.f) do
+      hset[n + 1], hset[n + 2] = f, v
+      n = n + 2
+    end
+    if n > 0 then
+      redis.call('HSET', hk, unpack(hset, 1, n))
+    end
+    if e.ms then
+      redis.call('PEXPIRE', hk, e.ms)
+    end
+  end
+end
+
+-- fast_in_place for a fixed-window op, on the batch's cached state of its key.
+local function fast_fixed_cached(cache, ARGV, i, now, counted)
+  local hk = ARGV[i]
+  local e = cache[hk]
+  if not e then
+    e = { r = READ[FIXED](hk), f = {}, ms = nil }
+    cache[hk] = e
+  end
+  local r = e.r
+  local allowed, remaining, reset, expires, n, ms = FAST[FIXED](r, ARGV, i, now, counted, ARGV[i + 6] + 0, hset)
+  if allowed == nil then
+    return nil
+  end
+  if ms then
+    for m = 1, n, 2 do
+      local f, v = hset[m], hset[m + 1]
+      e.f[f] = v
+      if f == 'a' then
+        v = tostring(v)
+      end
+      r[FIXED_AT[f]] = v
+    end
+    e.ms = ms
+  end
+  return { allowed and 1 or 0, remaining, reset, expires }
+end
+
 -- Batch helper: one request decided as main decides it, from KEYS/ARGV tables built for it.
 -- Appends its reply (or its error) to out; returns the new lengths of out and the ARGV offset.
 local function decide_in_table(KEYS, ARGV, out, o, i, nops, now, rejected)
@@ -1777,12 +1834,14 @@ local function main_batch(KEYS, ARGV)
   local out, o = {}, 0
   local i, n = 2, #ARGV
   local clock
+  local cache = {}
   while i <= n do
     local now = tonumber(ARGV[i]) or 0
     local rejected = ARGV[i + 1]
     local nops = tonumber(ARGV[i + 2]) or 0
     i = i + 3
     if nops < 1 or nops ~= floor(nops) or i + 9 * nops - 1 > n then
+      batch_flush(cache)
       return redis.error_reply('ERR ratethrottle batch: malformed request at argument ' .. (i - 3))
     end
     if now <= 0 then
@@ -1795,7 +1854,16 @@ local function main_batch(KEYS, ARGV)
     local reply = nil
     if nops == 1 and ARGV[i + 8] == '0' then
       -- The common request, one op: the fast path reads its arguments in place.
-      local ok, r = pcall(fast_in_place, ARGV, i, now, rejected == '1')
+      local ok, r
+      if ARGV[i + 1] == FIXED_CODE then
+        ok, r = pcall(fast_fixed_cached, cache, ARGV, i, now, rejected == '1')
+      else
+        if cache[ARGV[i]] then
+          batch_flush(cache)
+          cache = {}
+        end
+        ok, r = pcall(fast_in_place, ARGV, i, now, rejected == '1')
+      end
       if not ok then
         reply = r
       elseif r then
@@ -1814,8 +1882,11 @@ local function main_batch(KEYS, ARGV)
       o = o + 2
       i = i + 9 * nops
     else
+      batch_flush(cache)
+      cache = {}
       o, i = decide_in_table(KEYS, ARGV, out, o, i, nops, now, rejected)
     end
   end
+  batch_flush(cache)
   return out
 end
