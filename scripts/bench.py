@@ -407,7 +407,7 @@ ANOMALY = "anomaly:\n  enabled: true\n  warmup: 1h\n"
 ADAPTIVE = ", adaptive: {min_factor: 0.5, max_factor: 2.0}"
 
 
-def ab_rows(tmp, suite, rpc, storage, modes, body, rounds=ROUNDS, conns=16, streams=32):
+def ab_rows(tmp, suite, rpc, storage, modes, body, rounds=ROUNDS, conns=16, streams=32, redis_cpu=False):
     """One setting off vs on, interleaved off/on/off/on... with a fresh sidecar per run; each
     mode's row is the median of its runs, and the `on` row carries the ratios to `off`.
     `modes`: [(label, extra settings, extra inside the identity rule[, serve flags])] with
@@ -417,7 +417,7 @@ def ab_rows(tmp, suite, rpc, storage, modes, body, rounds=ROUNDS, conns=16, stre
     counter = ("ratelimit_service_should_rate_limit_total" if rpc == "ShouldRateLimit"
                else 'ratethrottle_authz_checks_total{outcome="allowed"}')
     runs = {mode[0]: [] for mode in modes}
-    redis_side = redis_pids() if storage != "memory" else []
+    redis_side = redis_pids() if storage != "memory" or redis_cpu else []
     for _ in range(rounds):
         for label, extra, rule, *args in modes:
             p, grpc, admin = sidecar(tmp, storage, extra, rule, args[0] if args else ())
@@ -461,6 +461,20 @@ def ab_rows(tmp, suite, rpc, storage, modes, body, rounds=ROUNDS, conns=16, stre
                 if total or name.endswith("dropped_total") and "anomaly" in label:
                     note += f"; {int(total)} {short}"
         ROWS.append((suite, label, m[0], m[1], m[2], m[3], note))
+
+
+def redis_ratio_rows(tmp):
+    """Memory vs one Redis, ShouldRateLimit at 16x32, interleaved memory/Redis/memory/Redis...:
+    the paired ratio of CPU per decision cancels the machine's drift between rounds, which
+    two rows measured minutes apart do not. Every Redis process's CPU counts in both modes
+    (idle on the memory runs)."""
+    url = os.environ.get("RATETHROTTLE_TEST_REDIS_URL")
+    if not url:
+        return
+    subprocess.run([OK_RLS, "--write-bodies", tmp], check=True)
+    ab_rows(tmp, "gRPC ShouldRateLimit, memory vs Redis (h2load 16x32)", "ShouldRateLimit", "memory",
+            [("memory", "", "", []), ("one Redis", "", "", ["--storage", url])],
+            os.path.join(tmp, "rls.bin"), redis_cpu=True)
 
 
 def runtime_rows(tmp):
@@ -686,6 +700,7 @@ def main():
             criterion_rows()
         if only in (None, "redis"):
             grpc_rows(tmp)
+            redis_ratio_rows(tmp)
         if not only:
             envoy_rows(tmp)
             alert_rows(tmp)
