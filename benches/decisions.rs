@@ -1,6 +1,7 @@
 //! Decisions per second, in process, one thread: each algorithm on one hot key and on one
 //! million distinct keys, through the memory store and through the whole engine (match +
-//! key digest + store). Fixed seed, fixed scenario table.
+//! key digest + store); a lookup in an allow/block list of 50,000 networks. Fixed seed, fixed
+//! scenario table.
 // The engine's request future nests deeply (storage coalescing): rustc's default layout
 // query depth is not enough for crates that await it.
 #![recursion_limit = "256"]
@@ -223,5 +224,32 @@ fn adaptive(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, store, engine, adaptive);
+/// An allow/block list of 50,000 /24 networks (the CIDR trie): one lookup of an address in a
+/// listed network and one outside all of them.
+fn lists(c: &mut Criterion) {
+    use ratethrottle::lists::cidr::parse_addr;
+    use ratethrottle::lists::{CompiledList, EntrySource, ListEntry};
+    let list = CompiledList::build((0..50_000u32).map(|i| ListEntry {
+        value: format!("1.{}.{}.0/24", i / 256, i % 256),
+        reason: String::new(),
+        code: None,
+        expires_at_ms: None,
+        added_at_ms: 0,
+        source: EntrySource::Runtime,
+    }));
+    let mut g = c.benchmark_group("lists");
+    g.throughput(Throughput::Elements(1));
+    for (name, addr) in [
+        ("50k_networks_hit", "1.0.200.77"),
+        ("50k_networks_miss", "1.196.0.1"),
+    ] {
+        let a = parse_addr(addr).expect("address");
+        g.bench_function(name, |b| {
+            b.iter(|| list.match_addr(black_box(a), 0).is_some())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, store, engine, adaptive, lists);
 criterion_main!(benches);

@@ -349,29 +349,25 @@ mod tests {
     }
 
     #[test]
-    fn tens_of_thousands_of_networks_stay_fast() {
+    fn tens_of_thousands_of_networks_match_exactly() {
+        // 50,000 /24s: 1.0.0.0/24 .. 1.195.79.0/24. (Lookup speed is measured in
+        // `cargo bench`, not asserted here.)
         let entries: Vec<ListEntry> = (0..50_000u32)
-            .map(|i| {
-                entry(
-                    &format!("{}.{}.{}.0/24", 1 + i / 65_536, (i / 256) % 256, i % 256),
-                    None,
-                )
-            })
+            .map(|i| entry(&format!("1.{}.{}.0/24", i / 256, i % 256), None))
             .collect();
         let l = CompiledList::build(entries);
-        let probe = parse_addr("1.0.200.77").unwrap();
-        let start = std::time::Instant::now();
-        let mut hits = 0;
-        for _ in 0..100_000 {
-            hits += usize::from(l.match_addr(std::hint::black_box(probe), 0).is_some());
+        for (addr, listed) in [
+            ("1.0.0.1", true),
+            ("1.0.200.77", true),
+            ("1.195.79.255", true),
+            ("1.195.80.1", false),
+            ("1.196.0.1", false),
+            ("2.0.0.1", false),
+            ("0.255.255.255", false),
+        ] {
+            let probe = parse_addr(addr).unwrap();
+            assert_eq!(l.match_addr(probe, 0).is_some(), listed, "{addr}");
         }
-        assert_eq!(hits, 100_000);
-        // A scan of 50k entries per lookup would take seconds; the trie takes milliseconds.
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(2),
-            "{:?}",
-            start.elapsed()
-        );
     }
 
     #[test]

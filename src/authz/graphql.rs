@@ -489,7 +489,8 @@ mod tests {
         }
         q.push_str(" fragment F5000 on A { z }");
         assert!(analyse(&q).is_err());
-        // Fan-out: each fragment spreads the next twice; memoised, so this is instant.
+        // Fan-out: each fragment spreads the next twice: 2^60 visits unmemoised (the test
+        // would never end), one per fragment memoised.
         let mut q = String::from("{ ...F0 }");
         for i in 0..60 {
             q.push_str(&format!(
@@ -498,11 +499,9 @@ mod tests {
             ));
         }
         q.push_str(" fragment F60 on A { z }");
-        let start = std::time::Instant::now();
         let a = analyse(&q).unwrap();
         assert_eq!(a.depth, 61);
         assert!(a.complexity > 1 << 60, "{}", a.complexity);
-        assert!(start.elapsed() < std::time::Duration::from_secs(1));
     }
 
     #[test]
