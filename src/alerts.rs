@@ -527,6 +527,8 @@ mod tests {
         let f = dir.path().join("key");
         std::fs::write(&f, "s3cret\n").unwrap();
         assert_eq!(resolve(&SecretRef::File(f), &env).unwrap(), "s3cret");
+        let build_with =
+            |s: &AlertSettings| build(s, &env, "r".into(), Arc::new(crate::limiter::SystemClock));
         let mut settings = AlertSettings::default();
         settings.sinks.push(crate::config::alerts::SinkConfig {
             name: "am".into(),
@@ -536,38 +538,20 @@ mod tests {
             signature_header: "x".into(),
             min_severity: Severity::Info,
         });
-        let e = build(
-            &settings,
-            &env,
-            "r".into(),
-            Arc::new(crate::limiter::SystemClock),
-        )
-        .unwrap_err();
+        let e = build_with(&settings).unwrap_err();
         assert_eq!(
             e,
             "alerts.sinks[0].url: environment variable MISSING is not set"
         );
         settings.sinks[0].url = SecretRef::Env("HOOK".into());
-        let (alerts, task) = build(
-            &settings,
-            &env,
-            "r".into(),
-            Arc::new(crate::limiter::SystemClock),
-        )
-        .unwrap();
+        let (alerts, task) = build_with(&settings).unwrap();
         assert_eq!(alerts.sinks()[0].name, "am");
         assert_eq!(
             task.inner.sinks[0].url.to_string(),
             "http://127.0.0.1:9/h/api/v2/alerts"
         );
         settings.sinks[0].url = SecretRef::Literal("ftp://x".into());
-        let e = build(
-            &settings,
-            &env,
-            "r".into(),
-            Arc::new(crate::limiter::SystemClock),
-        )
-        .unwrap_err();
+        let e = build_with(&settings).unwrap_err();
         assert!(
             e.starts_with("alerts.sinks[0].url: unsupported scheme"),
             "{e}"

@@ -415,13 +415,10 @@ fn serve_raises_the_soft_open_file_limit_to_the_hard_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_connections_count_exactly_and_sigterm_under_load_answers_every_request_in_flight() {
     use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
+    let (_dir, config) = support::config_file(
+        "config.yaml",
         "domain: d\ndescriptors:\n  - key: shared\n    rate_limit: {unit: hour, requests_per_unit: 250}\n  - key: free\n    rate_limit: {unit: hour, requests_per_unit: 1000000000}\n",
-    )
-    .expect("write config");
+    );
     for threads in ["0", "2"] {
         let mut sidecar = Sidecar::start_with_env(
             Some(&config),
@@ -540,5 +537,36 @@ async fn many_connections_count_exactly_and_sigterm_under_load_answers_every_req
             ended.iter().map(|e| e.0).sum::<u64>(),
             start.elapsed()
         );
+    }
+}
+
+/// The serving thread count is bounded (each is an OS thread with a runtime): a value over
+/// 1024, negative or not a number stops `serve` before it binds, naming the setting.
+#[test]
+fn an_out_of_range_grpc_thread_count_stops_serve_naming_it() {
+    for bad in ["5000", "-1", "two", ""] {
+        let mut child = Command::new(support::BIN)
+            .args([
+                "serve",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+            ])
+            .env("RATETHROTTLE_GRPC_THREADS", bad)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run");
+        // A build that accepts the value serves: stop it rather than wait forever.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().expect("wait").is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("output");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {stderr}");
+        assert!(stderr.contains("--grpc-threads"), "{bad:?}: {stderr}");
     }
 }

@@ -82,8 +82,9 @@ pub struct ServeArgs {
     /// to one for its life (default: one per core available). 0 serves them on one shared
     /// multi-threaded pool instead, which spreads the streams of a single connection over
     /// every core: better only when one client connection carries all the load.
-    #[arg(long, env = "RATETHROTTLE_GRPC_THREADS")]
-    grpc_threads: Option<usize>,
+    /// At most 1024: each is an OS thread with its own runtime.
+    #[arg(long, env = "RATETHROTTLE_GRPC_THREADS", value_parser = clap::value_parser!(u16).range(..=1024))]
+    grpc_threads: Option<u16>,
     /// Log as JSON lines.
     #[arg(long, env = "RATETHROTTLE_LOG_JSON")]
     log_json: bool,
@@ -210,7 +211,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
             shutdown_drain: Duration::from_millis(args.shutdown_drain_ms),
             grpc_threads: args
                 .grpc_threads
-                .unwrap_or_else(crate::server::default_grpc_threads),
+                .map_or_else(crate::server::default_grpc_threads, usize::from),
         },
     };
     let result = rt.block_on(async move {

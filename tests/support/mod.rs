@@ -196,6 +196,14 @@ impl Drop for Sidecar {
     }
 }
 
+/// `text` written to `<temp dir>/<name>`: the dir (keep it alive) and the file's path.
+pub fn config_file(name: &str, text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).expect("write config");
+    (dir, path)
+}
+
 /// A minimal HTTP/1.1 client (one request per connection): status and body.
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     http_with(addr, method, path, body, &[]).await
