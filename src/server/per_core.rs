@@ -20,8 +20,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-/// Connections accepted but not yet taken by their thread; accept waits when a thread is this
-/// far behind instead of queueing without bound.
+/// Connections accepted but not yet taken by their thread. A thread this far behind is
+/// skipped; accept waits only when every thread is (nothing queues without bound).
 const HANDOFF_QUEUE: usize = 64;
 
 /// The accepted connections one serving thread gets, registered with its runtime as it polls.
@@ -89,7 +89,12 @@ where
                     continue;
                 }
             };
-            hand_off(&mut queues, &mut next, socket).await;
+            // Every queue full and then a stop: the threads no longer take connections, so
+            // waiting on one would hold the shutdown until the drain bound.
+            tokio::select! {
+                () = hand_off(&mut queues, &mut next, socket) => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
         }
         drop(queues);
         drop(incoming);
