@@ -26,7 +26,9 @@ environment, like the test command). Rows:
   9. ratethrottle vs Kuadrant Limitador (bench/limitador: its RLS server ported over the
      `limitador` crate), ShouldRateLimit in the same h2load runs, interleaved: memory at 4x8 and
      16x32, Redis vs Limitador's redis_cached and redis at 16x32, with ratios per round.
-`BENCH_ONLY=redis|anomaly|adaptive|tracing|memory|runtime|limitador` runs only those rows.
+ 10. ShouldRateLimit vs Check on memory at 16x32, interleaved like 5: the paired ratio of CPU
+     per call.
+`BENCH_ONLY=redis|anomaly|adaptive|tracing|memory|runtime|limitador|check` runs only those rows.
 CPU seconds per request = CPU time the server processes (sidecar, Redis, Envoy) used during
 the run / requests.
 """
@@ -410,25 +412,27 @@ ADAPTIVE = ", adaptive: {min_factor: 0.5, max_factor: 2.0}"
 def ab_rows(tmp, suite, rpc, storage, modes, body, rounds=ROUNDS, conns=16, streams=32, redis_cpu=False):
     """One setting off vs on, interleaved off/on/off/on... with a fresh sidecar per run; each
     mode's row is the median of its runs, and the `on` row carries the ratios to `off`.
-    `modes`: [(label, extra settings, extra inside the identity rule[, serve flags])] with
-    `off` first."""
+    `modes`: [(label, extra settings, extra inside the identity rule[, serve flags[, (rpc,
+    body)]])] with `off` first; the last element makes that mode call another RPC."""
     log = os.path.join(tmp, "h2load-ab.log")
-    path = RLS_PATH if rpc == "ShouldRateLimit" else CHECK_PATH
-    counter = ("ratelimit_service_should_rate_limit_total" if rpc == "ShouldRateLimit"
-               else 'ratethrottle_authz_checks_total{outcome="allowed"}')
     runs = {mode[0]: [] for mode in modes}
     redis_side = redis_pids() if storage != "memory" or redis_cpu else []
     for _ in range(rounds):
-        for label, extra, rule, *args in modes:
-            p, grpc, admin = sidecar(tmp, storage, extra, rule, args[0] if args else ())
+        for label, extra, rule, *rest in modes:
+            args = rest[0] if rest else ()
+            mrpc, mbody = rest[1] if len(rest) > 1 else (rpc, body)
+            path = RLS_PATH if mrpc == "ShouldRateLimit" else CHECK_PATH
+            counter = ("ratelimit_service_should_rate_limit_total" if mrpc == "ShouldRateLimit"
+                       else 'ratethrottle_authz_checks_total{outcome="allowed"}')
+            p, grpc, admin = sidecar(tmp, storage, extra, rule, args)
             probe(grpc)
             before = metric(admin, counter)
-            h2load(grpc, body, log, streams=1, conns=1, path=path, requests=10)
+            h2load(grpc, mbody, log, streams=1, conns=1, path=path, requests=10)
             if metric(admin, counter) - before != 10:
-                raise SystemExit(f"probe failed for {rpc} {label}")
+                raise SystemExit(f"probe failed for {mrpc} {label}")
             pids = [p.pid] + redis_side
             c0, n0 = cpu_seconds(pids), metric(admin, counter)
-            rps, ok, lat = h2load(grpc, body, log, path=path, conns=conns, streams=streams)
+            rps, ok, lat = h2load(grpc, mbody, log, path=path, conns=conns, streams=streams)
             cpu = cpu_seconds(pids) - c0
             decided = metric(admin, counter) - n0
             extra_counts = {m: metric(admin, m) for m in (
@@ -436,7 +440,7 @@ def ab_rows(tmp, suite, rpc, storage, modes, body, rounds=ROUNDS, conns=16, stre
                 "ratethrottle_anomaly_events_dropped_total")}
             stop(p)
             if decided < ok * 0.99:
-                raise SystemExit(f"{rpc} {label}: only {int(decided)} of {ok} answers were decisions")
+                raise SystemExit(f"{mrpc} {label}: only {int(decided)} of {ok} answers were decisions")
             p50, p99 = percentiles(lat)
             runs[label].append((rps, p50, p99, cpu / max(decided, 1) * 1e6, extra_counts))
     med = lambda xs: sorted(xs)[len(xs) // 2]
@@ -475,6 +479,17 @@ def redis_ratio_rows(tmp):
     ab_rows(tmp, "gRPC ShouldRateLimit, memory vs Redis (h2load 16x32)", "ShouldRateLimit", "memory",
             [("memory", "", "", []), ("one Redis", "", "", ["--storage", url])],
             os.path.join(tmp, "rls.bin"), redis_cpu=True)
+
+
+def check_ratio_rows(tmp):
+    """ShouldRateLimit vs Check on memory at 16x32, interleaved: the paired ratio of sidecar
+    CPU per call (issue 16: Check within 10 % of ShouldRateLimit). Check runs the bench
+    config's policy (identity from `x-api-key`, the lists, two descriptors counted) on the
+    realistic CheckRequest of `ok_rls --write-bodies` (ten headers, both peers)."""
+    subprocess.run([OK_RLS, "--write-bodies", tmp], check=True)
+    rls, check = os.path.join(tmp, "rls.bin"), os.path.join(tmp, "check.bin")
+    ab_rows(tmp, "gRPC ShouldRateLimit vs Check, memory (h2load 16x32)", "ShouldRateLimit", "memory",
+            [("ShouldRateLimit", "", "", []), ("Check", "", "", [], ("Check", check))], rls)
 
 
 def runtime_rows(tmp):
@@ -705,7 +720,8 @@ def main():
             envoy_rows(tmp)
             alert_rows(tmp)
         for name, rows in (("anomaly", anomaly_rows), ("adaptive", adaptive_rows), ("tracing", tracing_rows),
-                           ("runtime", runtime_rows), ("limitador", limitador_rows)):
+                           ("runtime", runtime_rows), ("limitador", limitador_rows),
+                           ("check", check_ratio_rows)):
             if only in (None, name):
                 rows(tmp)
     finally:

@@ -22,6 +22,7 @@ pub mod jwt;
 pub mod policy;
 pub mod request;
 pub mod websocket;
+pub mod wire;
 
 use crate::anomaly;
 use crate::config::Config;
@@ -33,7 +34,7 @@ use crate::telemetry::authz::{AuthzMetrics, Outcome, Stage};
 use crate::telemetry::violations::{Violation, ViolationKind, truncate};
 use answer::{Denial, Quota};
 use arc_swap::ArcSwap;
-use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
 use graphql::GraphqlGuard;
 use identity::{IdentityResolver, SourceKind};
 use policy::{AuthzDescriptor, DescriptorTemplate, Facts, Policy};
@@ -41,6 +42,7 @@ use request::{Malformed, RequestView};
 use smallvec::SmallVec;
 use std::sync::Arc;
 use websocket::WebsocketGuard;
+use wire::CheckInput;
 
 /// The `authz:` settings, compiled.
 #[derive(Debug)]
@@ -207,7 +209,7 @@ impl AuthzEngine {
 
     /// One Check. Always answers: problems become denials or, with `failure_mode: allow`,
     /// an OK.
-    pub async fn check(&self, req: &CheckRequest) -> CheckResponse {
+    pub async fn check(&self, req: &CheckInput) -> CheckResponse {
         let Some(sink) = &self.anomaly else {
             return self.decide(req, &mut None).await;
         };
@@ -243,7 +245,7 @@ impl AuthzEngine {
 
     /// The pipeline, as named phases: read the request, identify the caller, screen it
     /// against the lists, collect the limits that apply, count them, answer.
-    async fn decide(&self, req: &CheckRequest, note: &mut Option<Note>) -> CheckResponse {
+    async fn decide(&self, req: &CheckInput, note: &mut Option<Note>) -> CheckResponse {
         let st = self.state.load();
         let view = match RequestView::new(req, st.max_header_bytes) {
             Ok(v) => v,
@@ -517,6 +519,7 @@ impl AuthzEngine {
             Malformed::NoAttributes | Malformed::NoHttpRequest => Stage::MalformedMissing,
             Malformed::HeadersTooLarge(_) => Stage::MalformedHeaders,
             Malformed::BodyNotUtf8 => Stage::MalformedBody,
+            Malformed::NotUtf8 => Stage::MalformedEncoding,
         });
         match st.failure_mode {
             AuthzFailureMode::Allow => {

@@ -23,6 +23,7 @@ use crate::runtime::live::LiveConfig;
 use crate::runtime::reload::{ReloadStatus, Reloader};
 use crate::runtime::replicas::TopKeysExchange;
 use crate::service::accesslog::AccessLogGrpc;
+use crate::service::check::AuthorizationServer;
 use crate::service::grpc::{AuthorizationGrpc, DecodeErrorsAreInvalidArgument, RateLimitGrpc};
 use crate::storage::{Storage, StorageError};
 use crate::telemetry::ServiceMetrics;
@@ -30,7 +31,6 @@ use crate::telemetry::anomaly::AnomalyMetrics;
 use crate::telemetry::authz::AuthzMetrics;
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use listen::{Incoming, Port};
 use parking_lot::RwLock;
@@ -426,7 +426,7 @@ impl BoundServer {
             .set_serving::<RateLimitServiceServer<RateLimitGrpc>>()
             .await;
         health_reporter
-            .set_serving::<AuthorizationServer<AuthorizationGrpc>>()
+            .set_serving::<AuthorizationServer>()
             .await;
         health_reporter
             .set_serving::<AccessLogServiceServer<AccessLogGrpc>>()

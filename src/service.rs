@@ -6,4 +6,5 @@
 //! Must not touch: decisions (`engine`, `authz`), configuration, storage.
 
 pub mod accesslog;
+pub mod check;
 pub mod grpc;

@@ -202,6 +202,7 @@ mod tests {
         HttpRequest, Peer, Request,
     };
     use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+    use crate::authz::wire::CheckInput;
 
     fn req(source: &str, headers: &[(&str, &str)], principal: &str) -> CheckRequest {
         CheckRequest {
@@ -241,7 +242,7 @@ mod tests {
 
     fn ip_of(r: &IdentityResolver, source: &str, xff: Option<&str>) -> Option<String> {
         let headers: Vec<(&str, &str)> = xff.map(|x| ("x-forwarded-for", x)).into_iter().collect();
-        let c = req(source, &headers, "");
+        let c = CheckInput::from(&req(source, &headers, ""));
         let v = RequestView::new(&c, 1 << 16).unwrap();
         r.client_ip(&v).map(|a| cidr::to_ip(a).to_string())
     }
@@ -314,7 +315,8 @@ mod tests {
             ],
         );
         let resolve = |c: &CheckRequest| {
-            let v = RequestView::new(c, 1 << 16).unwrap();
+            let c = CheckInput::from(c);
+            let v = RequestView::new(&c, 1 << 16).unwrap();
             r.resolve(&v, r.client_ip(&v)).unwrap()
         };
         let id = resolve(&req("1.2.3.4", &[("x-api-key", "k1")], "spiffe://a"));

@@ -8,11 +8,8 @@
 //!
 //! Must not touch: decisions. Nothing here allocates.
 
-use envoy_types::pb::envoy::config::core::v3::HeaderMap;
-use envoy_types::pb::envoy::config::core::v3::address::Address;
-use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer};
-use std::collections::HashMap;
+use super::wire::{CheckInput, HeaderEntry, HeaderValue, HttpRequest, Peer};
+use std::str::from_utf8;
 
 /// Why a CheckRequest cannot be judged. `code` is the public reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -25,6 +22,10 @@ pub enum Malformed {
     HeadersTooLarge(usize),
     #[error("the request body is not UTF-8")]
     BodyNotUtf8,
+    /// A string field a stage reads (method, path, host, query, a header name or `value`,
+    /// the peer's address or principal) is not UTF-8, which protobuf requires of strings.
+    #[error("a request attribute is not UTF-8")]
+    NotUtf8,
 }
 
 impl Malformed {
@@ -33,19 +34,22 @@ impl Malformed {
             Malformed::NoAttributes | Malformed::NoHttpRequest => "missing_attributes",
             Malformed::HeadersTooLarge(_) => "headers_too_large",
             Malformed::BodyNotUtf8 => "bad_body",
+            Malformed::NotUtf8 => "bad_encoding",
         }
     }
 }
 
 enum Headers<'a> {
-    Map(&'a HashMap<String, String>),
-    Raw(&'a HeaderMap),
+    /// The `headers` map's entries; a key sent twice counts as its last entry, as in a map.
+    Map(&'a [HeaderEntry]),
+    /// `header_map` (`encode_raw_headers`): the first entry of a name.
+    Raw(&'a [HeaderValue]),
 }
 
 /// One request, as the stages see it.
 pub struct RequestView<'a> {
-    pub http: &'a HttpRequest,
-    pub source: Option<&'a Peer>,
+    http: &'a HttpRequest,
+    source: Option<&'a Peer>,
     headers: Headers<'a>,
     /// Upper case as sent (`GET`); from `:method` when the attribute is empty.
     pub method: &'a str,
@@ -61,11 +65,12 @@ pub struct RequestView<'a> {
     pub grpc: Option<(&'a str, &'a str)>,
 }
 
+fn text(b: &[u8]) -> Result<&str, Malformed> {
+    from_utf8(b).map_err(|_| Malformed::NotUtf8)
+}
+
 impl<'a> RequestView<'a> {
-    pub fn new(
-        req: &'a CheckRequest,
-        max_header_bytes: usize,
-    ) -> Result<RequestView<'a>, Malformed> {
+    pub fn new(req: &'a CheckInput, max_header_bytes: usize) -> Result<RequestView<'a>, Malformed> {
         let attrs = req.attributes.as_ref().ok_or(Malformed::NoAttributes)?;
         let http = attrs
             .request
@@ -73,23 +78,23 @@ impl<'a> RequestView<'a> {
             .and_then(|r| r.http.as_ref())
             .ok_or(Malformed::NoHttpRequest)?;
         let headers = match &http.header_map {
-            Some(m) if http.headers.is_empty() => Headers::Raw(m),
+            Some(m) if http.headers.is_empty() => Headers::Raw(&m.headers),
             _ => Headers::Map(&http.headers),
         };
-        let size: usize = match &headers {
-            Headers::Map(m) => m.iter().map(|(k, v)| k.len() + v.len()).sum(),
-            Headers::Raw(m) => m
-                .headers
-                .iter()
-                .map(|h| h.key.len() + h.value.len() + h.raw_value.len())
-                .sum(),
-        };
+        let size = header_bytes(&headers)?;
         if size > max_header_bytes {
             return Err(Malformed::HeadersTooLarge(max_header_bytes));
         }
+        let source = attrs.source.as_ref();
+        if let Some(p) = source {
+            text(&p.principal)?;
+            if let Some(sa) = p.address.as_ref().and_then(|a| a.socket_address.as_ref()) {
+                text(&sa.address)?;
+            }
+        }
         let mut view = RequestView {
             http,
-            source: attrs.source.as_ref(),
+            source,
             headers,
             method: "",
             path: "",
@@ -98,25 +103,27 @@ impl<'a> RequestView<'a> {
             is_grpc: false,
             grpc: None,
         };
-        view.method = if http.method.is_empty() {
-            view.header(":method").unwrap_or_default()
-        } else {
-            &http.method
+        view.method = match text(&http.method)? {
+            "" => view.header(":method").unwrap_or_default(),
+            m => m,
         };
-        let target = if http.path.is_empty() {
-            view.header(":path").unwrap_or_default()
-        } else {
-            &http.path
+        let target = match text(&http.path)? {
+            "" => view.header(":path").unwrap_or_default(),
+            p => p,
         };
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
         view.path = path;
-        view.query = if query.is_empty() { &http.query } else { query };
-        let host = if http.host.is_empty() {
-            view.header(":authority")
-                .or_else(|| view.header("host"))
-                .unwrap_or_default()
+        view.query = if query.is_empty() {
+            text(&http.query)?
         } else {
-            &http.host
+            query
+        };
+        let host = match text(&http.host)? {
+            "" => view
+                .header(":authority")
+                .or_else(|| view.header("host"))
+                .unwrap_or_default(),
+            h => h,
         };
         view.host = strip_port(host);
         view.is_grpc = view
@@ -134,13 +141,20 @@ impl<'a> RequestView<'a> {
     /// A header by its lower-case name.
     #[inline]
     pub fn header(&self, name: &str) -> Option<&'a str> {
+        let name = name.as_bytes();
         match self.headers {
-            Headers::Map(m) => m.get(name).map(String::as_str),
-            Headers::Raw(m) => m.headers.iter().find(|h| h.key == name).and_then(|h| {
+            // Checked UTF-8 by `header_bytes`.
+            Headers::Map(m) => m
+                .iter()
+                .rev()
+                .find(|h| h.key == name)
+                .and_then(|h| from_utf8(&h.value).ok()),
+            Headers::Raw(m) => m.iter().find(|h| h.key == name).and_then(|h| {
                 if h.raw_value.is_empty() {
-                    Some(h.value.as_str())
+                    from_utf8(&h.value).ok()
                 } else {
-                    std::str::from_utf8(&h.raw_value).ok()
+                    // Raw bytes may be any octets; a value that is no text matches nothing.
+                    from_utf8(&h.raw_value).ok()
                 }
             }),
         }
@@ -149,25 +163,25 @@ impl<'a> RequestView<'a> {
     /// The source address Envoy reports (the downstream peer, after Envoy's own XFF
     /// handling).
     pub fn source_address(&self) -> Option<&'a str> {
-        match self.source?.address.as_ref()?.address.as_ref()? {
-            Address::SocketAddress(s) => Some(&s.address),
-            _ => None,
-        }
+        let sa = self.source?.address.as_ref()?.socket_address.as_ref()?;
+        from_utf8(&sa.address).ok()
     }
 
     /// The mTLS principal of the peer certificate, when Envoy validated one.
     pub fn principal(&self) -> Option<&'a str> {
         self.source
-            .map(|p| p.principal.as_str())
+            .and_then(|p| from_utf8(&p.principal).ok())
             .filter(|p| !p.is_empty())
     }
 
     /// The body Envoy buffered (`with_request_body`): bytes when `pack_as_bytes`, else text.
     pub fn body(&self) -> Result<&'a str, Malformed> {
-        if !self.http.raw_body.is_empty() {
-            return std::str::from_utf8(&self.http.raw_body).map_err(|_| Malformed::BodyNotUtf8);
-        }
-        Ok(&self.http.body)
+        let body = if self.http.raw_body.is_empty() {
+            &self.http.body
+        } else {
+            &self.http.raw_body
+        };
+        from_utf8(body).map_err(|_| Malformed::BodyNotUtf8)
     }
 
     /// Envoy marks a body cut at `max_request_bytes` (`allow_partial_message`).
@@ -182,6 +196,29 @@ impl<'a> RequestView<'a> {
             (k == name).then_some(v)
         })
     }
+}
+
+/// The bytes of every header name and value, once each string is known to be UTF-8 (a
+/// raw value is bytes by definition and is not checked).
+fn header_bytes(headers: &Headers<'_>) -> Result<usize, Malformed> {
+    let mut size = 0;
+    match headers {
+        Headers::Map(m) => {
+            for h in *m {
+                text(&h.key)?;
+                text(&h.value)?;
+                size += h.key.len() + h.value.len();
+            }
+        }
+        Headers::Raw(m) => {
+            for h in *m {
+                text(&h.key)?;
+                text(&h.value)?;
+                size += h.key.len() + h.value.len() + h.raw_value.len();
+            }
+        }
+    }
+    Ok(size)
 }
 
 fn strip_port(host: &str) -> &str {
@@ -199,12 +236,12 @@ fn strip_port(host: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use envoy_types::pb::envoy::config::core::v3::HeaderValue;
-    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
-    use envoy_types::pb::envoy::service::auth::v3::attribute_context::Request;
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+    use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 
-    fn req(http: HttpRequest) -> CheckRequest {
-        CheckRequest {
+    fn req(http: HttpRequest) -> CheckInput {
+        CheckInput::from(&CheckRequest {
             attributes: Some(AttributeContext {
                 request: Some(Request {
                     time: None,
@@ -212,18 +249,18 @@ mod tests {
                 }),
                 ..Default::default()
             }),
-        }
+        })
     }
 
     #[test]
     fn missing_parts_are_malformed() {
         assert_eq!(
-            RequestView::new(&CheckRequest::default(), 1024).err(),
+            RequestView::new(&CheckInput::default(), 1024).err(),
             Some(Malformed::NoAttributes)
         );
-        let no_http = CheckRequest {
+        let no_http = CheckInput::from(&CheckRequest {
             attributes: Some(AttributeContext::default()),
-        };
+        });
         assert_eq!(
             RequestView::new(&no_http, 1024).err(),
             Some(Malformed::NoHttpRequest)

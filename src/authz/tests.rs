@@ -51,7 +51,7 @@ fn ask(e: &AuthzEngine, c: &Check) -> Answer {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
-    Answer::of(&rt.block_on(e.check(&c.build())))
+    Answer::of(&rt.block_on(e.check(&CheckInput::from(&c.build()))))
 }
 
 #[test]
@@ -161,7 +161,7 @@ fn full_trust_never_exempts_a_caller_from_a_block_or_an_anomaly_deny() {
 #[test]
 fn the_check_future_stays_small() {
     let (e, _) = engine("authz:\n  domain: gate\n");
-    let req = Check::new("198.51.100.1").build();
+    let req = CheckInput::from(&Check::new("198.51.100.1").build());
     let size = std::mem::size_of_val(&e.check(&req));
     assert!(size <= 8192, "the Check future is {size} bytes");
 }

@@ -48,6 +48,7 @@ mod tests {
     use super::*;
     use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
     use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+    use crate::authz::wire::CheckInput;
 
     fn check(method: &str, headers: &[(&str, &str)]) -> bool {
         let c = CheckRequest {
@@ -66,7 +67,7 @@ mod tests {
                 ..Default::default()
             }),
         };
-        is_upgrade(&RequestView::new(&c, 1 << 16).unwrap())
+        is_upgrade(&RequestView::new(&CheckInput::from(&c), 1 << 16).unwrap())
     }
 
     #[test]

@@ -7,9 +7,8 @@ use crate::anomaly;
 use crate::authz::AuthzEngine;
 use crate::engine::{RateLimitEngine, RequestError};
 use crate::telemetry::otel;
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
-use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use crate::authz::wire::CheckInput;
+use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
@@ -187,12 +186,9 @@ impl AuthorizationGrpc {
     }
 }
 
-#[tonic::async_trait]
-impl Authorization for AuthorizationGrpc {
-    async fn check(
-        &self,
-        request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
+impl AuthorizationGrpc {
+    /// One Check (`check::AuthorizationServer` decodes it).
+    pub async fn check(&self, request: Request<CheckInput>) -> Response<CheckResponse> {
         let start = Instant::now();
         let span = otel::server_span("Check", request.metadata(), || {
             tracing::info_span!(
@@ -230,7 +226,7 @@ impl Authorization for AuthorizationGrpc {
             .metrics()
             .latency_check
             .observe(start.elapsed());
-        Ok(Response::new(resp))
+        Response::new(resp)
     }
 }
 
@@ -301,7 +297,7 @@ fn is_ours(path: &str) -> bool {
         .and_then(|p| p.split_once('/'))
         .map(|(service, _)| service);
     matches!(service, Some(s) if s == <RateLimitServiceServer<RateLimitGrpc> as NamedService>::NAME
-        || s == <AuthorizationServer<AuthorizationGrpc> as NamedService>::NAME)
+        || s == <super::check::AuthorizationServer as NamedService>::NAME)
 }
 
 fn internal_to_invalid_argument<B>(mut resp: http::Response<B>) -> http::Response<B> {

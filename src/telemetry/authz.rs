@@ -53,6 +53,7 @@ pub enum Stage {
     MalformedMissing,
     MalformedHeaders,
     MalformedBody,
+    MalformedEncoding,
     IdentityHeader,
     IdentityJwt,
     IdentityMtls,
@@ -74,10 +75,11 @@ pub enum Stage {
 }
 
 /// (stage, result) labels of each `Stage`, in discriminant order.
-pub const STAGES: [(&str, &str); 21] = [
+pub const STAGES: [(&str, &str); 22] = [
     ("request", "missing_attributes"),
     ("request", "headers_too_large"),
     ("request", "bad_body"),
+    ("request", "bad_encoding"),
     ("identity", "header"),
     ("identity", "jwt"),
     ("identity", "mtls"),
