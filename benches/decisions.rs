@@ -251,5 +251,87 @@ fn lists(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, store, engine, adaptive, lists);
+#[path = "../tests/support/check.rs"]
+mod check;
+
+/// One ext_authz Check (the realistic request `ok_rls --write-bodies` sends: ten headers,
+/// both peers) in its parts: the protobuf decode as envoy-types' `CheckRequest` and as the
+/// lean `CheckInput` the service uses, and the whole decision + response encode on the bench
+/// config's policy (identity from `x-api-key`, two descriptors counted in memory).
+fn authz(c: &mut Criterion) {
+    use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+    use prost::Message;
+    use ratethrottle::authz::AuthzEngine;
+    use ratethrottle::authz::wire::CheckInput;
+    use ratethrottle::runtime::blocklist::Lists;
+    use ratethrottle::telemetry::authz::AuthzMetrics;
+    let body = prost::bytes::Bytes::from(
+        check::Check::new("198.51.100.7")
+            .header("x-api-key", "bench-key")
+            .build()
+            .encode_to_vec(),
+    );
+    let mut g = c.benchmark_group("check");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("decode_envoy_types", |b| {
+        b.iter(|| CheckRequest::decode(black_box(body.clone())).expect("decodes"))
+    });
+    g.bench_function("decode_lean", |b| {
+        b.iter(|| CheckInput::decode(black_box(body.clone())).expect("decodes"))
+    });
+    let yaml = r#"
+domains:
+  - domain: example
+    descriptors:
+      - key: generic_key
+        value: api
+        descriptors:
+          - key: identity
+            rate_limit: {unit: hour, requests_per_unit: 1000000000}
+authz:
+  domain: example
+  identity:
+    sources:
+      - header: x-api-key
+        name: api_key
+      - client_ip
+  lists:
+    block:
+      - 203.0.113.0/24
+  policies:
+    - name: api
+      match: {path: {prefix: /}}
+      descriptors:
+        - [{generic_key: {descriptor_value: api}}, {identity: {}}]
+"#;
+    let config = parse_str("bench.yaml", yaml).expect("bench config");
+    let stats = Arc::new(StatsRegistry::default());
+    let clock = Arc::new(ManualClock::new(NOW));
+    let limits = RateLimitEngine::new(
+        Arc::new(arc_swap::ArcSwap::from_pointee(RuleSet::compile(
+            &config, &stats,
+        ))),
+        Arc::new(Storage::Memory(MemoryStore::new(10_000))),
+        clock.clone(),
+        stats,
+        Arc::new(ServiceMetrics::default()),
+    );
+    let engine = AuthzEngine::new(
+        limits,
+        Arc::new(Lists::memory(clock.clone())),
+        Arc::new(AuthzMetrics::default()),
+        clock,
+    );
+    engine.install(&config);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("rt");
+    let input = CheckInput::decode(body.clone()).expect("decodes");
+    g.bench_function("decide_and_encode", |b| {
+        b.iter(|| rt.block_on(engine.check(black_box(&input))).encode_to_vec())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, store, engine, adaptive, lists, authz);
 criterion_main!(benches);

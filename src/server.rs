@@ -425,9 +425,7 @@ impl BoundServer {
         health_reporter
             .set_serving::<RateLimitServiceServer<RateLimitGrpc>>()
             .await;
-        health_reporter
-            .set_serving::<AuthorizationServer>()
-            .await;
+        health_reporter.set_serving::<AuthorizationServer>().await;
         health_reporter
             .set_serving::<AccessLogServiceServer<AccessLogGrpc>>()
             .await;

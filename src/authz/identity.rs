@@ -197,12 +197,12 @@ fn identity(name: &str, value: &str, kind: SourceKind) -> Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::authz::wire::CheckInput;
     use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
     use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
         HttpRequest, Peer, Request,
     };
     use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
-    use crate::authz::wire::CheckInput;
 
     fn req(source: &str, headers: &[(&str, &str)], principal: &str) -> CheckRequest {
         CheckRequest {

@@ -8,7 +8,7 @@
 //!
 //! Must not touch: decisions. Nothing here allocates.
 
-use super::wire::{CheckInput, HeaderEntry, HeaderValue, HttpRequest, Peer};
+use super::wire::{CheckInput, HeaderSpans};
 use std::str::from_utf8;
 
 /// Why a CheckRequest cannot be judged. `code` is the public reason.
@@ -22,8 +22,7 @@ pub enum Malformed {
     HeadersTooLarge(usize),
     #[error("the request body is not UTF-8")]
     BodyNotUtf8,
-    /// A string field a stage reads (method, path, host, query, a header name or `value`,
-    /// the peer's address or principal) is not UTF-8, which protobuf requires of strings.
+    /// The method, path, host or query is not UTF-8, which protobuf requires of strings.
     #[error("a request attribute is not UTF-8")]
     NotUtf8,
 }
@@ -41,15 +40,14 @@ impl Malformed {
 
 enum Headers<'a> {
     /// The `headers` map's entries; a key sent twice counts as its last entry, as in a map.
-    Map(&'a [HeaderEntry]),
+    Map(&'a [HeaderSpans]),
     /// `header_map` (`encode_raw_headers`): the first entry of a name.
-    Raw(&'a [HeaderValue]),
+    Raw(&'a [HeaderSpans]),
 }
 
 /// One request, as the stages see it.
 pub struct RequestView<'a> {
-    http: &'a HttpRequest,
-    source: Option<&'a Peer>,
+    req: &'a CheckInput,
     headers: Headers<'a>,
     /// Upper case as sent (`GET`); from `:method` when the attribute is empty.
     pub method: &'a str,
@@ -65,36 +63,32 @@ pub struct RequestView<'a> {
     pub grpc: Option<(&'a str, &'a str)>,
 }
 
-fn text(b: &[u8]) -> Result<&str, Malformed> {
-    from_utf8(b).map_err(|_| Malformed::NotUtf8)
-}
-
 impl<'a> RequestView<'a> {
     pub fn new(req: &'a CheckInput, max_header_bytes: usize) -> Result<RequestView<'a>, Malformed> {
-        let attrs = req.attributes.as_ref().ok_or(Malformed::NoAttributes)?;
-        let http = attrs
-            .request
-            .as_ref()
-            .and_then(|r| r.http.as_ref())
-            .ok_or(Malformed::NoHttpRequest)?;
-        let headers = match &http.header_map {
-            Some(m) if http.headers.is_empty() => Headers::Raw(&m.headers),
-            _ => Headers::Map(&http.headers),
+        if !req.has_attributes {
+            return Err(Malformed::NoAttributes);
+        }
+        if !req.has_http {
+            return Err(Malformed::NoHttpRequest);
+        }
+        let headers = if req.has_header_map && req.headers.is_empty() {
+            Headers::Raw(&req.header_map)
+        } else {
+            Headers::Map(&req.headers)
         };
-        let size = header_bytes(&headers)?;
+        let size: usize = match headers {
+            Headers::Map(m) => m.iter().map(|h| h.key.len() + h.value.len()).sum(),
+            Headers::Raw(m) => m
+                .iter()
+                .map(|h| h.key.len() + h.value.len() + h.raw_value.len())
+                .sum(),
+        };
         if size > max_header_bytes {
             return Err(Malformed::HeadersTooLarge(max_header_bytes));
         }
-        let source = attrs.source.as_ref();
-        if let Some(p) = source {
-            text(&p.principal)?;
-            if let Some(sa) = p.address.as_ref().and_then(|a| a.socket_address.as_ref()) {
-                text(&sa.address)?;
-            }
-        }
+        let text = |s| from_utf8(req.bytes(s)).map_err(|_| Malformed::NotUtf8);
         let mut view = RequestView {
-            http,
-            source,
+            req,
             headers,
             method: "",
             path: "",
@@ -103,22 +97,22 @@ impl<'a> RequestView<'a> {
             is_grpc: false,
             grpc: None,
         };
-        view.method = match text(&http.method)? {
+        view.method = match text(req.method)? {
             "" => view.header(":method").unwrap_or_default(),
             m => m,
         };
-        let target = match text(&http.path)? {
+        let target = match text(req.path)? {
             "" => view.header(":path").unwrap_or_default(),
             p => p,
         };
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
         view.path = path;
         view.query = if query.is_empty() {
-            text(&http.query)?
+            text(req.query)?
         } else {
             query
         };
-        let host = match text(&http.host)? {
+        let host = match text(req.host)? {
             "" => view
                 .header(":authority")
                 .or_else(|| view.header("host"))
@@ -138,50 +132,49 @@ impl<'a> RequestView<'a> {
         Ok(view)
     }
 
-    /// A header by its lower-case name.
+    /// A header by its lower-case name. A value that is not UTF-8 matches nothing (only the
+    /// headers a stage asks for are checked: a name is compared as bytes, so a name that is
+    /// no text never equals one).
     #[inline]
     pub fn header(&self, name: &str) -> Option<&'a str> {
+        let req = self.req;
         let name = name.as_bytes();
-        match self.headers {
-            // Checked UTF-8 by `header_bytes`.
-            Headers::Map(m) => m
-                .iter()
-                .rev()
-                .find(|h| h.key == name)
-                .and_then(|h| from_utf8(&h.value).ok()),
-            Headers::Raw(m) => m.iter().find(|h| h.key == name).and_then(|h| {
+        let value = match self.headers {
+            Headers::Map(m) => m.iter().rev().find(|h| req.bytes(h.key) == name)?.value,
+            Headers::Raw(m) => {
+                let h = m.iter().find(|h| req.bytes(h.key) == name)?;
+                // `raw_value` (any octets) when sent, else `value`.
                 if h.raw_value.is_empty() {
-                    from_utf8(&h.value).ok()
+                    h.value
                 } else {
-                    // Raw bytes may be any octets; a value that is no text matches nothing.
-                    from_utf8(&h.raw_value).ok()
+                    h.raw_value
                 }
-            }),
-        }
+            }
+        };
+        from_utf8(req.bytes(value)).ok()
     }
 
     /// The source address Envoy reports (the downstream peer, after Envoy's own XFF
-    /// handling).
+    /// handling); none when it is not text.
     pub fn source_address(&self) -> Option<&'a str> {
-        let sa = self.source?.address.as_ref()?.socket_address.as_ref()?;
-        from_utf8(&sa.address).ok()
+        from_utf8(self.req.bytes(self.req.source_address?)).ok()
     }
 
-    /// The mTLS principal of the peer certificate, when Envoy validated one.
+    /// The mTLS principal of the peer certificate, when Envoy validated one (and it is text).
     pub fn principal(&self) -> Option<&'a str> {
-        self.source
-            .and_then(|p| from_utf8(&p.principal).ok())
+        from_utf8(self.req.bytes(self.req.principal))
+            .ok()
             .filter(|p| !p.is_empty())
     }
 
     /// The body Envoy buffered (`with_request_body`): bytes when `pack_as_bytes`, else text.
     pub fn body(&self) -> Result<&'a str, Malformed> {
-        let body = if self.http.raw_body.is_empty() {
-            &self.http.body
+        let body = if self.req.raw_body.is_empty() {
+            self.req.body
         } else {
-            &self.http.raw_body
+            self.req.raw_body
         };
-        from_utf8(body).map_err(|_| Malformed::BodyNotUtf8)
+        from_utf8(self.req.bytes(body)).map_err(|_| Malformed::BodyNotUtf8)
     }
 
     /// Envoy marks a body cut at `max_request_bytes` (`allow_partial_message`).
@@ -196,29 +189,6 @@ impl<'a> RequestView<'a> {
             (k == name).then_some(v)
         })
     }
-}
-
-/// The bytes of every header name and value, once each string is known to be UTF-8 (a
-/// raw value is bytes by definition and is not checked).
-fn header_bytes(headers: &Headers<'_>) -> Result<usize, Malformed> {
-    let mut size = 0;
-    match headers {
-        Headers::Map(m) => {
-            for h in *m {
-                text(&h.key)?;
-                text(&h.value)?;
-                size += h.key.len() + h.value.len();
-            }
-        }
-        Headers::Raw(m) => {
-            for h in *m {
-                text(&h.key)?;
-                text(&h.value)?;
-                size += h.key.len() + h.value.len() + h.raw_value.len();
-            }
-        }
-    }
-    Ok(size)
 }
 
 fn strip_port(host: &str) -> &str {

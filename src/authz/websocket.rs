@@ -46,9 +46,9 @@ pub fn is_upgrade(req: &RequestView<'_>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::authz::wire::CheckInput;
     use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
     use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
-    use crate::authz::wire::CheckInput;
 
     fn check(method: &str, headers: &[(&str, &str)]) -> bool {
         let c = CheckRequest {

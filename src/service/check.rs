@@ -13,8 +13,7 @@
 //! (`grpc::AuthorizationGrpc` answers).
 
 use super::grpc::AuthorizationGrpc;
-use crate::authz::wire::CheckInput;
-use crate::proto::Codec;
+use crate::authz::wire::{CheckCodec, CheckInput};
 use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
 use std::convert::Infallible;
 use std::future::Future;
@@ -81,7 +80,7 @@ where
         }
         let method = CheckMethod(Arc::clone(&self.inner));
         Box::pin(async move {
-            let mut grpc = Grpc::new(Codec::<CheckResponse, CheckInput>::default());
+            let mut grpc = Grpc::new(CheckCodec);
             Ok(grpc.unary(method, req).await)
         })
     }
@@ -91,7 +90,10 @@ where
 fn unimplemented() -> http::Response<Body> {
     let mut response = http::Response::new(Body::default());
     let headers = response.headers_mut();
-    headers.insert(Status::GRPC_STATUS, (tonic::Code::Unimplemented as i32).into());
+    headers.insert(
+        Status::GRPC_STATUS,
+        (tonic::Code::Unimplemented as i32).into(),
+    );
     headers.insert(
         http::header::CONTENT_TYPE,
         tonic::metadata::GRPC_CONTENT_TYPE,

@@ -5,9 +5,9 @@
 
 use crate::anomaly;
 use crate::authz::AuthzEngine;
+use crate::authz::wire::CheckInput;
 use crate::engine::{RateLimitEngine, RequestError};
 use crate::telemetry::otel;
-use crate::authz::wire::CheckInput;
 use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
