@@ -109,7 +109,20 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// A varint; one byte (every tag and length under 128) without the loop.
+    #[inline]
     fn varint(&mut self) -> Result<u64, DecodeError> {
+        match self.buf.get(self.pos) {
+            Some(&b) if b < 0x80 && self.pos < self.end => {
+                self.pos += 1;
+                Ok(u64::from(b))
+            }
+            _ => self.varint_long(),
+        }
+    }
+
+    #[cold]
+    fn varint_long(&mut self) -> Result<u64, DecodeError> {
         let mut v = 0u64;
         for i in 0..10 {
             let b = *self.buf[..self.end]
@@ -130,12 +143,14 @@ impl<'a> Reader<'a> {
     }
 
     /// The next field's number and wire type; `None` at the end of the message.
+    #[inline]
     fn tag(&mut self) -> Result<Option<(u32, u8)>, DecodeError> {
         if self.pos >= self.end {
             return Ok(None);
         }
-        let key = self.varint()?;
-        let field = u32::try_from(key >> 3).map_err(|_| DecodeError::Tag)?;
+        // A key over 32 bits is invalid as a whole (prost's rule), not only its field.
+        let key = u32::try_from(self.varint()?).map_err(|_| DecodeError::Tag)?;
+        let field = key >> 3;
         let wire = (key & 7) as u8;
         if field == 0 || wire > FIXED32 {
             return Err(DecodeError::Tag);
@@ -144,6 +159,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A length-delimited field's span (the caller checked the wire type).
+    #[inline]
     fn span(&mut self) -> Result<Span, DecodeError> {
         let len = usize::try_from(self.varint()?).map_err(|_| DecodeError::Truncated)?;
         if len > self.end - self.pos {
