@@ -687,6 +687,81 @@ async fn malformed_check_requests_follow_the_failure_mode() {
     assert!(a.removed.contains(&"x-ratethrottle-identity".to_string()));
 }
 
+/// A CheckRequest's own bytes, sent as they are (field 1, `attributes`, as raw bytes).
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawCheck {
+    #[prost(bytes = "vec", tag = "1")]
+    attributes: Vec<u8>,
+}
+
+/// `req` encoded, with every `marker` (ASCII) replaced by as many bytes `0xE9` (Latin-1 `é`,
+/// no UTF-8), sent as it is.
+async fn ask_with_latin1(
+    sc: &Sidecar,
+    req: &envoy_types::pb::envoy::service::auth::v3::CheckRequest,
+    marker: &str,
+) -> Answer {
+    use prost::Message;
+    let mut bytes = req.encode_to_vec();
+    let m = marker.as_bytes();
+    let mut i = 0;
+    while let Some(at) = bytes[i..].windows(m.len()).position(|w| w == m) {
+        bytes[i + at..i + at + m.len()].fill(0xe9);
+        i += at + m.len();
+    }
+    assert!(i > 0, "marker {marker} not in the request");
+    let raw = RawCheck::decode(&bytes[..]).expect("a CheckRequest is field 1");
+    let mut grpc = tonic::client::Grpc::new(sc.channel().await);
+    grpc.ready().await.expect("ready");
+    let codec = tonic_prost::ProstCodec::<
+        RawCheck,
+        envoy_types::pb::envoy::service::auth::v3::CheckResponse,
+    >::default();
+    let r = grpc
+        .unary(
+            tonic::Request::new(raw),
+            tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/envoy.service.auth.v3.Authorization/Check",
+            ),
+            codec,
+        )
+        .await
+        .expect("answered, not failed");
+    Answer::of(r.get_ref())
+}
+
+/// Envoy copies header bytes as they arrived; an HTTP/1 client may send Latin-1 (obs-text).
+/// Only what a stage reads must be text: an unread header that is not UTF-8 does not fail
+/// the Check (it used to be INVALID_ARGUMENT, which Envoy turns into a 403 for a client
+/// that did nothing wrong), an identity header that is not UTF-8 identifies nobody (the
+/// next source decides), and a path that is not UTF-8 is a malformed request (400).
+#[tokio::test]
+async fn only_the_attributes_a_stage_reads_must_be_utf8() {
+    let (_dir, mut sc) = start();
+    let plain = Check::new("192.0.2.90")
+        .host("api.example.com")
+        .path("/api/x")
+        .header("x-api-key", "alice")
+        .header("user-agent", "MARKER-UA");
+    let a = ask_with_latin1(&sc, &plain.build(), "MARKER-UA").await;
+    assert!(a.ok(), "{a:?}");
+    assert_eq!(a.header("x-ratethrottle-identity"), Some("api_key:alice"));
+
+    let key = Check::new("192.0.2.91")
+        .host("api.example.com")
+        .path("/api/x")
+        .header("x-api-key", "MARKER-KEY");
+    let a = ask_with_latin1(&sc, &key.build(), "MARKER-KEY").await;
+    assert!(a.ok(), "{a:?}");
+    assert_eq!(a.header("x-ratethrottle-identity"), Some("ip:192.0.2.91"));
+
+    let path = Check::new("192.0.2.92").path("/MARKER-PATH");
+    let a = ask_with_latin1(&sc, &path.build(), "MARKER-PATH").await;
+    assert_eq!((a.http, a.grpc_code), (400, 3), "{a:?}");
+    assert_eq!(a.json()["code"], "bad_encoding");
+    assert!(sc.child_alive());
+}
+
 #[tokio::test]
 async fn admin_list_endpoints_need_the_token_and_changes_apply_at_once() {
     let (_dir, sc) = start();

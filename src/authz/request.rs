@@ -291,4 +291,71 @@ mod tests {
         assert_eq!((v.method, v.path, v.host), ("GET", "/a", "[::1]"));
         assert_eq!(v.grpc, None);
     }
+
+    /// `http` encoded with every `marker` replaced by as many `0xE9` bytes (no UTF-8).
+    fn latin1(http: HttpRequest, marker: &str) -> CheckInput {
+        use prost::Message;
+        let mut bytes = CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request {
+                    time: None,
+                    http: Some(http),
+                }),
+                ..Default::default()
+            }),
+        }
+        .encode_to_vec();
+        let m = marker.as_bytes();
+        let at = bytes.windows(m.len()).position(|w| w == m).expect("marker");
+        bytes[at..at + m.len()].fill(0xe9);
+        CheckInput::decode(bytes.into()).expect("decodes")
+    }
+
+    #[test]
+    fn what_a_stage_reads_must_be_utf8_and_nothing_else() {
+        for field in ["method", "path", "host", "query"] {
+            let mut http = HttpRequest::default();
+            let slot = match field {
+                "method" => &mut http.method,
+                "path" => &mut http.path,
+                "host" => &mut http.host,
+                _ => &mut http.query,
+            };
+            *slot = "MARKER".into();
+            let r = latin1(http, "MARKER");
+            assert_eq!(
+                RequestView::new(&r, 1 << 16).err(),
+                Some(Malformed::NotUtf8),
+                "{field}"
+            );
+        }
+        let mut http = HttpRequest {
+            path: "/".into(),
+            ..Default::default()
+        };
+        http.headers.insert("user-agent".into(), "MARKER".into());
+        http.headers.insert("x-api-key".into(), "k".into());
+        let r = latin1(http, "MARKER");
+        let v = RequestView::new(&r, 1 << 16).expect("an unread header does not matter");
+        assert_eq!(v.header("user-agent"), None);
+        assert_eq!(v.header("x-api-key"), Some("k"));
+    }
+
+    #[test]
+    fn a_header_sent_twice_in_the_map_reads_as_its_last_entry() {
+        let mut http = HttpRequest::default();
+        http.headers.insert("x-a".into(), "one".into());
+        http.headers.insert("x-b".into(), "two".into());
+        let mut r = req(http);
+        // Both entries named as the second: a map sent with one key twice, in wire order.
+        r.headers[0].key = r.headers[1].key;
+        let name = std::str::from_utf8(r.bytes(r.headers[1].key))
+            .unwrap()
+            .to_string();
+        let last = std::str::from_utf8(r.bytes(r.headers[1].value))
+            .unwrap()
+            .to_string();
+        let v = RequestView::new(&r, 1 << 16).unwrap();
+        assert_eq!(v.header(&name), Some(last.as_str()));
+    }
 }
