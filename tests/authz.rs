@@ -759,6 +759,25 @@ async fn only_the_attributes_a_stage_reads_must_be_utf8() {
     let a = ask_with_latin1(&sc, &path.build(), "MARKER-PATH").await;
     assert_eq!((a.http, a.grpc_code), (400, 3), "{a:?}");
     assert_eq!(a.json()["code"], "bad_encoding");
+
+    // The service's route: a method it does not have is UNIMPLEMENTED, as tonic answers.
+    let mut grpc = tonic::client::Grpc::new(sc.channel().await);
+    grpc.ready().await.expect("ready");
+    let codec = tonic_prost::ProstCodec::<
+        RawCheck,
+        envoy_types::pb::envoy::service::auth::v3::CheckResponse,
+    >::default();
+    let status = grpc
+        .unary(
+            tonic::Request::new(RawCheck::default()),
+            tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/envoy.service.auth.v3.Authorization/CheckMore",
+            ),
+            codec,
+        )
+        .await
+        .expect_err("no such method");
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
     assert!(sc.child_alive());
 }
 

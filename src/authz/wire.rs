@@ -17,12 +17,12 @@
 //!
 //! UTF-8 is not checked here: `request::RequestView` checks what it reads.
 //!
-//! Owns: the wire decoding of CheckRequest, its tonic codec, and the conversion from
+//! Owns: the wire decoding of CheckRequest and the conversion from
 //! envoy-types' `CheckRequest` (tests and in-process callers). Must not touch: anything else.
 
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use prost::Message;
-use prost::bytes::{Buf, Bytes};
+use prost::bytes::Bytes;
 use smallvec::SmallVec;
 
 /// Where a field's bytes lie in the message.
@@ -369,45 +369,6 @@ impl From<&CheckRequest> for CheckInput {
     fn from(req: &CheckRequest) -> CheckInput {
         CheckInput::decode(Bytes::from(req.encode_to_vec()))
             .expect("a CheckRequest's encoding decodes as a CheckInput")
-    }
-}
-
-/// tonic's codec for the Authorization service: CheckResponse out (prost), CheckInput in.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CheckCodec;
-
-/// Decodes each gRPC message as a [`CheckInput`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CheckDecoder;
-
-impl tonic::codec::Decoder for CheckDecoder {
-    type Item = CheckInput;
-    type Error = tonic::Status;
-
-    fn decode(
-        &mut self,
-        buf: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<CheckInput>, tonic::Status> {
-        // One split of tonic's buffer (no copy); every span points into it.
-        let bytes = buf.copy_to_bytes(buf.remaining());
-        CheckInput::decode(bytes)
-            .map(Some)
-            .map_err(|e| tonic::Status::internal(e.to_string()))
-    }
-}
-
-impl tonic::codec::Codec for CheckCodec {
-    type Encode = envoy_types::pb::envoy::service::auth::v3::CheckResponse;
-    type Decode = CheckInput;
-    type Encoder = <crate::proto::Codec<Self::Encode, ()> as tonic::codec::Codec>::Encoder;
-    type Decoder = CheckDecoder;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        crate::proto::Codec::<Self::Encode, ()>::default().encoder()
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        CheckDecoder
     }
 }
 

@@ -9,12 +9,15 @@
 //! methods, same compression and message size defaults: tonic's `Grpc` does both) with
 //! one boxed future.
 //!
-//! Owns: the Authorization route and its codec. Must not touch: decisions
+//! Owns: the Authorization route and its codec (CheckResponse out through prost,
+//! `CheckInput::decode` in; a request that is no CheckRequest is INTERNAL here, which
+//! `grpc::DecodeErrorsAreInvalidArgument` answers as INVALID_ARGUMENT). Must not touch: decisions
 //! (`grpc::AuthorizationGrpc` answers).
 
 use super::grpc::AuthorizationGrpc;
-use crate::authz::wire::{CheckCodec, CheckInput};
+use crate::authz::wire::CheckInput;
 use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
+use prost::bytes::Buf;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -99,4 +102,43 @@ fn unimplemented() -> http::Response<Body> {
         tonic::metadata::GRPC_CONTENT_TYPE,
     );
     response
+}
+
+/// tonic's codec for the Authorization service: CheckResponse out (prost), CheckInput in.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckCodec;
+
+/// Decodes each gRPC message as a [`CheckInput`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckDecoder;
+
+impl tonic::codec::Decoder for CheckDecoder {
+    type Item = CheckInput;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<CheckInput>, tonic::Status> {
+        // One split of tonic's buffer (no copy); every span points into it.
+        let bytes = buf.copy_to_bytes(buf.remaining());
+        CheckInput::decode(bytes)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+impl tonic::codec::Codec for CheckCodec {
+    type Encode = envoy_types::pb::envoy::service::auth::v3::CheckResponse;
+    type Decode = CheckInput;
+    type Encoder = <crate::proto::Codec<Self::Encode, ()> as tonic::codec::Codec>::Encoder;
+    type Decoder = CheckDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        crate::proto::Codec::<Self::Encode, ()>::default().encoder()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        CheckDecoder
+    }
 }
