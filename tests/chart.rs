@@ -758,6 +758,10 @@ fn schema_rejects_bad_values_with_a_message() {
         ("kubernetes.enabled=yes", "/kubernetes/enabled"),
         ("autoscaling.minReplicas=0", "/autoscaling/minReplicas"),
         ("serviceMonitor.interval=soon", "/serviceMonitor/interval"),
+        ("grpcThreads=5000", "/grpcThreads"),
+        ("grpcThreads=-1", "/grpcThreads"),
+        ("grpcThreads=many", "/grpcThreads"),
+        ("grpcThreads=2.5", "/grpcThreads"),
     ] {
         for cmd in ["template", "lint"] {
             let args: Vec<&str> = if cmd == "lint" {
@@ -789,6 +793,19 @@ fn schema_rejects_bad_values_with_a_message() {
         let set = format!("storage.url={}", url.replace(',', "\\,"));
         let objs = objects(&template("rt", &["--set", &set]));
         assert_eq!(env_var(&objs, "RATETHROTTLE_STORAGE"), Some(json!(url)));
+    }
+}
+
+/// `grpcThreads` reaches the container only when it is a number (`auto`, the default, leaves
+/// the binary to count the CPUs its cgroup allows); 0, the shared pool, is a number too.
+#[test]
+fn grpc_threads_reach_the_container_only_when_set() {
+    let objs = objects(&template("rt", &[]));
+    assert_eq!(env_var(&objs, "RATETHROTTLE_GRPC_THREADS"), None);
+    for n in ["0", "2", "1024"] {
+        let set = format!("grpcThreads={n}");
+        let objs = objects(&template("rt", &["--set", &set]));
+        assert_eq!(env_var(&objs, "RATETHROTTLE_GRPC_THREADS"), Some(json!(n)));
     }
 }
 
