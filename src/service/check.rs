@@ -6,8 +6,8 @@
 //! (the route, the unary service, `async_trait`) and decodes every field Envoy sends: with
 //! Envoy's ten-odd headers that is ~30 allocations and a SipHash map that no stage needs.
 //! The route here is the generated one's (same path, same `Unimplemented` for other
-//! methods, same compression and message size defaults: tonic's `Grpc` does both) with
-//! one boxed future.
+//! methods, same compression and message size defaults: tonic's `Grpc` does both) with two
+//! boxed futures (the route's and the method's; no `async_trait`).
 //!
 //! Owns: the Authorization route and its codec (CheckResponse out through prost,
 //! `CheckInput::decode` in; a request that is no CheckRequest is INTERNAL here, which
