@@ -76,14 +76,16 @@ impl<'a> RequestView<'a> {
         } else {
             Headers::Map(&req.headers)
         };
+        // Each header counts 32 bytes on top of its name and value, as HTTP/2 counts a header
+        // (RFC 7541 §4.1): thousands of empty headers are not free to scan.
         let size: usize = match headers {
-            Headers::Map(m) => m.iter().map(|h| h.key.len() + h.value.len()).sum(),
+            Headers::Map(m) => m.iter().map(|h| h.key.len() + h.value.len() + 32).sum(),
             Headers::Raw(m) => m
                 .iter()
-                .map(|h| h.key.len() + h.value.len() + h.raw_value.len())
+                .map(|h| h.key.len() + h.value.len() + h.raw_value.len() + 32)
                 .sum(),
         };
-        if size > max_header_bytes {
+        if size > max_header_bytes || req.too_many_headers {
             return Err(Malformed::HeadersTooLarge(max_header_bytes));
         }
         let text = |s| from_utf8(req.bytes(s)).map_err(|_| Malformed::NotUtf8);
@@ -357,5 +359,26 @@ mod tests {
             .to_string();
         let v = RequestView::new(&r, 1 << 16).unwrap();
         assert_eq!(v.header(&name), Some(last.as_str()));
+    }
+
+    #[test]
+    fn thousands_of_empty_headers_are_too_large() {
+        let mut http = HttpRequest::default();
+        for i in 0..3000 {
+            http.headers.insert(format!("{i}"), String::new());
+        }
+        // 3000 × (≤ 4 + 32) bytes: over 64 KiB only by the per-header overhead.
+        let r = req(http);
+        assert_eq!(
+            RequestView::new(&r, 64 * 1024).err(),
+            Some(Malformed::HeadersTooLarge(64 * 1024))
+        );
+        assert!(RequestView::new(&r, 1 << 20).is_ok());
+        let mut over = r.clone();
+        over.too_many_headers = true;
+        assert_eq!(
+            RequestView::new(&over, 64 << 20).err(),
+            Some(Malformed::HeadersTooLarge(64 << 20))
+        );
     }
 }

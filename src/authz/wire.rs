@@ -75,6 +75,8 @@ pub struct CheckInput {
     pub has_header_map: bool,
     /// `header_map`'s entries, in order.
     pub header_map: Vec<HeaderSpans>,
+    /// More than `MAX_HEADERS` entries were sent in one form (the rest are not kept).
+    pub too_many_headers: bool,
 }
 
 /// Why bytes are not a CheckRequest.
@@ -100,6 +102,15 @@ const LEN: u8 = 2;
 const START_GROUP: u8 = 3;
 const END_GROUP: u8 = 4;
 const FIXED32: u8 = 5;
+
+/// How deep unknown groups may nest (prost's `RECURSION_LIMIT`).
+const GROUP_DEPTH: u32 = 100;
+
+/// The most header entries kept per form. A 4 MB message could carry two million empty
+/// entries (48 MB of spans, and a scan of all of them per lookup); past this the request
+/// is marked `too_many_headers` and `RequestView` answers 431 whatever `max_header_bytes`
+/// says. Envoy's own default is 100 headers.
+pub const MAX_HEADERS: usize = 8192;
 
 /// A cursor over one message (or a nested one: `end` bounds it).
 struct Reader<'a> {
@@ -183,19 +194,21 @@ impl<'a> Reader<'a> {
         })
     }
 
-    /// Skips a field this decoder does not read.
-    fn skip(&mut self, field: u32, wire: u8) -> Result<(), DecodeError> {
+    /// Skips a field this decoder does not read. Groups nest at most `GROUP_DEPTH` deep (as
+    /// prost's recursion limit): a megabyte of group starts must not exhaust the stack.
+    fn skip(&mut self, field: u32, wire: u8, depth: u32) -> Result<(), DecodeError> {
         match wire {
             VARINT => self.varint().map(drop),
             FIXED64 => self.advance(8),
             FIXED32 => self.advance(4),
             LEN => self.span().map(drop),
+            START_GROUP if depth >= GROUP_DEPTH => Err(DecodeError::Group),
             START_GROUP => loop {
                 match self.tag()? {
                     None => return Err(DecodeError::Group),
                     Some((f, END_GROUP)) if f == field => return Ok(()),
                     Some((_, END_GROUP)) => return Err(DecodeError::Group),
-                    Some((f, w)) => self.skip(f, w)?,
+                    Some((f, w)) => self.skip(f, w, depth + 1)?,
                 }
             },
             _ => Err(DecodeError::Group),
@@ -225,7 +238,7 @@ fn fields(
 ) -> Result<(), DecodeError> {
     while let Some((field, wire)) = r.tag()? {
         if !f(r, field, wire)? {
-            r.skip(field, wire)?;
+            r.skip(field, wire, 0)?;
         }
     }
     Ok(())
@@ -324,7 +337,11 @@ impl CheckInput {
                 12 => &mut self.raw_body,
                 3 => {
                     let h = header(&mut r.nested(field, wire)?, false)?;
-                    self.headers.push(h);
+                    if self.headers.len() < MAX_HEADERS {
+                        self.headers.push(h);
+                    } else {
+                        self.too_many_headers = true;
+                    }
                     return Ok(true);
                 }
                 13 => {
@@ -333,7 +350,11 @@ impl CheckInput {
                     return fields(&mut m, |r, field, wire| match field {
                         1 => {
                             let h = header(&mut r.nested(field, wire)?, true)?;
-                            self.header_map.push(h);
+                            if self.header_map.len() < MAX_HEADERS {
+                                self.header_map.push(h);
+                            } else {
+                                self.too_many_headers = true;
+                            }
                             Ok(true)
                         }
                         _ => Ok(false),
@@ -698,6 +719,48 @@ mod tests {
         let bytes = wrap(1, &wrap(4, &wrap(2, &wrap(13, &wrap(1, &entry)))));
         assert!(CheckInput::decode(Bytes::from(bytes.clone())).is_err());
         assert!(reference::CheckRequest::decode(&bytes[..]).is_err());
+    }
+
+    #[test]
+    fn groups_nest_as_deep_as_prost_allows_and_no_deeper() {
+        let nested = |n: usize| {
+            let mut b = vec![(9 << 3) | 3; n];
+            b.extend(std::iter::repeat_n((9 << 3) | 4, n));
+            b
+        };
+        for (n, ok) in [(100, true), (101, false), (1_000_000, false)] {
+            let bytes = nested(n);
+            let mine = CheckInput::decode(Bytes::from(bytes.clone()));
+            let theirs = reference::CheckRequest::decode(&bytes[..]);
+            assert_eq!((mine.is_ok(), theirs.is_ok()), (ok, ok), "{n} groups deep");
+        }
+    }
+
+    #[test]
+    fn header_entries_past_the_cap_are_counted_not_kept() {
+        let entry = wrap(3, &[]);
+        let mut http = Vec::new();
+        for _ in 0..MAX_HEADERS + 5 {
+            http.extend_from_slice(&entry);
+        }
+        let mut bytes = vec![(1 << 3) | 2];
+        let request = [vec![(2 << 3) | 2], varint(http.len()), http].concat();
+        let attributes = [vec![(4 << 3) | 2], varint(request.len()), request].concat();
+        bytes.extend(varint(attributes.len()));
+        bytes.extend(attributes);
+        let c = CheckInput::decode(Bytes::from(bytes)).expect("decodes");
+        assert_eq!(c.headers.len(), MAX_HEADERS);
+        assert!(c.too_many_headers);
+    }
+
+    fn varint(mut n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        while n >= 0x80 {
+            out.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+        out
     }
 
     #[test]
