@@ -10,7 +10,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -171,6 +171,8 @@ pub struct Guarded {
     inner: TcpStream,
     deadline: Option<Pin<Box<Sleep>>>,
     received: usize,
+    /// Counts this connection among a layout's open ones while it lives.
+    _open: Option<OpenConnection>,
 }
 
 impl Guarded {
@@ -179,7 +181,26 @@ impl Guarded {
             inner,
             deadline: Some(Box::pin(tokio::time::sleep(handshake_timeout))),
             received: 0,
+            _open: None,
         }
+    }
+}
+
+/// One open connection in a shared count: +1 when made, −1 when dropped (with its
+/// connection, or unserved in a hand-off queue).
+#[derive(Debug)]
+pub struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    pub fn new(count: &Arc<AtomicUsize>) -> OpenConnection {
+        count.fetch_add(1, Relaxed);
+        OpenConnection(Arc::clone(count))
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
     }
 }
 
@@ -193,11 +214,14 @@ impl Guarded {
 
     /// A socket handed over by another runtime's accept loop, registered with the current
     /// runtime's reactor. Must be called inside the runtime that will serve it.
-    pub fn adopt(socket: std::net::TcpStream, handshake_timeout: Duration) -> io::Result<Guarded> {
-        Ok(Guarded::new(
-            TcpStream::from_std(socket)?,
-            handshake_timeout,
-        ))
+    pub fn adopt(
+        socket: std::net::TcpStream,
+        handshake_timeout: Duration,
+        open: OpenConnection,
+    ) -> io::Result<Guarded> {
+        let mut g = Guarded::new(TcpStream::from_std(socket)?, handshake_timeout);
+        g._open = Some(open);
+        Ok(g)
     }
 }
 
