@@ -711,23 +711,27 @@ async fn ask_with_latin1(
     }
     assert!(i > 0, "marker {marker} not in the request");
     let raw = RawCheck::decode(&bytes[..]).expect("a CheckRequest is field 1");
+    let r = raw_call(sc, "/envoy.service.auth.v3.Authorization/Check", raw)
+        .await
+        .expect("answered, not failed");
+    Answer::of(&r)
+}
+
+/// `body` as it is to `path` on the gRPC port.
+async fn raw_call(
+    sc: &Sidecar,
+    path: &'static str,
+    body: RawCheck,
+) -> Result<envoy_types::pb::envoy::service::auth::v3::CheckResponse, tonic::Status> {
     let mut grpc = tonic::client::Grpc::new(sc.channel().await);
     grpc.ready().await.expect("ready");
     let codec = tonic_prost::ProstCodec::<
         RawCheck,
         envoy_types::pb::envoy::service::auth::v3::CheckResponse,
     >::default();
-    let r = grpc
-        .unary(
-            tonic::Request::new(raw),
-            tonic::codegen::http::uri::PathAndQuery::from_static(
-                "/envoy.service.auth.v3.Authorization/Check",
-            ),
-            codec,
-        )
-        .await
-        .expect("answered, not failed");
-    Answer::of(r.get_ref())
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+    let r = grpc.unary(tonic::Request::new(body), path, codec).await?;
+    Ok(r.into_inner())
 }
 
 /// Envoy copies header bytes as they arrived; an HTTP/1 client may send Latin-1 (obs-text).
@@ -761,20 +765,8 @@ async fn only_the_attributes_a_stage_reads_must_be_utf8() {
     assert_eq!(a.json()["code"], "bad_encoding");
 
     // The service's route: a method it does not have is UNIMPLEMENTED, as tonic answers.
-    let mut grpc = tonic::client::Grpc::new(sc.channel().await);
-    grpc.ready().await.expect("ready");
-    let codec = tonic_prost::ProstCodec::<
-        RawCheck,
-        envoy_types::pb::envoy::service::auth::v3::CheckResponse,
-    >::default();
-    let status = grpc
-        .unary(
-            tonic::Request::new(RawCheck::default()),
-            tonic::codegen::http::uri::PathAndQuery::from_static(
-                "/envoy.service.auth.v3.Authorization/CheckMore",
-            ),
-            codec,
-        )
+    let path = "/envoy.service.auth.v3.Authorization/CheckMore";
+    let status = raw_call(&sc, path, RawCheck::default())
         .await
         .expect_err("no such method");
     assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");

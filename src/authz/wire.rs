@@ -17,10 +17,12 @@
 //!
 //! UTF-8 is not checked here: `request::RequestView` checks what it reads.
 //!
-//! Owns: the wire decoding of CheckRequest and the conversion from
-//! envoy-types' `CheckRequest` (tests and in-process callers). Must not touch: anything else.
+//! Owns: the wire decoding of CheckRequest and, for tests, the conversion from
+//! envoy-types' `CheckRequest`. Must not touch: anything else.
 
+#[cfg(test)]
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+#[cfg(test)]
 use prost::Message;
 use prost::bytes::Bytes;
 use smallvec::SmallVec;
@@ -74,7 +76,7 @@ pub struct CheckInput {
     /// `header_map` was sent (`encode_raw_headers`).
     pub has_header_map: bool,
     /// `header_map`'s entries, in order.
-    pub header_map: Vec<HeaderSpans>,
+    pub header_map: SmallVec<[HeaderSpans; 0]>,
     /// More than `MAX_HEADERS` entries were sent in one form (the rest are not kept).
     pub too_many_headers: bool,
 }
@@ -337,11 +339,7 @@ impl CheckInput {
                 12 => &mut self.raw_body,
                 3 => {
                     let h = header(&mut r.nested(field, wire)?, false)?;
-                    if self.headers.len() < MAX_HEADERS {
-                        self.headers.push(h);
-                    } else {
-                        self.too_many_headers = true;
-                    }
+                    self.too_many_headers |= !keep(&mut self.headers, h);
                     return Ok(true);
                 }
                 13 => {
@@ -350,11 +348,7 @@ impl CheckInput {
                     return fields(&mut m, |r, field, wire| match field {
                         1 => {
                             let h = header(&mut r.nested(field, wire)?, true)?;
-                            if self.header_map.len() < MAX_HEADERS {
-                                self.header_map.push(h);
-                            } else {
-                                self.too_many_headers = true;
-                            }
+                            self.too_many_headers |= !keep(&mut self.header_map, h);
                             Ok(true)
                         }
                         _ => Ok(false),
@@ -367,6 +361,15 @@ impl CheckInput {
             Ok(true)
         })
     }
+}
+
+/// Keeps `h` unless `MAX_HEADERS` are kept already; whether it was.
+fn keep<A: smallvec::Array<Item = HeaderSpans>>(list: &mut SmallVec<A>, h: HeaderSpans) -> bool {
+    let room = list.len() < MAX_HEADERS;
+    if room {
+        list.push(h);
+    }
+    room
 }
 
 /// A map entry (`key` 1, `value` 2) or, `raw`, a `HeaderValue` (also `raw_value` 3).
@@ -385,6 +388,9 @@ fn header(r: &mut Reader<'_>, raw: bool) -> Result<HeaderSpans, DecodeError> {
     Ok(h)
 }
 
+/// Tests only: the service decodes from the wire, and a conversion that could fail (a message
+/// over 4 GiB) has no place in the server.
+#[cfg(test)]
 impl From<&CheckRequest> for CheckInput {
     /// Through the wire, so the conversion is exactly what the service decodes.
     fn from(req: &CheckRequest) -> CheckInput {
